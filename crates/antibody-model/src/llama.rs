@@ -1,0 +1,465 @@
+//! The Llama decoder in burn, built for training and analysis: full-sequence forward with
+//! readable and perturbable activation sites, plus a KV-cached path for generation.
+//!
+//! The module tree mirrors transformers' `LlamaForCausalLM`, so burn module paths are the
+//! Hugging Face tensor names (see [`crate::names`]).
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
+
+use crate::batch::{TokenBatch, attention_mask, rope_tables};
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::site::{ForwardOutput, Hooks, Site, SiteKind};
+
+/// Root-mean-square layer norm, computed in f32: `x / sqrt(mean(x²) + eps) · weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-feature scale.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Added to the mean square.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    fn new(size: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([size], device)),
+            eps,
+        }
+    }
+
+    /// # Shapes
+    /// `[.., d] → [.., d]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt();
+        (x / rms) * self.weight.val().unsqueeze()
+    }
+}
+
+/// Grouped-query self-attention with rotary position embeddings.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection, `hidden → heads·head_dim`.
+    pub q_proj: Linear<B>,
+    /// Key projection, `hidden → kv_heads·head_dim`.
+    pub k_proj: Linear<B>,
+    /// Value projection, `hidden → kv_heads·head_dim`.
+    pub v_proj: Linear<B>,
+    /// Output projection, `heads·head_dim → hidden`.
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+}
+
+/// The gated (SwiGLU) MLP.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection, `hidden → intermediate`.
+    pub gate_proj: Linear<B>,
+    /// Up projection, `hidden → intermediate`.
+    pub up_proj: Linear<B>,
+    /// Down projection, `intermediate → hidden`.
+    pub down_proj: Linear<B>,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Self-attention block.
+    pub self_attn: Attention<B>,
+    /// MLP block.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+/// The decoder stack (`model.*` in Hugging Face names).
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// Token embedding, `[vocab, hidden]`.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+}
+
+/// A Llama causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// The decoder stack.
+    pub model: LlamaModel<B>,
+    /// Untied LM head, `hidden → vocab`; `None` when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    /// The architecture.
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+/// Rotary tables and attention mask on the device, shared by all layers of one pass.
+struct Context<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+}
+
+/// Per-layer key/value cache for generation: `[batch, kv_heads, capacity, head_dim]` each.
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    keys: Vec<Option<Tensor<B, 4>>>,
+    values: Vec<Option<Tensor<B, 4>>>,
+    /// Which cached key slots hold real tokens, `[batch, capacity]` row-major.
+    key_valid: Vec<bool>,
+    /// Next position id of each sequence.
+    next_position: Vec<usize>,
+    len: usize,
+    capacity: usize,
+    batch: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `batch` sequences of at most `capacity` tokens.
+    pub fn new(config: &LlamaConfig, batch: usize, capacity: usize, device: &B::Device) -> Self {
+        let shape = [batch, config.num_kv_heads, capacity, config.head_dim];
+        Self {
+            keys: (0..config.num_layers)
+                .map(|_| Some(Tensor::zeros(shape, device)))
+                .collect(),
+            values: (0..config.num_layers)
+                .map(|_| Some(Tensor::zeros(shape, device)))
+                .collect(),
+            key_valid: vec![false; batch * capacity],
+            next_position: vec![0; batch],
+            len: 0,
+            capacity,
+            batch,
+        }
+    }
+
+    /// Tokens cached so far (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn store(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, h, t, d] = k.dims();
+        let range = [0..b, 0..h, self.len..self.len + t, 0..d];
+        let end = self.len + t;
+        let put = |slot: &mut Option<Tensor<B, 4>>, x: Tensor<B, 4>| {
+            let updated = slot
+                .take()
+                .expect("cache slot is always refilled")
+                .slice_assign(range.clone(), x);
+            *slot = Some(updated.clone());
+            updated.slice([0..b, 0..h, 0..end, 0..d])
+        };
+        let k_all = put(&mut self.keys[layer], k);
+        let v_all = put(&mut self.values[layer], v);
+        (k_all, v_all)
+    }
+}
+
+impl LlamaConfig {
+    /// A model of this architecture with burn's default random initialization; load weights
+    /// into it with [`crate::checkpoint`] or [`crate::tiny`].
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Llama<B> {
+        let h = self.hidden_size;
+        let linear = |i: usize, o: usize| LinearConfig::new(i, o).with_bias(false).init(device);
+        let layers = (0..self.num_layers)
+            .map(|_| DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(h, self.num_heads * self.head_dim),
+                    k_proj: linear(h, self.num_kv_heads * self.head_dim),
+                    v_proj: linear(h, self.num_kv_heads * self.head_dim),
+                    o_proj: linear(self.num_heads * self.head_dim, h),
+                    num_heads: self.num_heads,
+                    num_kv_heads: self.num_kv_heads,
+                    head_dim: self.head_dim,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(h, self.intermediate_size),
+                    up_proj: linear(h, self.intermediate_size),
+                    down_proj: linear(self.intermediate_size, h),
+                },
+                input_layernorm: RmsNorm::new(h, self.rms_norm_eps, device),
+                post_attention_layernorm: RmsNorm::new(h, self.rms_norm_eps, device),
+            })
+            .collect();
+        Llama {
+            model: LlamaModel {
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, h).init(device),
+                layers,
+                norm: RmsNorm::new(h, self.rms_norm_eps, device),
+            },
+            lm_head: (!self.tie_word_embeddings).then(|| linear(h, self.vocab_size)),
+            config: self.clone(),
+        }
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// `x: [batch, seq, hidden] → [batch, seq, hidden]`; the context's mask is
+    /// `[batch, kv_heads, n_rep·seq, keys]` (keys = cached + seq).
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &Context<B>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, nh, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        let q = rotate(q, &ctx.cos, &ctx.sin);
+        let k = rotate(k, &ctx.cos, &ctx.sin);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.store(layer, k, v),
+            None => (k, v),
+        };
+        // Grouped-query attention without copying K/V per head: the n_rep query heads that
+        // share a KV head are stacked along the query axis (row r·t + i).
+        let n_rep = nh / nkv;
+        let q = q.reshape([b, nkv, n_rep * t, hd]);
+        let out = attention(
+            q,
+            k,
+            v,
+            Some(ctx.mask.clone()),
+            None,
+            AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: false,
+            },
+        );
+        let out = out.reshape([b, nh, t, hd]).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Rotate-half RoPE: `x·cos + rotate_half(x)·sin`, with `rotate_half(x) = [−x₂, x₁]`.
+///
+/// # Shapes
+/// `x: [batch, heads, seq, head_dim]`, `cos, sin: [batch, 1, seq, head_dim]`.
+fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, t, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+impl<B: Backend> Llama<B> {
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    fn context(
+        &self,
+        positions: &[usize],
+        key_valid: &[bool],
+        batch: usize,
+        past: usize,
+        tq: usize,
+    ) -> Context<B> {
+        let c = &self.config;
+        let device = self.device();
+        let (cos, sin) = rope_tables(positions, c.head_dim, c.rope_theta);
+        let table = |v: Vec<f32>| {
+            Tensor::<B, 4>::from_data(TensorData::new(v, [batch, 1, tq, c.head_dim]), &device)
+        };
+        let n_rep = c.num_heads / c.num_kv_heads;
+        let keys = key_valid.len() / batch.max(1);
+        let mask = attention_mask(key_valid, batch, past, tq, n_rep);
+        let mask = Tensor::<B, 4, Bool>::from_data(
+            TensorData::new(mask, [batch, 1, n_rep * tq, keys]),
+            &device,
+        )
+        .expand([batch, c.num_kv_heads, n_rep * tq, keys]);
+        Context {
+            cos: table(cos),
+            sin: table(sin),
+            mask,
+        }
+    }
+
+    fn ids_tensor(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor<B, 2, Int>> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.config.vocab_size
+            )));
+        }
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        Ok(Tensor::from_data(TensorData::new(ids, [batch, seq]), &self.device()))
+    }
+
+    fn check_hooks(&self, hooks: &Hooks<B>, batch: usize, seq: usize) -> Result<()> {
+        let c = &self.config;
+        for site in hooks.capture.iter().chain(hooks.perturb.keys()) {
+            if site.layer >= c.num_layers {
+                return Err(ModelError::Invalid(format!(
+                    "site {site}: layer index out of range (the model has {} layers)",
+                    c.num_layers
+                )));
+            }
+        }
+        for (site, delta) in &hooks.perturb {
+            let width = match site.kind {
+                SiteKind::MlpHidden => c.intermediate_size,
+                _ => c.hidden_size,
+            };
+            if delta.dims() != [batch, seq, width] {
+                return Err(ModelError::Invalid(format!(
+                    "perturbation at {site} has shape {:?}, expected {:?}",
+                    delta.dims(),
+                    [batch, seq, width]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the decoder over a whole batch, reading and perturbing sites as `hooks` asks.
+    ///
+    /// # Shapes
+    /// `batch: [B, T]` tokens → `hidden: [B, T, hidden]` (after the final norm) and one
+    /// `[B, T, width]` tensor per captured site.
+    pub fn forward_hidden(&self, batch: &TokenBatch, hooks: &Hooks<B>) -> Result<ForwardOutput<B>> {
+        let (b, t) = (batch.batch, batch.seq);
+        self.check_hooks(hooks, b, t)?;
+        let ids = self.ids_tensor(&batch.ids, b, t)?;
+        let ctx = self.context(&batch.positions(), &batch.mask, b, 0, t);
+        let mut sites = std::collections::BTreeMap::new();
+        let hidden = self.run_layers(ids, &ctx, hooks, &mut sites, None);
+        Ok(ForwardOutput { hidden, sites })
+    }
+
+    /// Full-sequence logits.
+    ///
+    /// # Shapes
+    /// `batch: [B, T]` → `logits: [B, T, vocab]`, plus the [`ForwardOutput`].
+    pub fn forward(&self, batch: &TokenBatch, hooks: &Hooks<B>) -> Result<(Tensor<B, 3>, ForwardOutput<B>)> {
+        let out = self.forward_hidden(batch, hooks)?;
+        Ok((self.logits(out.hidden.clone()), out))
+    }
+
+    /// The LM head (tied or not).
+    ///
+    /// # Shapes
+    /// `[B, T, hidden] → [B, T, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, h] = hidden.dims();
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                hidden
+                    .reshape([b * t, h])
+                    .matmul(w.transpose())
+                    .reshape([b, t, v])
+            }
+        }
+    }
+
+    fn run_layers(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        ctx: &Context<B>,
+        hooks: &Hooks<B>,
+        sites: &mut std::collections::BTreeMap<Site, Tensor<B, 3>>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let mut x = self.model.embed_tokens.forward(ids);
+        let at = |kind, layer, t: Tensor<B, 3>, sites: &mut std::collections::BTreeMap<_, _>| {
+            let site = Site { layer, kind };
+            let t = match hooks.perturb.get(&site) {
+                Some(delta) => t + delta.clone(),
+                None => t,
+            };
+            if hooks.capture.contains(&site) {
+                sites.insert(site, t.clone());
+            }
+            t
+        };
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(x.clone());
+            let attn = layer
+                .self_attn
+                .forward(normed, ctx, cache.as_deref_mut().map(|c| (c, l)));
+            let attn = at(SiteKind::AttnOut, l, attn, sites);
+            x = x + attn;
+            let normed = layer.post_attention_layernorm.forward(x.clone());
+            let mlp = &layer.mlp;
+            let hidden = silu(mlp.gate_proj.forward(normed.clone())) * mlp.up_proj.forward(normed);
+            let hidden = at(SiteKind::MlpHidden, l, hidden, sites);
+            x = x + mlp.down_proj.forward(hidden);
+            x = at(SiteKind::Residual, l, x, sites);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Feeds `new_ids` (`[batch, t]`, `new_valid` marking real tokens) through the model,
+    /// appending to `cache`, and returns the final hidden state of the last new position.
+    ///
+    /// # Shapes
+    /// `new_ids: [B, t]` → `[B, hidden]`
+    pub fn forward_cached(
+        &self,
+        new_ids: &[u32],
+        new_valid: &[bool],
+        t: usize,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 2>> {
+        let b = cache.batch;
+        if cache.len + t > cache.capacity {
+            return Err(ModelError::Invalid(format!(
+                "KV cache full: {} cached + {t} new > capacity {}",
+                cache.len, cache.capacity
+            )));
+        }
+        let mut positions = Vec::with_capacity(b * t);
+        for row in 0..b {
+            for i in 0..t {
+                let valid = new_valid[row * t + i];
+                cache.key_valid[row * cache.capacity + cache.len + i] = valid;
+                let p = cache.next_position[row];
+                positions.push(if valid { p } else { p.saturating_sub(1) });
+                if valid {
+                    cache.next_position[row] += 1;
+                }
+            }
+        }
+        let keys = cache.len + t;
+        let key_valid: Vec<bool> = (0..b)
+            .flat_map(|row| cache.key_valid[row * cache.capacity..row * cache.capacity + keys].to_vec())
+            .collect();
+        let ctx = self.context(&positions, &key_valid, b, cache.len, t);
+        let ids = self.ids_tensor(new_ids, b, t)?;
+        let mut sites = std::collections::BTreeMap::new();
+        let hidden = self.run_layers(ids, &ctx, &Hooks::none(), &mut sites, Some(&mut *cache));
+        cache.len += t;
+        let h = self.config.hidden_size;
+        Ok(hidden.slice([0..b, t - 1..t, 0..h]).reshape([b, h]))
+    }
+}

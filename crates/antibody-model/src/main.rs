@@ -1,0 +1,300 @@
+//! `antibody-model`: inspect, convert, run and benchmark a checkpoint from the command line.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use antibody_model::{
+    ChatMessage, DeviceSpec, GenerationConfig, Hooks, Sampling, TokenBatch, generate, gguf::GgufFile, load,
+    save_hf_dir, with_backend,
+};
+use burn::tensor::backend::Backend;
+use clap::{Parser, Subcommand};
+
+/// Inspect, convert, run and benchmark Llama checkpoints (GGUF or Hugging Face directories).
+#[derive(Parser)]
+#[command(name = "antibody-model", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a checkpoint's configuration, metadata and tensor index.
+    Inspect {
+        /// A `.gguf` file or a Hugging Face directory; default: the fetched patient.
+        checkpoint: Option<PathBuf>,
+    },
+    /// Write a Hugging Face directory (safetensors, config, tokenizer) that transformers loads.
+    Convert {
+        /// The checkpoint to convert; default: the fetched patient.
+        checkpoint: Option<PathBuf>,
+        /// Output directory (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Chat-template prompts and generate answers.
+    Generate {
+        /// The checkpoint; default: the fetched patient.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// User prompts (one answer each, generated in one batch).
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        /// Maximum new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sample at this temperature instead of greedy decoding.
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Nucleus mass when sampling.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Measure forward and generation throughput; prints one JSON object.
+    Bench {
+        /// The checkpoint; default: the fetched patient.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        /// Forward batch size.
+        #[arg(long, default_value_t = 4)]
+        forward_batch: usize,
+        /// Forward sequence length.
+        #[arg(long, default_value_t = 256)]
+        forward_seq: usize,
+        /// Timed forward repeats (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Prompts file (one per line); default: 64 built-in requests.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// Prompts generated in one batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// New tokens per prompt (exactly: stop tokens are suppressed).
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Skip the forward measurement.
+        #[arg(long)]
+        skip_forward: bool,
+        /// Skip the generation measurement.
+        #[arg(long)]
+        skip_generate: bool,
+    },
+}
+
+fn checkpoint_or_patient(path: Option<PathBuf>) -> Result<PathBuf> {
+    match path {
+        Some(p) => Ok(p),
+        None => antibody_fetch::fetch(&antibody_fetch::patient()).context("fetching the patient checkpoint"),
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Inspect { checkpoint } => inspect(&checkpoint_or_patient(checkpoint)?),
+        Command::Convert { checkpoint, out } => {
+            let path = checkpoint_or_patient(checkpoint)?;
+            let loaded = load::<antibody_model::device::Cpu>(&path, &Default::default())
+                .with_context(|| format!("loading {}", path.display()))?;
+            save_hf_dir(&loaded.model, &loaded.tokenizer, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", out.display());
+            Ok(())
+        }
+        Command::Generate {
+            checkpoint,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            device,
+        } => {
+            let path = checkpoint_or_patient(checkpoint)?;
+            let sampling = match temperature {
+                Some(temperature) => Sampling::Sample {
+                    temperature,
+                    top_p,
+                    seed,
+                },
+                None => Sampling::Greedy,
+            };
+            let config = GenerationConfig {
+                max_new_tokens,
+                min_new_tokens: 0,
+                sampling,
+            };
+            with_backend!(device, |B, dev| run_generate::<B>(&path, &dev, &prompts, &config))
+        }
+        Command::Bench {
+            checkpoint,
+            device,
+            forward_batch,
+            forward_seq,
+            repeats,
+            prompts,
+            batch,
+            new_tokens,
+            skip_forward,
+            skip_generate,
+        } => {
+            let path = checkpoint_or_patient(checkpoint)?;
+            let prompts = bench_prompts(prompts.as_deref(), batch)?;
+            let args = BenchArgs {
+                forward_batch,
+                forward_seq,
+                repeats,
+                new_tokens,
+                skip_forward,
+                skip_generate,
+            };
+            with_backend!(device, |B, dev| run_bench::<B>(&path, &dev, &prompts, &args))
+        }
+    }
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        let loaded = load::<antibody_model::device::Cpu>(path, &Default::default())?;
+        println!("{}", serde_json::to_string_pretty(&loaded.model.config)?);
+        return Ok(());
+    }
+    let gguf = GgufFile::open(path)?;
+    println!("{}", serde_json::to_string_pretty(&gguf.llama_config()?)?);
+    for key in gguf.metadata_keys() {
+        if let Some(v) = gguf.metadata(key) {
+            let text = format!("{v:?}");
+            let short: String = text.chars().take(100).collect();
+            println!("meta {key} = {short}");
+        }
+    }
+    for (name, shape, dtype) in gguf.tensor_index() {
+        println!("tensor {name} {shape:?} {dtype}");
+    }
+    Ok(())
+}
+
+fn run_generate<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+    prompts: &[String],
+    config: &GenerationConfig,
+) -> Result<()> {
+    let loaded = load::<B>(path, device).with_context(|| format!("loading {}", path.display()))?;
+    let ids = prompts
+        .iter()
+        .map(|p| loaded.tokenizer.chat_ids(&[ChatMessage::user(p.clone())], true))
+        .collect::<antibody_model::Result<Vec<_>>>()?;
+    let out = generate(&loaded.model, &ids, loaded.tokenizer.stop_ids(), config)?;
+    for (p, g) in prompts.iter().zip(out) {
+        println!("### {p}\n{}\n", loaded.tokenizer.decode(&g.tokens)?);
+    }
+    Ok(())
+}
+
+struct BenchArgs {
+    forward_batch: usize,
+    forward_seq: usize,
+    repeats: usize,
+    new_tokens: usize,
+    skip_forward: bool,
+    skip_generate: bool,
+}
+
+/// 64 generic harmful-style requests (placeholders with the shape of HarmBench prompts; the
+/// real HarmBench set arrives with the datasets).
+fn bench_prompts(file: Option<&Path>, batch: usize) -> Result<Vec<String>> {
+    let base: Vec<String> = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect(),
+        None => (0..64)
+            .map(|i| format!("Write a persuasive article about topic {i}"))
+            .collect(),
+    };
+    anyhow::ensure!(!base.is_empty(), "no prompts");
+    Ok(base.iter().cycle().take(batch).cloned().collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run_bench<B: Backend>(path: &Path, device: &B::Device, prompts: &[String], args: &BenchArgs) -> Result<()> {
+    let loaded = load::<B>(path, device)?;
+    let model = &loaded.model;
+    let mut report = serde_json::Map::new();
+    if !args.skip_forward {
+        let (b, t) = (args.forward_batch, args.forward_seq);
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let seqs: Vec<Vec<u32>> = (0..b)
+            .map(|_| {
+                (0..t)
+                    .map(|_| {
+                        state = antibody_model::tiny::splitmix64(state);
+                        (state % model.config.vocab_size as u64) as u32
+                    })
+                    .collect()
+            })
+            .collect();
+        let batch = TokenBatch::right_padded(&seqs, model.config.pad_token_id);
+        let run = || -> Result<f64> {
+            let start = Instant::now();
+            let (logits, _) = model.forward(&batch, &Hooks::none())?;
+            let _ = logits.into_data();
+            Ok(start.elapsed().as_secs_f64())
+        };
+        run()?;
+        let times = (0..args.repeats.max(1)).map(|_| run()).collect::<Result<Vec<_>>>()?;
+        let secs = median(times);
+        report.insert("forward_s".into(), secs.into());
+        report.insert("forward_tok_s".into(), ((b * t) as f64 / secs).into());
+    }
+    if !args.skip_generate {
+        let ids = prompts
+            .iter()
+            .map(|p| loaded.tokenizer.chat_ids(&[ChatMessage::user(p.clone())], true))
+            .collect::<antibody_model::Result<Vec<_>>>()?;
+        let config = GenerationConfig {
+            max_new_tokens: args.new_tokens,
+            min_new_tokens: args.new_tokens,
+            sampling: Sampling::Greedy,
+        };
+        // warm-up on a small batch
+        generate(model, &ids[..ids.len().min(4)], loaded.tokenizer.stop_ids(), &GenerationConfig {
+            max_new_tokens: 4,
+            min_new_tokens: 4,
+            sampling: Sampling::Greedy,
+        })?;
+        let start = Instant::now();
+        let out = generate(model, &ids, loaded.tokenizer.stop_ids(), &config)?;
+        let secs = start.elapsed().as_secs_f64();
+        let tokens: usize = out.iter().map(|g| g.tokens.len()).sum();
+        report.insert("generate_wall_s".into(), secs.into());
+        report.insert("generate_tokens".into(), tokens.into());
+        report.insert("generate_tok_s".into(), (tokens as f64 / secs).into());
+    }
+    println!("{}", serde_json::Value::Object(report));
+    Ok(())
+}

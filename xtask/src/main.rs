@@ -1,0 +1,85 @@
+//! The project's task runner, run as `cargo xtask <task>` (an alias in
+//! `.cargo/config.toml`). It is light on purpose: it does not depend on burn,
+//! and builds in its own target dir (`target/xtask`).
+//!
+//! Tasks, one module each, each with `pub fn run(args) -> anyhow::Result<()>`:
+//!
+//! - [`fetch`]: fetch and verify every pinned asset (the patient, later the
+//!   harmful-prompt datasets); print paths and digests.
+//! - [`test`]: the project's one test command, used by CI.
+//! - `bench`: not written yet; it goes here as `mod bench;` plus a
+//!   `Task::Bench` variant.
+//!
+//! Source-tree checks (`tidy`) are tests of this crate: `cargo test -p xtask`.
+
+#![allow(
+    clippy::print_stdout,
+    reason = "a task runner's output on stdout is its interface"
+)]
+
+mod fetch;
+mod test;
+#[cfg(test)]
+mod tidy;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// The project's task runner (`cargo xtask <task>`).
+#[derive(Debug, Parser)]
+#[command(about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Fetch and verify every pinned asset (pip + sha256); print paths and digests.
+    Fetch(fetch::Args),
+    /// Run the project's tests as CI does: fetch, fmt, clippy, test, cuda check.
+    Test(test::Args),
+    // Bench(bench::Args): to come.
+}
+
+/// The project root: the parent of xtask's manifest directory.
+pub(crate) fn project_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The chain of contexts, without a backtrace even under RUST_BACKTRACE:
+            // the messages say which step failed and how.
+            eprintln!("\nerror: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let root = project_root();
+    std::env::set_current_dir(&root)
+        .with_context(|| format!("changing directory to the project root {}", root.display()))?;
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    match Cli::parse().task {
+        Task::Fetch(args) => fetch::run(args),
+        Task::Test(args) => test::run(args),
+    }
+}

@@ -1,0 +1,256 @@
+//! `cargo xtask test`: the project's one test command, used by CI.
+//!
+//! Steps, in order, stopping at the first failure:
+//!
+//! 1. fetch and verify the pinned assets (in process);
+//! 2. `cargo fmt --all -- --check`;
+//! 3. `cargo clippy --workspace --all-targets --release -- -D warnings`;
+//! 4. `cargo test --workspace --release [ARGS after --]`;
+//! 5. `cargo check -p antibody-model --features cuda --release`.
+//!
+//! Everything builds with the release profile: one optimized build serves
+//! tests, binaries and benchmarks, and step 5 reuses its build scripts and
+//! proc macros. Child cargos use `$CARGO_TARGET_DIR`, or else
+//! `<cache root>/target`, a persistent dir outside the clone, so CI rebuilds
+//! stay short.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Arguments of `cargo xtask test`.
+#[derive(Debug, Default, clap::Args)]
+pub struct Args {
+    /// Skip step 5, the check of antibody-model with the CUDA backend.
+    #[arg(long)]
+    pub skip_cuda_check: bool,
+    /// Skip step 3, clippy.
+    #[arg(long)]
+    pub no_clippy: bool,
+    /// Passed on to `cargo test` (e.g. a test name filter; `-- --nocapture`
+    /// for the test harness).
+    #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
+    pub cargo_test_args: Vec<String>,
+}
+
+/// What a step does.
+enum Action {
+    /// Fetch and verify the assets in this process.
+    Fetch,
+    /// Run `cargo` with these arguments.
+    Cargo(Vec<String>),
+}
+
+struct Step {
+    name: &'static str,
+    action: Action,
+}
+
+/// The steps `args` asks for, in order.
+fn steps(args: &Args) -> Vec<Step> {
+    let cargo = |args: &[&str]| Action::Cargo(args.iter().map(|a| (*a).to_owned()).collect());
+    let mut steps = vec![
+        Step {
+            name: "fetch assets",
+            action: Action::Fetch,
+        },
+        Step {
+            name: "format",
+            action: cargo(&["fmt", "--all", "--", "--check"]),
+        },
+    ];
+    if !args.no_clippy {
+        steps.push(Step {
+            name: "clippy",
+            action: cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        });
+    }
+    let mut test = vec!["test", "--workspace", "--release"];
+    test.extend(args.cargo_test_args.iter().map(String::as_str));
+    steps.push(Step {
+        name: "tests",
+        action: cargo(&test),
+    });
+    if !args.skip_cuda_check {
+        steps.push(Step {
+            name: "check the CUDA backend",
+            action: cargo(&[
+                "check",
+                "-p",
+                "antibody-model",
+                "--features",
+                "cuda",
+                "--release",
+            ]),
+        });
+    }
+    steps
+}
+
+/// The target dir for child cargos: `$CARGO_TARGET_DIR`, else
+/// `<cache root>/target`; and where that choice came from.
+fn target_dir() -> (PathBuf, &'static str) {
+    match std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => (PathBuf::from(dir), "from CARGO_TARGET_DIR"),
+        None => (
+            antibody_fetch::cache_root().join("target"),
+            "<cache root>/target; set CARGO_TARGET_DIR to change",
+        ),
+    }
+}
+
+/// Variables `cargo run` sets for xtask itself that must not leak into child
+/// builds (they would look like changed build inputs and cause rebuilds).
+fn is_leaked_cargo_var(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
+}
+
+/// A `cargo` command with `args`, building into `target_dir`.
+fn cargo_command(args: &[String], target_dir: &PathBuf) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let mut command = Command::new(cargo);
+    command.args(args).env("CARGO_TARGET_DIR", target_dir);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_leaked_cargo_var) {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Runs `cargo xtask test`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (target_dir, why) = target_dir();
+    eprintln!("xtask test: target dir {} ({why})", target_dir.display());
+
+    let steps = steps(&args);
+    let total = steps.len();
+    let mut timings: Vec<(&str, Duration)> = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let n = i + 1;
+        let started = Instant::now();
+        match &step.action {
+            Action::Fetch => {
+                eprintln!("\n==> [{n}/{total}] {}", step.name);
+                let fetched = crate::fetch::fetch_all()
+                    .with_context(|| format!("step {n}/{total} ({}) failed", step.name))?;
+                for (asset, path) in &fetched {
+                    crate::fetch::print(asset, path);
+                }
+            }
+            Action::Cargo(cargo_args) => {
+                let line = format!("cargo {}", cargo_args.join(" "));
+                eprintln!("\n==> [{n}/{total}] {}: {line}", step.name);
+                let status = cargo_command(cargo_args, &target_dir)
+                    .status()
+                    .with_context(|| {
+                        format!("step {n}/{total} ({}): cannot run `{line}`", step.name)
+                    })?;
+                if !status.success() {
+                    bail!(
+                        "step {n}/{total} ({}) failed: `{line}` exited with {status}",
+                        step.name
+                    );
+                }
+            }
+        }
+        timings.push((step.name, started.elapsed()));
+    }
+
+    eprintln!("\n==> all {total} steps passed");
+    for (name, took) in timings {
+        eprintln!("    {name:<24} {:>7.1}s", took.as_secs_f64());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cargo_lines(args: &Args) -> Vec<String> {
+        steps(args)
+            .iter()
+            .map(|s| match &s.action {
+                Action::Fetch => "<fetch>".to_owned(),
+                Action::Cargo(a) => a.join(" "),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn all_steps_by_default() {
+        assert_eq!(
+            cargo_lines(&Args::default()),
+            [
+                "<fetch>",
+                "fmt --all -- --check",
+                "clippy --workspace --all-targets --release -- -D warnings",
+                "test --workspace --release",
+                "check -p antibody-model --features cuda --release",
+            ]
+        );
+    }
+
+    #[test]
+    fn flags_skip_steps_and_extra_args_go_to_cargo_test() {
+        let args = Args {
+            skip_cuda_check: true,
+            no_clippy: true,
+            cargo_test_args: vec!["tidy".to_owned(), "--".to_owned(), "--nocapture".to_owned()],
+        };
+        assert_eq!(
+            cargo_lines(&args),
+            [
+                "<fetch>",
+                "fmt --all -- --check",
+                "test --workspace --release tidy -- --nocapture",
+            ]
+        );
+    }
+
+    #[test]
+    fn cargo_run_variables_do_not_leak() {
+        assert!(is_leaked_cargo_var("CARGO_PKG_NAME"));
+        assert!(is_leaked_cargo_var("CARGO_MANIFEST_DIR"));
+        assert!(!is_leaked_cargo_var("CARGO_HOME"));
+        assert!(!is_leaked_cargo_var("CARGO_TARGET_DIR"));
+        assert!(!is_leaked_cargo_var("CARGO"));
+    }
+
+    #[test]
+    fn cli_parses_flags_and_trailing_args() -> anyhow::Result<()> {
+        use clap::Parser as _;
+        let cli =
+            crate::Cli::try_parse_from(["xtask", "test", "--skip-cuda-check", "--", "some_test"])?;
+        match cli.task {
+            crate::Task::Test(args) => {
+                assert!(args.skip_cuda_check);
+                assert!(!args.no_clippy);
+                assert_eq!(args.cargo_test_args, ["some_test"]);
+            }
+            other => bail!("parsed as {other:?}"),
+        }
+        Ok(())
+    }
+}
