@@ -7,8 +7,7 @@
 //! - [`fetch`]: fetch and verify every pinned asset (the patient, later the
 //!   harmful-prompt datasets); print paths and digests.
 //! - [`test`]: the project's one test command, used by CI.
-//! - `bench`: not written yet; it goes here as `mod bench;` plus a
-//!   `Task::Bench` variant.
+//! - [`bench`]: antibody beside its peer on the same work, as ratios.
 //!
 //! Source-tree checks (`tidy`) are tests of this crate: `cargo test -p xtask`.
 
@@ -17,6 +16,7 @@
     reason = "a task runner's output on stdout is its interface"
 )]
 
+mod bench;
 mod fetch;
 mod test;
 #[cfg(test)]
@@ -42,7 +42,8 @@ enum Task {
     Fetch(fetch::Args),
     /// Run the project's tests as CI does: fetch, fmt, clippy, test, cuda check.
     Test(test::Args),
-    // Bench(bench::Args): to come.
+    /// Benchmark antibody beside its PyTorch/transformers peer on the same work.
+    Bench(bench::Args),
 }
 
 /// The project root: the parent of xtask's manifest directory.
@@ -81,5 +82,6 @@ fn run() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Fetch(args) => fetch::run(args),
         Task::Test(args) => test::run(args),
+        Task::Bench(args) => bench::run(args),
     }
 }

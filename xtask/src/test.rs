@@ -100,7 +100,7 @@ fn steps(args: &Args) -> Vec<Step> {
 
 /// The target dir for child cargos: `$CARGO_TARGET_DIR`, else
 /// `<cache root>/target`; and where that choice came from.
-fn target_dir() -> (PathBuf, &'static str) {
+pub(crate) fn target_dir() -> (PathBuf, &'static str) {
     match std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => (PathBuf::from(dir), "from CARGO_TARGET_DIR"),
         None => (
@@ -126,7 +126,7 @@ fn is_leaked_cargo_var(name: &str) -> bool {
 }
 
 /// A `cargo` command with `args`, building into `target_dir`.
-fn cargo_command(args: &[String], target_dir: &PathBuf) -> Command {
+pub(crate) fn cargo_command(args: &[String], target_dir: &PathBuf) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut command = Command::new(cargo);
     command.args(args).env("CARGO_TARGET_DIR", target_dir);

@@ -150,7 +150,10 @@ mod tests {
         assert_eq!(m, expect);
         // decode step: 1 query after 3 cached keys, 2 groups
         let m = attention_mask(&[false, true, true, true], 1, 3, 1, 2);
-        assert_eq!(m, vec![true, false, false, false, true, false, false, false]);
+        assert_eq!(
+            m,
+            vec![true, false, false, false, true, false, false, false]
+        );
     }
 
     #[test]

@@ -89,10 +89,12 @@ pub fn from_host_tensors<B: Backend>(
     config.validate()?;
     let mut snapshots = Vec::new();
     for spec in checkpoint_tensors(config) {
-        let t = tensors.remove(&spec.hf).ok_or_else(|| ModelError::MissingTensor {
-            path: origin.to_path_buf(),
-            tensor: spec.hf.clone(),
-        })?;
+        let t = tensors
+            .remove(&spec.hf)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: origin.to_path_buf(),
+                tensor: spec.hf.clone(),
+            })?;
         if t.shape != spec.shape || t.data.len() != spec.shape.iter().product::<usize>() {
             return Err(ModelError::TensorShape {
                 path: origin.to_path_buf(),
@@ -160,16 +162,19 @@ impl ModuleAdapter for ToF32 {
 /// a missing or misshaped tensor is reported by its checkpoint name in Hugging Face layout.
 fn check_safetensors(path: &Path, config: &LlamaConfig) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Store {
-        path: path.to_path_buf(),
-        reason: format!("not a safetensors file: {e}"),
-    })?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Store {
+            path: path.to_path_buf(),
+            reason: format!("not a safetensors file: {e}"),
+        })?;
     let infos = meta.tensors();
     for spec in checkpoint_tensors(config) {
-        let info = infos.get(&spec.hf).ok_or_else(|| ModelError::MissingTensor {
-            path: path.to_path_buf(),
-            tensor: spec.hf.clone(),
-        })?;
+        let info = infos
+            .get(&spec.hf)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: spec.hf.clone(),
+            })?;
         if info.shape != spec.shape {
             return Err(ModelError::TensorShape {
                 path: path.to_path_buf(),
@@ -207,7 +212,10 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Llama<B
 /// Files are written to a temporary directory beside `dir` and renamed into place, so a
 /// failed save never leaves a half-written checkpoint under `dir`.
 pub fn save_hf_dir<B: Backend>(model: &Llama<B>, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
     let tmp = tempfile::Builder::new()
         .prefix(".antibody-save-")
@@ -222,10 +230,13 @@ pub fn save_hf_dir<B: Backend>(model: &Llama<B>, tokenizer: &Tokenizer, dir: &Pa
         std::fs::write(&p, text).map_err(|e| ModelError::io(&p, e))
     };
     let hf = HfLlamaConfig::from_config(&model.config);
-    write_json("config.json", &serde_json::to_value(&hf).map_err(|e| ModelError::Json {
-        path: PathBuf::from("config.json"),
-        source: e,
-    })?)?;
+    write_json(
+        "config.json",
+        &serde_json::to_value(&hf).map_err(|e| ModelError::Json {
+            path: PathBuf::from("config.json"),
+            source: e,
+        })?,
+    )?;
     write_json(
         "generation_config.json",
         &serde_json::json!({

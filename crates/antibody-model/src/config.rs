@@ -89,14 +89,17 @@ impl LlamaConfig {
     /// Checks the internal consistency of the configuration.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(ModelError::Invalid(format!("invalid LlamaConfig: {what}")));
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_heads ({}) must be a multiple of num_kv_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -247,10 +250,18 @@ impl HfLlamaConfig {
             found,
         };
         if self.model_type != "llama" {
-            return Err(bad("model_type", "\"llama\"", format!("{:?}", self.model_type)));
+            return Err(bad(
+                "model_type",
+                "\"llama\"",
+                format!("{:?}", self.model_type),
+            ));
         }
         if self.hidden_act != "silu" {
-            return Err(bad("hidden_act", "\"silu\"", format!("{:?}", self.hidden_act)));
+            return Err(bad(
+                "hidden_act",
+                "\"silu\"",
+                format!("{:?}", self.hidden_act),
+            ));
         }
         if self.attention_bias {
             return Err(bad("attention_bias", "false", "true".into()));
@@ -262,7 +273,7 @@ impl HfLlamaConfig {
             return Err(bad("rope_scaling", "null", s.to_string()));
         }
         let num_heads = self.num_attention_heads;
-        if num_heads == 0 || self.hidden_size % num_heads != 0 && self.head_dim.is_none() {
+        if num_heads == 0 || !self.hidden_size.is_multiple_of(num_heads) && self.head_dim.is_none() {
             return Err(bad(
                 "num_attention_heads",
                 "a positive divisor of hidden_size",
@@ -344,7 +355,10 @@ mod tests {
         let hf = HfLlamaConfig::from_config(&c);
         let json = serde_json::to_string(&hf).expect("serialize");
         let back: HfLlamaConfig = serde_json::from_str(&json).expect("parse");
-        assert_eq!(back.into_config(Path::new("config.json")).expect("convert"), c);
+        assert_eq!(
+            back.into_config(Path::new("config.json")).expect("convert"),
+            c
+        );
     }
 
     #[test]
@@ -355,7 +369,9 @@ mod tests {
             .expect("to value");
         v["hidden_size"] = serde_json::Value::String("wide".into());
         std::fs::write(&path, v.to_string()).expect("write");
-        let err = HfLlamaConfig::from_file(&path).expect_err("must fail").to_string();
+        let err = HfLlamaConfig::from_file(&path)
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("config.json"), "{err}");
         assert!(err.contains("hidden_size"), "{err}");
         assert!(err.contains("expected usize"), "{err}");
@@ -365,7 +381,10 @@ mod tests {
     fn unimplemented_features_are_rejected_by_key() {
         let mut hf = HfLlamaConfig::from_config(&LlamaConfig::tiny_test());
         hf.rope_scaling = Some(serde_json::json!({"type": "linear", "factor": 2.0}));
-        let err = hf.into_config(Path::new("c.json")).expect_err("must fail").to_string();
+        let err = hf
+            .into_config(Path::new("c.json"))
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("rope_scaling"), "{err}");
     }
 }

@@ -25,7 +25,9 @@ impl FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| ModelError::Invalid(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))),
+                .ok_or_else(|| {
+                    ModelError::Invalid(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))
+                }),
         }
     }
 }
@@ -89,8 +91,14 @@ mod tests {
     #[test]
     fn device_names_parse() {
         assert_eq!("cpu".parse::<DeviceSpec>().expect("cpu"), DeviceSpec::Cpu);
-        assert_eq!("cuda".parse::<DeviceSpec>().expect("cuda"), DeviceSpec::Cuda(0));
-        assert_eq!("cuda:3".parse::<DeviceSpec>().expect("cuda:3"), DeviceSpec::Cuda(3));
+        assert_eq!(
+            "cuda".parse::<DeviceSpec>().expect("cuda"),
+            DeviceSpec::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceSpec>().expect("cuda:3"),
+            DeviceSpec::Cuda(3)
+        );
         assert!("gpu".parse::<DeviceSpec>().is_err());
     }
 }

@@ -110,14 +110,21 @@ pub fn generate<B: Backend>(
         Sampling::Greedy => None,
     };
     for step in 0..config.max_new_tokens {
-        let mut logits = model.logits(hidden.unsqueeze_dim(1)).reshape([b, c.vocab_size]);
+        let mut logits = model
+            .logits(hidden.unsqueeze_dim(1))
+            .reshape([b, c.vocab_size]);
         if step < config.min_new_tokens
             && let Some(mask) = &suppress_stops
         {
             logits = logits + mask.clone();
         }
         let next: Vec<u32> = match (&config.sampling, rng.as_mut()) {
-            (Sampling::Sample { temperature, top_p, .. }, Some(rng)) => {
+            (
+                Sampling::Sample {
+                    temperature, top_p, ..
+                },
+                Some(rng),
+            ) => {
                 let host: Vec<f32> = logits.into_data().iter::<f32>().collect();
                 host.chunks(c.vocab_size)
                     .map(|row| sample_row(row, *temperature, *top_p, rng))
@@ -187,8 +194,9 @@ mod tests {
             assert_eq!(sample_row(&row, 1.0, 0.9, &mut rng), 2);
         }
         // with top_p 1 and a high temperature, other tokens appear
-        let seen: std::collections::BTreeSet<u32> =
-            (0..400).map(|_| sample_row(&row, 5.0, 1.0, &mut rng)).collect();
+        let seen: std::collections::BTreeSet<u32> = (0..400)
+            .map(|_| sample_row(&row, 5.0, 1.0, &mut rng))
+            .collect();
         assert!(seen.len() > 1);
     }
 }

@@ -79,7 +79,13 @@ impl GgufFile {
             .content
             .tensor_infos
             .iter()
-            .map(|(n, i)| (n.clone(), i.shape.dims().to_vec(), format!("{:?}", i.ggml_dtype)))
+            .map(|(n, i)| {
+                (
+                    n.clone(),
+                    i.shape.dims().to_vec(),
+                    format!("{:?}", i.ggml_dtype),
+                )
+            })
             .collect();
         v.sort();
         v
@@ -92,14 +98,14 @@ impl GgufFile {
 
     /// Reads and dequantizes tensor `name` to f32.
     pub fn tensor(&mut self, name: &str) -> Result<HostTensor> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.path.clone(),
-                tensor: name.into(),
-            })?;
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: self.path.clone(),
+                    tensor: name.into(),
+                })?;
         if !SUPPORTED.contains(&info.ggml_dtype) {
             return Err(ModelError::UnsupportedQuantization {
                 path: self.path.clone(),
@@ -113,7 +119,11 @@ impl GgufFile {
             reason,
         };
         let q = info
-            .read(&mut self.reader, self.content.tensor_data_offset, &candle_core::Device::Cpu)
+            .read(
+                &mut self.reader,
+                self.content.tensor_data_offset,
+                &candle_core::Device::Cpu,
+            )
             .map_err(|e| err(e.to_string()))?;
         let t = q
             .dequantize(&candle_core::Device::Cpu)

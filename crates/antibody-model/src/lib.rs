@@ -29,7 +29,7 @@ pub use checkpoint::{Loaded, load, save_hf_dir};
 pub use config::{HfLlamaConfig, LlamaConfig};
 pub use device::DeviceSpec;
 pub use error::{ModelError, Result};
-pub use generate::{GenerationConfig, Generated, Sampling, generate};
+pub use generate::{Generated, GenerationConfig, Sampling, generate};
 pub use llama::{KvCache, Llama};
 pub use site::{ForwardOutput, Hooks, Site, SiteKind};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -157,7 +157,12 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
-    fn store(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    fn store(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, h, t, d] = k.dims();
         let range = [0..b, 0..h, self.len..self.len + t, 0..d];
         let end = self.len + t;
@@ -225,9 +230,21 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, nh, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, nh, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, nkv, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, nkv, hd])
+            .swap_dims(1, 2);
         let q = rotate(q, &ctx.cos, &ctx.sin);
         let k = rotate(k, &ctx.cos, &ctx.sin);
         let (k, v) = match cache {
@@ -250,7 +267,10 @@ impl<B: Backend> Attention<B> {
                 is_causal: false,
             },
         );
-        let out = out.reshape([b, nh, t, hd]).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        let out = out
+            .reshape([b, nh, t, hd])
+            .swap_dims(1, 2)
+            .reshape([b, t, nh * hd]);
         self.o_proj.forward(out)
     }
 }
@@ -310,7 +330,10 @@ impl<B: Backend> Llama<B> {
             )));
         }
         let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        Ok(Tensor::from_data(TensorData::new(ids, [batch, seq]), &self.device()))
+        Ok(Tensor::from_data(
+            TensorData::new(ids, [batch, seq]),
+            &self.device(),
+        ))
     }
 
     fn check_hooks(&self, hooks: &Hooks<B>, batch: usize, seq: usize) -> Result<()> {
@@ -358,7 +381,11 @@ impl<B: Backend> Llama<B> {
     ///
     /// # Shapes
     /// `batch: [B, T]` → `logits: [B, T, vocab]`, plus the [`ForwardOutput`].
-    pub fn forward(&self, batch: &TokenBatch, hooks: &Hooks<B>) -> Result<(Tensor<B, 3>, ForwardOutput<B>)> {
+    pub fn forward(
+        &self,
+        batch: &TokenBatch,
+        hooks: &Hooks<B>,
+    ) -> Result<(Tensor<B, 3>, ForwardOutput<B>)> {
         let out = self.forward_hidden(batch, hooks)?;
         Ok((self.logits(out.hidden.clone()), out))
     }
@@ -452,7 +479,9 @@ impl<B: Backend> Llama<B> {
         }
         let keys = cache.len + t;
         let key_valid: Vec<bool> = (0..b)
-            .flat_map(|row| cache.key_valid[row * cache.capacity..row * cache.capacity + keys].to_vec())
+            .flat_map(|row| {
+                cache.key_valid[row * cache.capacity..row * cache.capacity + keys].to_vec()
+            })
             .collect();
         let ctx = self.context(&positions, &key_valid, b, cache.len, t);
         let ids = self.ids_tensor(new_ids, b, t)?;

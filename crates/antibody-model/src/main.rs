@@ -1,13 +1,15 @@
 //! `antibody-model`: inspect, convert, run and benchmark a checkpoint from the command line.
 
+#![allow(clippy::print_stdout, reason = "a command-line tool's output on stdout is its interface")]
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use antibody_model::{
-    ChatMessage, DeviceSpec, GenerationConfig, Hooks, Sampling, TokenBatch, generate, gguf::GgufFile, load,
-    save_hf_dir, with_backend,
+    ChatMessage, DeviceSpec, GenerationConfig, Hooks, Sampling, TokenBatch, generate,
+    gguf::GgufFile, load, save_hf_dir, with_backend,
 };
+use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
 
@@ -96,7 +98,8 @@ enum Command {
 fn checkpoint_or_patient(path: Option<PathBuf>) -> Result<PathBuf> {
     match path {
         Some(p) => Ok(p),
-        None => antibody_fetch::fetch(&antibody_fetch::patient()).context("fetching the patient checkpoint"),
+        None => antibody_fetch::fetch(&antibody_fetch::patient())
+            .context("fetching the patient checkpoint"),
     }
 }
 
@@ -141,7 +144,9 @@ fn main() -> Result<()> {
                 min_new_tokens: 0,
                 sampling,
             };
-            with_backend!(device, |B, dev| run_generate::<B>(&path, &dev, &prompts, &config))
+            with_backend!(device, |B, dev| run_generate::<B>(
+                &path, &dev, &prompts, &config
+            ))
         }
         Command::Bench {
             checkpoint,
@@ -165,7 +170,9 @@ fn main() -> Result<()> {
                 skip_forward,
                 skip_generate,
             };
-            with_backend!(device, |B, dev| run_bench::<B>(&path, &dev, &prompts, &args))
+            with_backend!(device, |B, dev| run_bench::<B>(
+                &path, &dev, &prompts, &args
+            ))
         }
     }
 }
@@ -200,7 +207,11 @@ fn run_generate<B: Backend>(
     let loaded = load::<B>(path, device).with_context(|| format!("loading {}", path.display()))?;
     let ids = prompts
         .iter()
-        .map(|p| loaded.tokenizer.chat_ids(&[ChatMessage::user(p.clone())], true))
+        .map(|p| {
+            loaded
+                .tokenizer
+                .chat_ids(&[ChatMessage::user(p.clone())], true)
+        })
         .collect::<antibody_model::Result<Vec<_>>>()?;
     let out = generate(&loaded.model, &ids, loaded.tokenizer.stop_ids(), config)?;
     for (p, g) in prompts.iter().zip(out) {
@@ -241,7 +252,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn run_bench<B: Backend>(path: &Path, device: &B::Device, prompts: &[String], args: &BenchArgs) -> Result<()> {
+fn run_bench<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+    prompts: &[String],
+    args: &BenchArgs,
+) -> Result<()> {
     let loaded = load::<B>(path, device)?;
     let model = &loaded.model;
     let mut report = serde_json::Map::new();
@@ -266,7 +282,9 @@ fn run_bench<B: Backend>(path: &Path, device: &B::Device, prompts: &[String], ar
             Ok(start.elapsed().as_secs_f64())
         };
         run()?;
-        let times = (0..args.repeats.max(1)).map(|_| run()).collect::<Result<Vec<_>>>()?;
+        let times = (0..args.repeats.max(1))
+            .map(|_| run())
+            .collect::<Result<Vec<_>>>()?;
         let secs = median(times);
         report.insert("forward_s".into(), secs.into());
         report.insert("forward_tok_s".into(), ((b * t) as f64 / secs).into());
@@ -274,7 +292,11 @@ fn run_bench<B: Backend>(path: &Path, device: &B::Device, prompts: &[String], ar
     if !args.skip_generate {
         let ids = prompts
             .iter()
-            .map(|p| loaded.tokenizer.chat_ids(&[ChatMessage::user(p.clone())], true))
+            .map(|p| {
+                loaded
+                    .tokenizer
+                    .chat_ids(&[ChatMessage::user(p.clone())], true)
+            })
             .collect::<antibody_model::Result<Vec<_>>>()?;
         let config = GenerationConfig {
             max_new_tokens: args.new_tokens,
@@ -282,11 +304,16 @@ fn run_bench<B: Backend>(path: &Path, device: &B::Device, prompts: &[String], ar
             sampling: Sampling::Greedy,
         };
         // warm-up on a small batch
-        generate(model, &ids[..ids.len().min(4)], loaded.tokenizer.stop_ids(), &GenerationConfig {
-            max_new_tokens: 4,
-            min_new_tokens: 4,
-            sampling: Sampling::Greedy,
-        })?;
+        generate(
+            model,
+            &ids[..ids.len().min(4)],
+            loaded.tokenizer.stop_ids(),
+            &GenerationConfig {
+                max_new_tokens: 4,
+                min_new_tokens: 4,
+                sampling: Sampling::Greedy,
+            },
+        )?;
         let start = Instant::now();
         let out = generate(model, &ids, loaded.tokenizer.stop_ids(), &config)?;
         let secs = start.elapsed().as_secs_f64();

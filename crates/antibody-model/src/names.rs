@@ -31,15 +31,42 @@ pub struct TensorSpec {
 
 /// (GGUF template, HF template) for per-layer tensors; `{i}` is the layer index.
 const LAYER_TENSORS: [(&str, &str); 9] = [
-    ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-    ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-    ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
-    ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
-    ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
-    ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
-    ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    (
+        "blk.{i}.attn_norm.weight",
+        "model.layers.{i}.input_layernorm.weight",
+    ),
+    (
+        "blk.{i}.attn_q.weight",
+        "model.layers.{i}.self_attn.q_proj.weight",
+    ),
+    (
+        "blk.{i}.attn_k.weight",
+        "model.layers.{i}.self_attn.k_proj.weight",
+    ),
+    (
+        "blk.{i}.attn_v.weight",
+        "model.layers.{i}.self_attn.v_proj.weight",
+    ),
+    (
+        "blk.{i}.attn_output.weight",
+        "model.layers.{i}.self_attn.o_proj.weight",
+    ),
+    (
+        "blk.{i}.ffn_norm.weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+    ),
+    (
+        "blk.{i}.ffn_gate.weight",
+        "model.layers.{i}.mlp.gate_proj.weight",
+    ),
+    (
+        "blk.{i}.ffn_up.weight",
+        "model.layers.{i}.mlp.up_proj.weight",
+    ),
+    (
+        "blk.{i}.ffn_down.weight",
+        "model.layers.{i}.mlp.down_proj.weight",
+    ),
 ];
 
 /// Every tensor a checkpoint of `config` holds, in a fixed order.
@@ -80,7 +107,12 @@ pub fn checkpoint_tensors(config: &LlamaConfig) -> Vec<TensorSpec> {
             ));
         }
     }
-    out.push(spec("output_norm.weight", "model.norm.weight", vec![h], GgufFix::None));
+    out.push(spec(
+        "output_norm.weight",
+        "model.norm.weight",
+        vec![h],
+        GgufFix::None,
+    ));
     if !config.tie_word_embeddings {
         out.push(spec(
             "output.weight",
@@ -105,7 +137,8 @@ pub fn unpermute_heads(data: &[f32], rows: usize, cols: usize, heads: usize) -> 
             for p in 0..2 {
                 let src = h * 2 * half + 2 * j + p;
                 let dst = h * 2 * half + p * half + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -125,7 +158,10 @@ mod tests {
         hf.sort();
         hf.dedup();
         assert_eq!(hf.len(), specs.len());
-        let total: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+        let total: usize = specs
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
         assert_eq!(total, c.num_parameters());
         let q = &specs[2];
         assert_eq!(q.gguf, "blk.0.attn_q.weight");
@@ -141,7 +177,10 @@ mod tests {
         let mut c = LlamaConfig::tiny_test();
         c.tie_word_embeddings = false;
         let last = checkpoint_tensors(&c).pop().expect("non-empty");
-        assert_eq!((last.gguf.as_str(), last.hf.as_str()), ("output.weight", "lm_head.weight"));
+        assert_eq!(
+            (last.gguf.as_str(), last.hf.as_str()),
+            ("output.weight", "lm_head.weight")
+        );
     }
 
     #[test]
@@ -157,7 +196,8 @@ mod tests {
                 for j in 0..r {
                     let src = h * 2 * r + p * r + j;
                     let dst = h * 2 * r + 2 * j + p;
-                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }

@@ -61,12 +61,27 @@ pub fn random_tensors(config: &LlamaConfig, seed: u64) -> BTreeMap<String, HostT
         .into_iter()
         .map(|s| {
             let data = tensor_values(&s.hf, &s.shape, seed);
-            (s.hf, HostTensor { shape: s.shape, data })
+            (
+                s.hf,
+                HostTensor {
+                    shape: s.shape,
+                    data,
+                },
+            )
         })
         .collect()
 }
 
 /// A model of `config` with generated weights.
-pub fn random_model<B: Backend>(config: &LlamaConfig, seed: u64, device: &B::Device) -> Result<Llama<B>> {
-    from_host_tensors(config, random_tensors(config, seed), Path::new("<tiny generator>"), device)
+pub fn random_model<B: Backend>(
+    config: &LlamaConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Llama<B>> {
+    from_host_tensors(
+        config,
+        random_tensors(config, seed),
+        Path::new("<tiny generator>"),
+        device,
+    )
 }

@@ -124,11 +124,9 @@ impl Tokenizer {
         let byte_level = ByteLevel::new(false, true, true);
         let pre_tokenizer: PreTokenizerWrapper = match pre {
             "gpt2" | "default" => byte_level.into(),
-            "smollm" | "starcoder" | "refact" | "codeshell" => Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level.into(),
-            ])
-            .into(),
+            "smollm" | "starcoder" | "refact" | "codeshell" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
             other => {
                 return Err(ModelError::BadKey {
                     path: gguf.path().to_path_buf(),
@@ -171,7 +169,13 @@ impl Tokenizer {
             Some(_) => Some(gguf.get_str("tokenizer.chat_template")?.to_string()),
             None => None,
         };
-        Ok(Self::assemble(inner, chat_template, bos_token, eos_token, eos_id))
+        Ok(Self::assemble(
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            eos_id,
+        ))
     }
 
     /// Loads `tokenizer.json` and, if present, `tokenizer_config.json` (chat template,
@@ -182,7 +186,8 @@ impl Tokenizer {
             .map_err(|e| tok_err(&path.display().to_string(), e))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            let text =
+                std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
             serde_json::from_str(&text).map_err(|e| ModelError::Json {
                 path: cfg_path.clone(),
                 source: e,
@@ -193,19 +198,29 @@ impl Tokenizer {
         let token = |key: &str| -> Option<String> {
             match &cfg[key] {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                serde_json::Value::Object(o) => {
+                    o.get("content").and_then(|c| c.as_str()).map(String::from)
+                }
                 _ => None,
             }
         };
         let eos_token = token("eos_token").unwrap_or_else(|| "<|im_end|>".into());
-        let eos_id = inner.token_to_id(&eos_token).ok_or_else(|| ModelError::BadKey {
-            path: cfg_path.clone(),
-            key: "eos_token".into(),
-            expected: "a token of the vocabulary".into(),
-            found: format!("{eos_token:?}"),
-        })?;
+        let eos_id = inner
+            .token_to_id(&eos_token)
+            .ok_or_else(|| ModelError::BadKey {
+                path: cfg_path.clone(),
+                key: "eos_token".into(),
+                expected: "a token of the vocabulary".into(),
+                found: format!("{eos_token:?}"),
+            })?;
         let chat_template = cfg["chat_template"].as_str().map(String::from);
-        Ok(Self::assemble(inner, chat_template, token("bos_token"), eos_token, eos_id))
+        Ok(Self::assemble(
+            inner,
+            chat_template,
+            token("bos_token"),
+            eos_token,
+            eos_id,
+        ))
     }
 
     fn assemble(
@@ -240,7 +255,9 @@ impl Tokenizer {
 
     /// Text of `ids`, without special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| tok_err("decode", e))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| tok_err("decode", e))
     }
 
     /// The end-of-sequence id.
@@ -265,7 +282,11 @@ impl Tokenizer {
 
     /// Renders `messages` with the model's chat template, as transformers'
     /// `apply_chat_template(..., tokenize=False)` does.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
@@ -274,9 +295,15 @@ impl Tokenizer {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", template)
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
         let tmpl = env
@@ -293,7 +320,11 @@ impl Tokenizer {
 
     /// Token ids of `messages` rendered with the chat template: what
     /// `apply_chat_template(messages, add_generation_prompt=..)` returns.
-    pub fn chat_ids(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn chat_ids(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         self.encode(&self.render_chat(messages, add_generation_prompt)?)
     }
 

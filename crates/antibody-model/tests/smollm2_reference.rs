@@ -6,7 +6,9 @@
 use std::sync::OnceLock;
 
 use antibody_model::device::Cpu;
-use antibody_model::{ChatMessage, GenerationConfig, Hooks, Loaded, TokenBatch, generate, load, save_hf_dir};
+use antibody_model::{
+    ChatMessage, GenerationConfig, Hooks, Loaded, TokenBatch, generate, load, save_hf_dir,
+};
 use burn::tensor::Tensor;
 use serde_json::Value;
 
@@ -16,13 +18,19 @@ const LOGIT_TOL: f32 = 2e-3;
 fn fixture() -> &'static Value {
     static F: OnceLock<Value> = OnceLock::new();
     F.get_or_init(|| {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/reference/fixtures/smollm2.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/reference/fixtures/smollm2.json"
+        );
         serde_json::from_str(&std::fs::read_to_string(path).expect("smollm2.json")).expect("parses")
     })
 }
 
 fn logits_fixture() -> Vec<u8> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/reference/fixtures/smollm2_logits.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/reference/fixtures/smollm2_logits.safetensors"
+    );
     std::fs::read(path).expect("smollm2_logits.safetensors")
 }
 
@@ -47,7 +55,11 @@ fn messages(v: &Value) -> Vec<ChatMessage> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| i.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn to_vec<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
@@ -56,7 +68,10 @@ fn to_vec<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -73,9 +88,17 @@ fn tokenizer_ids_match_transformers() {
     let tok = &patient().tokenizer;
     for case in fixture()["tokenizer"].as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
-        assert_eq!(tok.encode(text).expect("encode"), ids(&case["ids"]), "{text:?}");
+        assert_eq!(
+            tok.encode(text).expect("encode"),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
         let decoded = tok.decode(&ids(&case["ids"])).expect("decode");
-        assert_eq!(decoded, case["decoded_skip_special"].as_str().expect("decoded"), "{text:?}");
+        assert_eq!(
+            decoded,
+            case["decoded_skip_special"].as_str().expect("decoded"),
+            "{text:?}"
+        );
     }
 }
 
@@ -106,23 +129,43 @@ fn logits_match_transformers() {
     let seq = &f["seq_logits"];
     let c0 = &prompts[seq["chat_index"].as_u64().expect("index") as usize];
     let batch = TokenBatch::right_padded(std::slice::from_ref(c0), 2);
-    let (logits, _) = loaded.model.forward(&batch, &Hooks::none()).expect("forward");
+    let (logits, _) = loaded
+        .model
+        .forward(&batch, &Hooks::none())
+        .expect("forward");
     let [_, t, v] = logits.dims();
     let logits = to_vec(logits);
     let head = seq["head_len"].as_u64().expect("head") as usize;
     let expected_head = f32s(&st, "seq_logits_head_0");
     let expected_lse = f32s(&st, "seq_lse_0");
-    let margins: Vec<f64> = seq["argmax_margin"].as_array().expect("m").iter().map(|m| m.as_f64().expect("m")).collect();
+    let margins: Vec<f64> = seq["argmax_margin"]
+        .as_array()
+        .expect("m")
+        .iter()
+        .map(|m| m.as_f64().expect("m"))
+        .collect();
     let (mut worst, mut worst_lse) = (0f32, 0f32);
     for pos in 0..t {
         let row = &logits[pos * v..(pos + 1) * v];
-        worst = worst.max(max_abs_diff(&row[..head], &expected_head[pos * head..(pos + 1) * head]));
+        worst = worst.max(max_abs_diff(
+            &row[..head],
+            &expected_head[pos * head..(pos + 1) * head],
+        ));
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
         worst_lse = worst_lse.max((lse - expected_lse[pos]).abs());
-        let argmax = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("row").0;
+        let argmax = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .expect("row")
+            .0;
         if margins[pos] > 1e-2 {
-            assert_eq!(argmax as u64, seq["argmax"][pos].as_u64().expect("argmax"), "position {pos}");
+            assert_eq!(
+                argmax as u64,
+                seq["argmax"][pos].as_u64().expect("argmax"),
+                "position {pos}"
+            );
         }
     }
     eprintln!("full-sequence logits[:512]: max |Δ| = {worst:.2e}; logsumexp: {worst_lse:.2e}");
@@ -135,7 +178,10 @@ fn logits_match_transformers() {
         .collect();
     let pair: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
     let batch = TokenBatch::left_padded(&pair, 2);
-    let (logits, _) = loaded.model.forward(&batch, &Hooks::none()).expect("forward");
+    let (logits, _) = loaded
+        .model
+        .forward(&batch, &Hooks::none())
+        .expect("forward");
     let t = batch.seq;
     for (row, key) in ["last_logits_0", "last_logits_1"].iter().enumerate() {
         let last = to_vec(logits.clone().slice([row..row + 1, t - 1..t, 0..v]));
@@ -150,12 +196,23 @@ fn batched_greedy_generation_matches_transformers() {
     let loaded = patient();
     let cases = fixture()["greedy"].as_array().expect("greedy");
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
-    let out = generate(&loaded.model, &prompts, loaded.tokenizer.stop_ids(), &GenerationConfig::greedy(32))
-        .expect("generate");
+    let out = generate(
+        &loaded.model,
+        &prompts,
+        loaded.tokenizer.stop_ids(),
+        &GenerationConfig::greedy(32),
+    )
+    .expect("generate");
     for (case, got) in cases.iter().zip(&out) {
         assert_eq!(got.tokens, ids(&case["new_ids"]), "{}", case["text"]);
-        assert_eq!(got.stopped, case["stopped_at_eos"].as_bool().expect("stopped"));
-        assert_eq!(loaded.tokenizer.decode(&got.tokens).expect("decode"), case["text"].as_str().expect("text"));
+        assert_eq!(
+            got.stopped,
+            case["stopped_at_eos"].as_bool().expect("stopped")
+        );
+        assert_eq!(
+            loaded.tokenizer.decode(&got.tokens).expect("decode"),
+            case["text"].as_str().expect("text")
+        );
     }
 }
 
@@ -165,7 +222,12 @@ fn saved_hf_directory_reloads_to_the_same_logits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("smollm2-hf");
     save_hf_dir(&loaded.model, &loaded.tokenizer, &out).expect("save");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} written");
     }
     let again = load::<Cpu>(&out, &Default::default()).expect("reload");
@@ -175,7 +237,13 @@ fn saved_hf_directory_reloads_to_the_same_logits() {
     let prompt = again.tokenizer.chat_ids(&msgs, true).expect("ids");
     assert_eq!(prompt, ids(&chat["ids"]));
     let batch = TokenBatch::right_padded(&[prompt], 2);
-    let (a, _) = loaded.model.forward(&batch, &Hooks::none()).expect("forward");
-    let (b, _) = again.model.forward(&batch, &Hooks::none()).expect("forward");
+    let (a, _) = loaded
+        .model
+        .forward(&batch, &Hooks::none())
+        .expect("forward");
+    let (b, _) = again
+        .model
+        .forward(&batch, &Hooks::none())
+        .expect("forward");
     assert_eq!(to_vec(a), to_vec(b), "save → load is exact in f32");
 }

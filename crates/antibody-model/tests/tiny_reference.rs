@@ -13,7 +13,10 @@ const LOGIT_TOL: f32 = 1e-4;
 const SITE_TOL: f32 = 1e-5;
 
 fn fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/reference/fixtures/tiny.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/reference/fixtures/tiny.json"
+    );
     let text = std::fs::read_to_string(path).expect("tiny.json: run tests/reference/tiny.py");
     serde_json::from_str(&text).expect("tiny.json parses")
 }
@@ -36,7 +39,10 @@ fn ints(v: &Value) -> Vec<i64> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn fixture_batch(f: &Value) -> TokenBatch {
@@ -73,24 +79,41 @@ fn logits_and_sites_match_transformers() {
     let device = Default::default();
     let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let batch = fixture_batch(&f);
-    let positions: Vec<usize> = ints(&f["batch"]["position_ids"]).iter().map(|&p| p as usize).collect();
+    let positions: Vec<usize> = ints(&f["batch"]["position_ids"])
+        .iter()
+        .map(|&p| p as usize)
+        .collect();
     assert_eq!(batch.positions(), positions);
 
     let sites = [Site::residual(1), Site::attn_out(1), Site::mlp_hidden(1)];
-    let (logits, out) = model.forward(&batch, &Hooks::capture(sites)).expect("forward");
+    let (logits, out) = model
+        .forward(&batch, &Hooks::capture(sites))
+        .expect("forward");
     let [b, t, v] = logits.dims();
     let logits = to_vec(logits);
     let head = f["batch"]["logits_head_len"].as_u64().expect("len") as usize;
     let (mut worst_logit, mut worst_lse) = (0f32, 0f32);
     for p in f["batch"]["positions"].as_array().expect("positions") {
-        let (row, pos) = (p["row"].as_u64().expect("row") as usize, p["pos"].as_u64().expect("pos") as usize);
+        let (row, pos) = (
+            p["row"].as_u64().expect("row") as usize,
+            p["pos"].as_u64().expect("pos") as usize,
+        );
         let ours = &logits[(row * t + pos) * v..(row * t + pos + 1) * v];
         worst_logit = worst_logit.max(max_abs_diff(&ours[..head], &floats(&p["logits_head"])));
         let max = ours.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = max + ours.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
         worst_lse = worst_lse.max((lse - floats(&p["logsumexp"])[0]).abs());
-        let argmax = ours.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("non-empty").0;
-        assert_eq!(argmax as i64, p["argmax"].as_i64().expect("argmax"), "row {row} pos {pos}");
+        let argmax = ours
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .expect("non-empty")
+            .0;
+        assert_eq!(
+            argmax as i64,
+            p["argmax"].as_i64().expect("argmax"),
+            "row {row} pos {pos}"
+        );
     }
     assert!(worst_logit < LOGIT_TOL, "logits differ by {worst_logit}");
     assert!(worst_lse < LOGIT_TOL, "logsumexp differs by {worst_lse}");
@@ -141,18 +164,32 @@ fn kv_cached_decoding_matches_the_full_forward() {
     let [b, t, v] = full.dims();
     let split = 6;
     let cut = |from: usize, to: usize, x: &[u32]| -> Vec<u32> {
-        (0..b).flat_map(|r| x[r * t + from..r * t + to].to_vec()).collect()
+        (0..b)
+            .flat_map(|r| x[r * t + from..r * t + to].to_vec())
+            .collect()
     };
     let cut_mask = |from: usize, to: usize| -> Vec<bool> {
-        (0..b).flat_map(|r| batch.mask[r * t + from..r * t + to].to_vec()).collect()
+        (0..b)
+            .flat_map(|r| batch.mask[r * t + from..r * t + to].to_vec())
+            .collect()
     };
     let mut cache = antibody_model::KvCache::new(&model.config, b, t, &device);
     let mut last = model
-        .forward_cached(&cut(0, split, &batch.ids), &cut_mask(0, split), split, &mut cache)
+        .forward_cached(
+            &cut(0, split, &batch.ids),
+            &cut_mask(0, split),
+            split,
+            &mut cache,
+        )
         .expect("prefill");
     for pos in split..t {
         last = model
-            .forward_cached(&cut(pos, pos + 1, &batch.ids), &cut_mask(pos, pos + 1), 1, &mut cache)
+            .forward_cached(
+                &cut(pos, pos + 1, &batch.ids),
+                &cut_mask(pos, pos + 1),
+                1,
+                &mut cache,
+            )
             .expect("decode");
     }
     let cached = to_vec(model.logits(last.unsqueeze_dim(1)));
@@ -165,7 +202,8 @@ fn kv_cached_decoding_matches_the_full_forward() {
 fn residual_perturbation_gradient_matches_pytorch() {
     let f = fixture();
     let device = Default::default();
-    let model = tiny::random_model::<CpuAutodiff>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let model =
+        tiny::random_model::<CpuAutodiff>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let batch = fixture_batch(&f);
     let (b, t, h) = (batch.batch, batch.seq, 64);
     let layer = f["grad"]["delta_layer"].as_u64().expect("layer") as usize;
@@ -188,11 +226,15 @@ fn residual_perturbation_gradient_matches_pytorch() {
         .flat_map(|row| row[1..].iter().map(|&m| m as f32).collect::<Vec<_>>())
         .collect();
     let counted: f32 = response.iter().sum();
-    let weights = Tensor::<CpuAutodiff, 2>::from_data(TensorData::new(response, [b, t - 1]), &device);
+    let weights =
+        Tensor::<CpuAutodiff, 2>::from_data(TensorData::new(response, [b, t - 1]), &device);
     let loss = (nll * weights).sum() / counted;
     let loss_value = to_vec(loss.clone())[0];
     let expected_loss = floats(&f["grad"]["loss"])[0];
-    assert!((loss_value - expected_loss).abs() < 1e-4, "loss {loss_value} vs {expected_loss}");
+    assert!(
+        (loss_value - expected_loss).abs() < 1e-4,
+        "loss {loss_value} vs {expected_loss}"
+    );
     let grads = loss.backward();
     let grad = delta.grad(&grads).expect("δ receives a gradient");
     let diff = max_abs_diff(&to_vec(grad), &floats(&f["grad"]["delta_grad"]));

@@ -1,0 +1,195 @@
+//! `cargo xtask bench <what>`: antibody and its peer (PyTorch/transformers) on the same
+//! work, in one invocation, printed side by side as ratios. Benchmarks, never timed tests.
+//!
+//! - `model`: forward tokens/s at batch 4 × 256 and generation tokens/s on 64 prompts × 64
+//!   new tokens (stop tokens suppressed so every row does the same work), against
+//!   `bench/model_peer.py`.
+//!
+//! The peer runs in the Python given by `--python`, `$ANTIBODY_PYTHON`, or a virtual
+//! environment under the cache root made from `bench/requirements.txt` on first use.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::test::{cargo_command, target_dir};
+
+/// What to benchmark.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum What {
+    /// The model: forward and generation throughput.
+    Model,
+}
+
+/// Arguments of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to benchmark.
+    #[arg(value_enum, default_value = "model")]
+    pub what: What,
+    /// cpu, cuda or cuda:N (cuda builds with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Timed forward repeats (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Python interpreter for the peer.
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Measure antibody only.
+    #[arg(long)]
+    pub skip_peer: bool,
+}
+
+/// Runs `cargo xtask bench`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.what {
+        What::Model => model(&args),
+    }
+}
+
+fn model(args: &Args) -> anyhow::Result<()> {
+    let cuda = args.device.starts_with("cuda");
+    let (target, _) = target_dir();
+    let mut build = vec!["build", "--release", "-p", "antibody-model"];
+    if cuda {
+        build.extend(["--features", "cuda"]);
+    }
+    let build: Vec<String> = build.into_iter().map(String::from).collect();
+    let status = cargo_command(&build, &target)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of antibody-model failed ({status})");
+    }
+    let gguf = antibody_fetch::fetch(&antibody_fetch::patient())?;
+    let prompts = Path::new("bench/prompts.txt");
+    let repeats = args.repeats.to_string();
+    let gguf_s = gguf.display().to_string();
+    let binary = target.join("release").join("antibody-model");
+    eprintln!("==> antibody ({})", args.device);
+    let ours = run_json(
+        Command::new(&binary).args([
+            "bench",
+            "--checkpoint",
+            &gguf_s,
+            "--prompts",
+            "bench/prompts.txt",
+            "--device",
+            &args.device,
+            "--repeats",
+            &repeats,
+        ]),
+        "antibody-model bench",
+    )?;
+    let peer = if args.skip_peer {
+        None
+    } else {
+        eprintln!("==> transformers peer (cpu)");
+        let python = python(args.python.as_deref())?;
+        Some(run_json(
+            Command::new(python)
+                .arg("bench/model_peer.py")
+                .args(["--gguf", &gguf_s, "--repeats", &repeats])
+                .arg("--prompts")
+                .arg(prompts)
+                .env("HF_HUB_OFFLINE", "1"),
+            "bench/model_peer.py",
+        )?)
+    };
+    println!(
+        "\nbench model — SmolLM2-135M-Instruct (Q4_1 dequantized to f32), device {}",
+        args.device
+    );
+    println!(
+        "{:<42} {:>12} {:>12} {:>8}",
+        "metric", "antibody", "transformers", "ratio"
+    );
+    for (key, label) in [
+        ("forward_tok_s", "forward tokens/s (batch 4 × 256)"),
+        (
+            "generate_tok_s",
+            "generation tokens/s (64 prompts × 64 new)",
+        ),
+    ] {
+        let a = ours.get(key).and_then(serde_json::Value::as_f64);
+        let p = peer
+            .as_ref()
+            .and_then(|p| p.get(key))
+            .and_then(serde_json::Value::as_f64);
+        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let ratio = match (a, p) {
+            (Some(a), Some(p)) if p > 0.0 => format!("{:.2}×", a / p),
+            _ => "-".into(),
+        };
+        println!("{label:<42} {:>12} {:>12} {ratio:>8}", fmt(a), fmt(p));
+    }
+    Ok(())
+}
+
+/// Runs `command` and parses the last line of its stdout as a JSON object.
+fn run_json(command: &mut Command, what: &str) -> anyhow::Result<serde_json::Value> {
+    let out = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'));
+    let last = last.with_context(|| format!("{what} printed no JSON object: {stdout}"))?;
+    serde_json::from_str(last).with_context(|| format!("{what} printed bad JSON: {last}"))
+}
+
+/// The Python for the peers: `--python`, `$ANTIBODY_PYTHON`, or a virtual environment
+/// under the cache root built from `bench/requirements.txt` (pinned) on first use.
+fn python(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("ANTIBODY_PYTHON").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let venv = antibody_fetch::cache_root().join("bench-venv");
+    let python = venv.join("bin").join("python");
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string("tests/reference/requirements.txt")
+        .context("reading tests/reference/requirements.txt")?;
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(python);
+    }
+    eprintln!(
+        "==> creating the peer's Python environment in {}",
+        venv.display()
+    );
+    let status = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv)
+        .status()
+        .context("python3 -m venv")?;
+    if !status.success() {
+        bail!("python3 -m venv {} failed", venv.display());
+    }
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "-r",
+            "bench/requirements.txt",
+        ])
+        .status()
+        .context("pip install -r bench/requirements.txt")?;
+    if !status.success() {
+        bail!("pip install -r bench/requirements.txt failed");
+    }
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(python)
+}
