@@ -273,7 +273,8 @@ impl HfLlamaConfig {
             return Err(bad("rope_scaling", "null", s.to_string()));
         }
         let num_heads = self.num_attention_heads;
-        if num_heads == 0 || !self.hidden_size.is_multiple_of(num_heads) && self.head_dim.is_none() {
+        if num_heads == 0 || !self.hidden_size.is_multiple_of(num_heads) && self.head_dim.is_none()
+        {
             return Err(bad(
                 "num_attention_heads",
                 "a positive divisor of hidden_size",

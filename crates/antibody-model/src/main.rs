@@ -1,6 +1,9 @@
 //! `antibody-model`: inspect, convert, run and benchmark a checkpoint from the command line.
 
-#![allow(clippy::print_stdout, reason = "a command-line tool's output on stdout is its interface")]
+#![allow(
+    clippy::print_stdout,
+    reason = "a command-line tool's output on stdout is its interface"
+)]
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
