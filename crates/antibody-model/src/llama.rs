@@ -241,13 +241,11 @@ impl<B: Backend> Attention<B> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // RoPE in the projections' own contiguous [b, t, heads, head_dim] layout (full-shape
         // tables: no broadcasting), then heads to the front for the matmuls.
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, nh, hd]);
+        let q = project(&self.q_proj, x.clone()).reshape([b, t, nh, hd]);
         let q = rotate(q, &ctx.cos_q, &ctx.sin_q).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd]);
+        let k = project(&self.k_proj, x.clone()).reshape([b, t, nkv, hd]);
         let k = rotate(k, &ctx.cos_k, &ctx.sin_k).swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
+        let v = project(&self.v_proj, x)
             .reshape([b, t, nkv, hd])
             .swap_dims(1, 2);
         let (k, v) = match cache {
@@ -265,8 +263,21 @@ impl<B: Backend> Attention<B> {
             .reshape([b, nh, t, hd])
             .swap_dims(1, 2)
             .reshape([b, t, nh * hd]);
-        self.o_proj.forward(out)
+        project(&self.o_proj, out)
     }
+}
+
+/// A projection applied to every token at once: `[b, t, in]` is flattened to one
+/// `[b·t, in]` matrix so the backend runs a single GEMM (burn's rank-3 `linear` runs one
+/// matmul per batch row, which for decoding, `t = 1`, means a GEMV per sequence).
+///
+/// # Shapes
+/// `[b, t, in] → [b, t, out]`
+fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, i] = x.dims();
+    let y = linear.forward(x.reshape([b * t, i]));
+    let o = y.dims()[1];
+    y.reshape([b, t, o])
 }
 
 /// `x·sigmoid(x)` written as `x / (1 + e^(−x))`: the same function as burn's `silu`, about
@@ -414,7 +425,7 @@ impl<B: Backend> Llama<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, h] = hidden.dims();
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => project(head, hidden),
             None => {
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
@@ -455,9 +466,10 @@ impl<B: Backend> Llama<B> {
             x = x + attn;
             let normed = layer.post_attention_layernorm.forward(x.clone());
             let mlp = &layer.mlp;
-            let hidden = silu(mlp.gate_proj.forward(normed.clone())) * mlp.up_proj.forward(normed);
+            let hidden =
+                silu(project(&mlp.gate_proj, normed.clone())) * project(&mlp.up_proj, normed);
             let hidden = at(SiteKind::MlpHidden, l, hidden, sites);
-            x = x + mlp.down_proj.forward(hidden);
+            x = x + project(&mlp.down_proj, hidden);
             x = at(SiteKind::Residual, l, x, sites);
         }
         self.model.norm.forward(x)
