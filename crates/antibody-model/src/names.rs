@@ -124,25 +124,45 @@ pub fn checkpoint_tensors(config: &LlamaConfig) -> Vec<TensorSpec> {
     out
 }
 
-/// Reverses llama.cpp's q/k permutation on a row-major `[rows, cols]` matrix.
-///
-/// llama.cpp stores, per head, the rows of pair `j` as `(2j, 2j+1)` (interleaved);
-/// Hugging Face stores them as `(j, j + d/2)` (rotate-half). With `r = rows / heads / 2`,
-/// GGUF row `h·2r + 2j + p` is HF row `h·2r + p·r + j`.
-pub fn unpermute_heads(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// Applies llama.cpp's q/k permutation (Hugging Face → GGUF row order): HF row
+/// `h·2r + p·r + j` becomes GGUF row `h·2r + 2j + p`. [`unpermute_heads`] undoes it.
+pub fn permute_heads(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    move_rows(data, rows, cols, heads, |h, j, p, half| {
+        (h * 2 * half + p * half + j, h * 2 * half + 2 * j + p)
+    })
+}
+
+/// Moves row `src` to row `dst` for every `(src, dst)` that `map(head, j, p, half)` gives.
+fn move_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+    map: impl Fn(usize, usize, usize, usize) -> (usize, usize),
+) -> Vec<f32> {
     let half = rows / heads / 2;
     let mut out = vec![0.0; data.len()];
     for h in 0..heads {
         for j in 0..half {
             for p in 0..2 {
-                let src = h * 2 * half + 2 * j + p;
-                let dst = h * 2 * half + p * half + j;
+                let (src, dst) = map(h, j, p, half);
                 out[dst * cols..(dst + 1) * cols]
                     .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
     out
+}
+
+/// Reverses llama.cpp's q/k permutation on a row-major `[rows, cols]` matrix.
+///
+/// llama.cpp stores, per head, the rows of pair `j` as `(2j, 2j+1)` (interleaved);
+/// Hugging Face stores them as `(j, j + d/2)` (rotate-half). With `r = rows / heads / 2`,
+/// GGUF row `h·2r + 2j + p` is HF row `h·2r + p·r + j`.
+pub fn unpermute_heads(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    move_rows(data, rows, cols, heads, |h, j, p, half| {
+        (h * 2 * half + 2 * j + p, h * 2 * half + p * half + j)
+    })
 }
 
 #[cfg(test)]
@@ -184,23 +204,16 @@ mod tests {
     }
 
     #[test]
-    fn unpermute_inverts_the_llama_cpp_permutation() {
-        // llama.cpp: w.reshape(heads, 2, r, cols).swapaxes(1, 2) — HF row (h, p, j) goes to
-        // GGUF row (h, j, p).
+    fn permutation_matches_llama_cpp_and_inverts() {
+        // One head of width 4 (r = 2), one column: HF rows [x0, x1 | y0, y1] (rotate-half
+        // pairs (x_j, y_j)) are stored by llama.cpp interleaved as [x0, y0, x1, y1].
+        let hf = [0.0, 1.0, 10.0, 11.0];
+        assert_eq!(permute_heads(&hf, 4, 1, 1), vec![0.0, 10.0, 1.0, 11.0]);
         let (heads, r, cols) = (3, 4, 2);
         let rows = heads * 2 * r;
-        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
-        let mut gguf = vec![0.0; hf.len()];
-        for h in 0..heads {
-            for p in 0..2 {
-                for j in 0..r {
-                    let src = h * 2 * r + p * r + j;
-                    let dst = h * 2 * r + 2 * j + p;
-                    gguf[dst * cols..(dst + 1) * cols]
-                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
-                }
-            }
-        }
-        assert_eq!(unpermute_heads(&gguf, rows, cols, heads), hf);
+        let data: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let gguf = permute_heads(&data, rows, cols, heads);
+        assert_ne!(gguf, data);
+        assert_eq!(unpermute_heads(&gguf, rows, cols, heads), data);
     }
 }

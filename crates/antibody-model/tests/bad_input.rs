@@ -8,27 +8,10 @@ use std::path::{Path, PathBuf};
 use antibody_model::checkpoint::{load_gguf, load_hf_dir};
 use antibody_model::device::Cpu;
 use antibody_model::gguf::GgufFile;
-use antibody_model::names::{GgufFix, checkpoint_tensors};
+use antibody_model::names::{GgufFix, checkpoint_tensors, permute_heads};
 use antibody_model::{Hooks, LlamaConfig, ModelError, TokenBatch, tiny};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-
-/// HF → llama.cpp row order for q/k (the inverse of what the loader undoes).
-fn permute_heads(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let half = rows / heads / 2;
-    let mut out = vec![0.0; data.len()];
-    for h in 0..heads {
-        for p in 0..2 {
-            for j in 0..half {
-                let src = h * 2 * half + p * half + j;
-                let dst = h * 2 * half + 2 * j + p;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
 
 struct GgufSpec {
     dtype: GgmlDType,
