@@ -240,3 +240,42 @@ fn residual_perturbation_gradient_matches_pytorch() {
     let diff = max_abs_diff(&to_vec(grad), &floats(&f["grad"]["delta_grad"]));
     assert!(diff < SITE_TOL, "∂loss/∂δ differs by {diff}");
 }
+
+#[test]
+fn sampling_is_seeded_and_greedy_is_deterministic() {
+    use antibody_model::{GenerationConfig, Sampling, generate};
+    let device = Default::default();
+    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let prompts = vec![vec![1, 504, 3458, 28], vec![1, 9, 12345]];
+    let sampled = |seed| {
+        let config = GenerationConfig {
+            max_new_tokens: 12,
+            min_new_tokens: 12,
+            sampling: Sampling::Sample {
+                temperature: 1.0,
+                top_p: 0.95,
+                seed,
+            },
+        };
+        generate(&model, &prompts, &[2], &config).expect("generate")
+    };
+    let (a, b, c) = (sampled(1), sampled(1), sampled(2));
+    assert_eq!(a, b, "the same seed gives the same tokens");
+    assert_ne!(a, c, "another seed gives other tokens");
+    assert!(
+        a.iter()
+            .all(|g| g.tokens.len() == 12 && !g.tokens.contains(&2)),
+        "min_new_tokens suppresses the stop id"
+    );
+    let greedy = GenerationConfig::greedy(6);
+    let g1 = generate(&model, &prompts, &[2], &greedy).expect("greedy");
+    assert_eq!(
+        g1,
+        generate(&model, &prompts, &[2], &greedy).expect("greedy")
+    );
+    // a stop id ends a sequence: stop on whatever greedy emits first
+    let first = g1[0].tokens[0];
+    let stopped = generate(&model, &prompts[..1], &[first], &greedy).expect("greedy");
+    assert_eq!(stopped[0].tokens, vec![first]);
+    assert!(stopped[0].stopped);
+}
