@@ -177,6 +177,8 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
             (p + "mlp.down_proj.weight", (h, f)),
         ]
     specs.append(("model.norm.weight", (h,)))
+    if not cfg.get("tie_word_embeddings", True):
+        specs.append(("lm_head.weight", (v, h)))
     return specs
 
 
@@ -260,6 +262,27 @@ def main() -> None:
         }
 
     input_ids, attention_mask, position_ids, response = make_batch()
+
+    # ---- the untied variant: its own lm_head.weight from the same generator ----
+    untied_cfg = {**CONFIG, "tie_word_embeddings": False}
+    ucfg = LlamaConfig(**untied_cfg, attn_implementation="eager", dtype=torch.float32)
+    ucfg._attn_implementation = "eager"
+    untied = LlamaForCausalLM(ucfg).to(torch.float32)
+    ustate = {n: torch.from_numpy(weight_values(n, sh, args.seed)) for n, sh in tensor_specs(untied_cfg)}
+    res = untied.load_state_dict(ustate, strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    untied.eval()
+    untied_ids = torch.tensor([[1, 504, 3458, 28, 12345, 9]])
+    with torch.no_grad():
+        ulogits = untied(input_ids=untied_ids, use_cache=False).logits.float()[0]
+    untied_fixture = {
+        "input_ids": untied_ids[0].tolist(),
+        "logits_head_len": LOGITS_HEAD,
+        "logits_head": f32_list(ulogits[:, :LOGITS_HEAD]),
+        "logsumexp": f32_list(torch.logsumexp(ulogits.double(), dim=-1)),
+        "argmax": ulogits.argmax(dim=-1).tolist(),
+    }
 
     # ---- batch forward with layer-1 site capture ----
     sites = {}
@@ -348,6 +371,7 @@ def main() -> None:
             "delta_grad": f32_list(grad),
             "max_abs_grad_on_pad_positions": pad_grad,
         },
+        "untied": untied_fixture,
         "notes": {"decoder_layer_output_type": layer_out_type},
     }
     out_path = Path(args.out)

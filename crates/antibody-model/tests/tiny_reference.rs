@@ -279,3 +279,50 @@ fn sampling_is_seeded_and_greedy_is_deterministic() {
     assert_eq!(stopped[0].tokens, vec![first]);
     assert!(stopped[0].stopped);
 }
+
+#[test]
+fn untied_lm_head_matches_transformers_and_survives_a_save() {
+    let f = fixture();
+    let u = &f["untied"];
+    let device = Default::default();
+    let mut config = LlamaConfig::tiny_test();
+    config.tie_word_embeddings = false;
+    let model = tiny::random_model::<Cpu>(&config, 0, &device).expect("untied model");
+    assert!(model.lm_head.is_some());
+    let ids: Vec<u32> = ints(&u["input_ids"]).iter().map(|&i| i as u32).collect();
+    let batch = TokenBatch::right_padded(&[ids], 2);
+    let (logits, _) = model.forward(&batch, &Hooks::none()).expect("forward");
+    let [_, t, v] = logits.dims();
+    let ours = to_vec(logits.clone());
+    let head = u["logits_head_len"].as_u64().expect("len") as usize;
+    let expected = floats(&u["logits_head"]);
+    let mut worst = 0f32;
+    for pos in 0..t {
+        let row = &ours[pos * v..(pos + 1) * v];
+        worst = worst.max(max_abs_diff(
+            &row[..head],
+            &expected[pos * head..(pos + 1) * head],
+        ));
+        let argmax = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .expect("row")
+            .0;
+        assert_eq!(argmax as i64, ints(&u["argmax"])[pos], "position {pos}");
+    }
+    assert!(worst < LOGIT_TOL, "untied logits differ by {worst}");
+
+    // the HF directory keeps lm_head.weight in [vocab, hidden] and reloads exactly
+    let gguf = antibody_fetch::fetch(&antibody_fetch::patient()).expect("patient");
+    let tokenizer = antibody_model::Tokenizer::from_gguf(
+        &antibody_model::gguf::GgufFile::open(&gguf).expect("open"),
+    )
+    .expect("tokenizer");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("untied");
+    antibody_model::save_hf_dir(&model, &tokenizer, &out).expect("save");
+    let again = antibody_model::checkpoint::load_hf_dir::<Cpu>(&out, &device).expect("reload");
+    let (reloaded, _) = again.forward(&batch, &Hooks::none()).expect("forward");
+    assert_eq!(to_vec(reloaded), ours);
+}
