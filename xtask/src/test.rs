@@ -146,6 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let steps = steps(&args);
     let total = steps.len();
     let mut timings: Vec<(&str, Duration)> = Vec::new();
+    let mut counts = TestCounts::default();
     for (i, step) in steps.iter().enumerate() {
         let n = i + 1;
         let started = Instant::now();
@@ -161,11 +162,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Action::Cargo(cargo_args) => {
                 let line = format!("cargo {}", cargo_args.join(" "));
                 eprintln!("\n==> [{n}/{total}] {}: {line}", step.name);
-                let status = cargo_command(cargo_args, &target_dir)
-                    .status()
-                    .with_context(|| {
-                        format!("step {n}/{total} ({}): cannot run `{line}`", step.name)
-                    })?;
+                let mut command = cargo_command(cargo_args, &target_dir);
+                let status = if cargo_args.first().map(String::as_str) == Some("test") {
+                    run_counting(&mut command, &mut counts)
+                } else {
+                    command.status()
+                }
+                .with_context(|| {
+                    format!("step {n}/{total} ({}): cannot run `{line}`", step.name)
+                })?;
                 if !status.success() {
                     bail!(
                         "step {n}/{total} ({}) failed: `{line}` exited with {status}",
@@ -181,7 +186,55 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (name, took) in timings {
         eprintln!("    {name:<24} {:>7.1}s", took.as_secs_f64());
     }
+    // The closing line CI reads: every test binary's results added up.
+    println!("tests: {} passed, {} failed", counts.passed, counts.failed);
     Ok(())
+}
+
+/// Passed and failed tests summed over every `test result:` line of `cargo test`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+}
+
+impl TestCounts {
+    /// Adds one line of `cargo test` output if it is a `test result:` summary.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `command`, echoing its stdout line by line while counting test results.
+fn run_counting(
+    command: &mut Command,
+    counts: &mut TestCounts,
+) -> std::io::Result<std::process::ExitStatus> {
+    use std::io::{BufRead as _, Write as _};
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
+    if let Some(stdout) = child.stdout.take() {
+        let mut out = std::io::stdout().lock();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            counts.add_line(&line);
+            writeln!(out, "{line}")?;
+        }
+    }
+    child.wait()
 }
 
 #[cfg(test)]
@@ -196,6 +249,23 @@ mod tests {
                 Action::Cargo(a) => a.join(" "),
             })
             .collect()
+    }
+
+    #[test]
+    fn test_result_lines_are_summed() {
+        let mut c = TestCounts::default();
+        c.add_line("test result: ok. 13 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        c.add_line(
+            "test result: FAILED. 6 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        c.add_line("test foo ... ok");
+        assert_eq!(
+            c,
+            TestCounts {
+                passed: 19,
+                failed: 1
+            }
+        );
     }
 
     #[test]
