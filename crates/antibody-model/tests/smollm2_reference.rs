@@ -3,13 +3,15 @@
 //! tokenizer ids, chat-template ids, last-position and full-sequence logits, greedy
 //! continuations, and an HF-directory save that reloads to the same logits.
 
+mod common;
+use common::{argmax, logsumexp, max_abs_diff, to_vec};
+
 use std::sync::OnceLock;
 
 use antibody_model::device::Cpu;
 use antibody_model::{
     ChatMessage, GenerationConfig, Hooks, Loaded, TokenBatch, generate, load, save_hf_dir,
 };
-use burn::tensor::Tensor;
 use serde_json::Value;
 
 /// fp32 logits vs transformers (both dequantize the same Q4_1 weights to f32).
@@ -60,18 +62,6 @@ fn ids(v: &Value) -> Vec<u32> {
         .iter()
         .map(|i| i.as_u64().expect("id") as u32)
         .collect()
-}
-
-fn to_vec<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -151,15 +141,9 @@ fn logits_match_transformers() {
             &row[..head],
             &expected_head[pos * head..(pos + 1) * head],
         ));
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+        let lse = logsumexp(row);
         worst_lse = worst_lse.max((lse - expected_lse[pos]).abs());
-        let argmax = row
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .expect("row")
-            .0;
+        let argmax = argmax(row);
         if margins[pos] > 1e-2 {
             assert_eq!(
                 argmax as u64,

@@ -2,6 +2,9 @@
 //! generator bits, logits with left padding, activation sites, and `∂CE/∂δ` at a residual
 //! site against PyTorch autograd.
 
+mod common;
+use common::{argmax, logsumexp, max_abs_diff, to_vec};
+
 use antibody_model::device::{Cpu, CpuAutodiff};
 use antibody_model::{Hooks, LlamaConfig, Site, TokenBatch, tiny};
 use burn::tensor::{Tensor, TensorData, activation::log_softmax};
@@ -37,14 +40,6 @@ fn ints(v: &Value) -> Vec<i64> {
     }
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn fixture_batch(f: &Value) -> TokenBatch {
     let ids = ints(&f["batch"]["input_ids"]);
     let mask = ints(&f["batch"]["attention_mask"]);
@@ -54,10 +49,6 @@ fn fixture_batch(f: &Value) -> TokenBatch {
         batch: 2,
         seq: ids.len() / 2,
     }
-}
-
-fn to_vec<const D: usize, B: burn::tensor::backend::Backend>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
 }
 
 #[test]
@@ -100,15 +91,9 @@ fn logits_and_sites_match_transformers() {
         );
         let ours = &logits[(row * t + pos) * v..(row * t + pos + 1) * v];
         worst_logit = worst_logit.max(max_abs_diff(&ours[..head], &floats(&p["logits_head"])));
-        let max = ours.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max + ours.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+        let lse = logsumexp(ours);
         worst_lse = worst_lse.max((lse - floats(&p["logsumexp"])[0]).abs());
-        let argmax = ours
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .expect("non-empty")
-            .0;
+        let argmax = argmax(ours);
         assert_eq!(
             argmax as i64,
             p["argmax"].as_i64().expect("argmax"),
@@ -303,12 +288,7 @@ fn untied_lm_head_matches_transformers_and_survives_a_save() {
             &row[..head],
             &expected[pos * head..(pos + 1) * head],
         ));
-        let argmax = row
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .expect("row")
-            .0;
+        let argmax = argmax(row);
         assert_eq!(argmax as i64, ints(&u["argmax"])[pos], "position {pos}");
     }
     assert!(worst < LOGIT_TOL, "untied logits differ by {worst}");
