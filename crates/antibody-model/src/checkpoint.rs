@@ -161,13 +161,7 @@ impl ModuleAdapter for ToF32 {
 /// Checks a safetensors file's tensor names and shapes against the configuration, so that
 /// a missing or misshaped tensor is reported by its checkpoint name in Hugging Face layout.
 fn check_safetensors(path: &Path, config: &LlamaConfig) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Store {
-            path: path.to_path_buf(),
-            reason: format!("not a safetensors file: {e}"),
-        })?;
-    let infos = meta.tensors();
+    let infos = safetensors_shapes(path)?;
     for spec in checkpoint_tensors(config) {
         let info = infos
             .get(&spec.hf)
@@ -175,16 +169,53 @@ fn check_safetensors(path: &Path, config: &LlamaConfig) -> Result<()> {
                 path: path.to_path_buf(),
                 tensor: spec.hf.clone(),
             })?;
-        if info.shape != spec.shape {
+        if *info != spec.shape {
             return Err(ModelError::TensorShape {
                 path: path.to_path_buf(),
                 tensor: spec.hf,
                 expected: spec.shape,
-                found: info.shape.clone(),
+                found: info.clone(),
             });
         }
     }
     Ok(())
+}
+
+/// Tensor shapes from a safetensors file's JSON header, read without touching the data.
+fn safetensors_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
+    use std::io::Read as _;
+    let bad = |reason: String| ModelError::Store {
+        path: path.to_path_buf(),
+        reason: format!("not a safetensors file: {reason}"),
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| bad(format!("header length: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > file_len.saturating_sub(8) || len > 100 << 20 {
+        return Err(bad(format!(
+            "header of {len} bytes in a {file_len}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(format!("header: {e}")))?;
+    #[derive(serde::Deserialize)]
+    struct Info {
+        shape: Vec<usize>,
+    }
+    let mut entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    entries.remove("__metadata__");
+    entries
+        .into_iter()
+        .map(|(name, v)| {
+            let info: Info = serde_json::from_value(v).map_err(|e| bad(format!("{name}: {e}")))?;
+            Ok((name, info.shape))
+        })
+        .collect()
 }
 
 /// Loads the model from a Hugging Face directory (`config.json` + `model.safetensors`).

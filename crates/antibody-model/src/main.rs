@@ -208,19 +208,24 @@ fn run_generate<B: Backend>(
     config: &GenerationConfig,
 ) -> Result<()> {
     let loaded = load::<B>(path, device).with_context(|| format!("loading {}", path.display()))?;
-    let ids = prompts
-        .iter()
-        .map(|p| {
-            loaded
-                .tokenizer
-                .chat_ids(&[ChatMessage::user(p.clone())], true)
-        })
-        .collect::<antibody_model::Result<Vec<_>>>()?;
+    let ids = chat_prompts(&loaded.tokenizer, prompts)?;
     let out = generate(&loaded.model, &ids, loaded.tokenizer.stop_ids(), config)?;
     for (p, g) in prompts.iter().zip(out) {
         println!("### {p}\n{}\n", loaded.tokenizer.decode(&g.tokens)?);
     }
     Ok(())
+}
+
+/// Each prompt as a single user turn, chat-templated with the generation prompt.
+fn chat_prompts(
+    tokenizer: &antibody_model::Tokenizer,
+    prompts: &[String],
+) -> Result<Vec<Vec<u32>>> {
+    let ids = prompts
+        .iter()
+        .map(|p| tokenizer.chat_ids(&[ChatMessage::user(p.clone())], true))
+        .collect::<antibody_model::Result<Vec<_>>>()?;
+    Ok(ids)
 }
 
 struct BenchArgs {
@@ -293,14 +298,7 @@ fn run_bench<B: Backend>(
         report.insert("forward_tok_s".into(), ((b * t) as f64 / secs).into());
     }
     if !args.skip_generate {
-        let ids = prompts
-            .iter()
-            .map(|p| {
-                loaded
-                    .tokenizer
-                    .chat_ids(&[ChatMessage::user(p.clone())], true)
-            })
-            .collect::<antibody_model::Result<Vec<_>>>()?;
+        let ids = chat_prompts(&loaded.tokenizer, prompts)?;
         let config = GenerationConfig {
             max_new_tokens: args.new_tokens,
             min_new_tokens: args.new_tokens,

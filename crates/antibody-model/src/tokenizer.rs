@@ -5,6 +5,7 @@
 //! (`tokenizer.ggml.*`: byte-level BPE vocabulary and merges, token types, special ids).
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use tokenizers::models::bpe::BPE;
@@ -54,6 +55,8 @@ impl ChatMessage {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
+    /// `chat_template` compiled on first use and shared by clones.
+    chat_env: Arc<OnceLock<ChatEnv>>,
     bos_token: Option<String>,
     eos_token: String,
     eos_id: u32,
@@ -65,6 +68,30 @@ fn tok_err(origin: &str, e: impl std::fmt::Display) -> ModelError {
         origin: origin.into(),
         reason: e.to_string(),
     }
+}
+
+/// A compiled chat template (or the compiler's message), built once per tokenizer.
+type ChatEnv = Option<Result<minijinja::Environment<'static>, String>>;
+
+/// Compiles `template` as transformers does (jinja2 with `trim_blocks`, `lstrip_blocks`,
+/// Python string methods and `raise_exception`).
+fn compile_chat_template(template: &str) -> Result<minijinja::Environment<'static>, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned("chat", template.to_owned())
+        .map_err(|e| e.to_string())?;
+    Ok(env)
 }
 
 /// GGUF token type of control tokens (`<|im_start|>`, ...).
@@ -237,6 +264,7 @@ impl Tokenizer {
         Self {
             inner,
             chat_template,
+            chat_env: Arc::new(OnceLock::new()),
             bos_token,
             eos_token,
             eos_id,
@@ -287,25 +315,13 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| ModelError::ChatTemplate("the tokenizer has no chat template".into()))?;
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        let env = self
+            .chat_env
+            .get_or_init(|| self.chat_template.as_deref().map(compile_chat_template))
+            .as_ref()
+            .ok_or_else(|| ModelError::ChatTemplate("the tokenizer has no chat template".into()))?
+            .as_ref()
+            .map_err(|e| ModelError::ChatTemplate(e.clone()))?;
         let tmpl = env
             .get_template("chat")
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
