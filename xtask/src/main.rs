@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// The project's task runner (`cargo xtask <task>`).
 #[derive(Debug, Parser)]
@@ -72,12 +71,7 @@ fn run() -> anyhow::Result<()> {
     std::env::set_current_dir(&root)
         .with_context(|| format!("changing directory to the project root {}", root.display()))?;
 
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    antibody_fetch::init_logging();
 
     match Cli::parse().task {
         Task::Fetch(args) => fetch::run(args),

@@ -273,13 +273,15 @@ pub fn build<B: Backend>(
     }
     let helpful_model = helpful.as_ref().map_or(&harmful.model, |h| &h.model);
 
+    let decoding = GenerationConfig::greedy(d.generation.max_new_tokens);
     let mut ctx = Ctx {
         tok,
+        decoding: decoding.clone(),
+        batch_size: d.generation.batch_size,
         max_len: d.max_len,
         gen_stats: GenerationRecord::default(),
         dropped: BTreeMap::new(),
     };
-    let decoding = GenerationConfig::greedy(d.generation.max_new_tokens);
     let cache_dir = &options.generations;
 
     // Harmful: y_h by the harmful model, kept where the judge says it complied.
@@ -296,36 +298,13 @@ pub fn build<B: Backend>(
         (SetKind::HarmfulTrain, harmful_train),
         (SetKind::HarmfulAttack, harmful_attack),
     ] {
-        let prompts = ctx.prompts(kind, &rows)?;
-        let answers = ctx.respond(
-            &harmful.model,
-            &prompts,
-            &decoding,
-            &d.generation,
-            &mut harmful_cache,
-            kind,
-        )?;
-        let mut out = Vec::new();
-        for ((row, mut rec), g) in prompts.into_iter().zip(answers) {
-            let text = tok.decode(&g.tokens)?;
-            if judge.judge(&text).is_refusal() {
-                ctx.drop(kind, "y_h_refused");
-                continue;
-            }
-            rec.responses.insert(
-                "y_h".into(),
-                Response {
-                    text,
-                    ids: g.tokens,
-                },
-            );
-            if kind == SetKind::HarmfulTrain {
-                let r = &refusals[pick(d.seed, &format!("y_ref:{}", row.id), refusals.len())];
-                rec.responses
-                    .insert("y_ref".into(), ctx.written(&row.text, r)?);
-            }
-            ctx.keep(kind, rec, &mut out);
-        }
+        let written = (kind == SetKind::HarmfulTrain).then_some(("y_ref", refusals.as_slice()));
+        let answering = Answering {
+            cache: &mut harmful_cache,
+            generated: "y_h",
+            written,
+        };
+        let out = ctx.answer(kind, &rows, &harmful.model, answering, &judge, d.seed)?;
         sets.insert(kind, out);
     }
 
@@ -338,34 +317,12 @@ pub fn build<B: Backend>(
         (SetKind::HarmlessTrain, harmless_train),
         (SetKind::HarmlessEval, harmless_eval),
     ] {
-        let prompts = ctx.prompts(kind, &rows)?;
-        let answers = ctx.respond(
-            helpful_model,
-            &prompts,
-            &decoding,
-            &d.generation,
-            &mut helpful_cache,
-            kind,
-        )?;
-        let mut out = Vec::new();
-        for ((row, mut rec), g) in prompts.into_iter().zip(answers) {
-            let text = tok.decode(&g.tokens)?;
-            if judge.judge(&text).is_refusal() {
-                ctx.drop(kind, "y_c_refused");
-                continue;
-            }
-            rec.responses.insert(
-                "y_c".into(),
-                Response {
-                    text,
-                    ids: g.tokens,
-                },
-            );
-            let r = &unneeded[pick(d.seed, &format!("y_r:{}", row.id), unneeded.len())];
-            rec.responses
-                .insert("y_r".into(), ctx.written(&row.text, r)?);
-            ctx.keep(kind, rec, &mut out);
-        }
+        let answering = Answering {
+            cache: &mut helpful_cache,
+            generated: "y_c",
+            written: Some(("y_r", unneeded.as_slice())),
+        };
+        let out = ctx.answer(kind, &rows, helpful_model, answering, &judge, d.seed)?;
         sets.insert(kind, out);
     }
 
@@ -554,8 +511,18 @@ fn gen_key(identity: &str, decoding: &GenerationConfig, tok: &Tokenizer) -> Resu
     Ok(hex(&Sha256::digest(json.to_string().as_bytes()))[..32].to_owned())
 }
 
+/// How one set is answered: the generated response (kept only where the judge does not
+/// call it a refusal) and an optional written one drawn from `phrasings` by row id.
+struct Answering<'c, 'p> {
+    cache: &'c mut GenCache,
+    generated: &'static str,
+    written: Option<(&'static str, &'p [String])>,
+}
+
 struct Ctx<'a> {
     tok: &'a Tokenizer,
+    decoding: GenerationConfig,
+    batch_size: usize,
     max_len: usize,
     gen_stats: GenerationRecord,
     dropped: BTreeMap<SetKind, BTreeMap<String, usize>>,
@@ -641,14 +608,47 @@ impl Ctx<'_> {
         })
     }
 
+    /// Answers `rows`: generated response, judge filter, written response, length filter.
+    fn answer<B: Backend>(
+        &mut self,
+        kind: SetKind,
+        rows: &[Row],
+        model: &Llama<B>,
+        answering: Answering<'_, '_>,
+        judge: &KeywordJudge,
+        seed: u64,
+    ) -> Result<Vec<Record>> {
+        let prompts = self.prompts(kind, rows)?;
+        let answers = self.respond(model, &prompts, answering.cache, kind)?;
+        let mut out = Vec::new();
+        for ((row, mut rec), g) in prompts.into_iter().zip(answers) {
+            let text = self.tok.decode(&g.tokens)?;
+            if judge.judge(&text).is_refusal() {
+                self.drop(kind, &format!("{}_refused", answering.generated));
+                continue;
+            }
+            let generated = Response {
+                text,
+                ids: g.tokens,
+            };
+            rec.responses.insert(answering.generated.into(), generated);
+            if let Some((name, phrasings)) = answering.written {
+                let key = format!("{name}:{}", row.id);
+                let phrasing = &phrasings[pick(seed, &key, phrasings.len())];
+                rec.responses
+                    .insert(name.into(), self.written(&row.text, phrasing)?);
+            }
+            self.keep(kind, rec, &mut out);
+        }
+        Ok(out)
+    }
+
     /// Greedy responses to `prompts`, from the cache where present, else generated in
     /// length-sorted batches and appended to the cache batch by batch.
     fn respond<B: Backend>(
         &mut self,
         model: &Llama<B>,
         prompts: &[(Row, Record)],
-        decoding: &GenerationConfig,
-        settings: &crate::config::GenerationSettings,
         cache: &mut GenCache,
         kind: SetKind,
     ) -> Result<Vec<Generated>> {
@@ -657,7 +657,7 @@ impl Ctx<'_> {
             .collect();
         self.gen_stats.from_cache += prompts.len() - todo.len();
         todo.sort_by_key(|&i| prompts[i].1.prompt_ids.len());
-        let batches: Vec<&[usize]> = todo.chunks(settings.batch_size).collect();
+        let batches: Vec<&[usize]> = todo.chunks(self.batch_size).collect();
         let started = Instant::now();
         let mut tokens = 0usize;
         for (b, batch) in batches.iter().enumerate() {
@@ -665,7 +665,7 @@ impl Ctx<'_> {
                 .iter()
                 .map(|&i| prompts[i].1.prompt_ids.clone())
                 .collect();
-            let out = generate(model, &ids, self.tok.stop_ids(), decoding)?;
+            let out = generate(model, &ids, self.tok.stop_ids(), &self.decoding)?;
             tokens += out.iter().map(|g| g.tokens.len()).sum::<usize>();
             let pairs: Vec<(&[u32], Generated)> = ids.iter().map(Vec::as_slice).zip(out).collect();
             cache.put(&pairs)?;

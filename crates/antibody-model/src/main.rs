@@ -107,12 +107,7 @@ fn checkpoint_or_patient(path: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    antibody_fetch::init_logging();
     match Cli::parse().command {
         Command::Inspect { checkpoint } => inspect(&checkpoint_or_patient(checkpoint)?),
         Command::Convert { checkpoint, out } => {
