@@ -1,0 +1,278 @@
+//! Every loss against PyTorch autograd (`tests/reference/losses.py`): values and gradients
+//! with respect to the student logits, with padding and masked positions.
+//!
+//! Tolerances (f32 on both sides, different summation orders): values 1e-5 relative to
+//! `max(1, |value|)`; gradients 1e-6 absolute (the largest gradient entries are ~0.1–1).
+
+use antibody_losses::kl::{KlDirection, immunization, kl_per_position, kl_per_position_chunked};
+use antibody_losses::{
+    dpo, entropy, entropy_loss, gradient_ascent, masked_mean, npo, sequence_logprob, sft,
+    token_logprobs,
+};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{Int, Tensor, TensorData};
+use serde_json::Value;
+
+type B = Autodiff<Flex>;
+
+const VALUE_TOL: f32 = 1e-5;
+const GRAD_TOL: f32 = 1e-6;
+
+fn fixture() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/reference/fixtures/losses.json"
+    );
+    let text = std::fs::read_to_string(path).expect("losses.json (run tests/reference/losses.py)");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+fn shape(f: &Value) -> [usize; 3] {
+    let s: Vec<usize> = f["shape"]
+        .as_array()
+        .expect("shape")
+        .iter()
+        .map(|x| x.as_u64().expect("dim") as usize)
+        .collect();
+    [s[0], s[1], s[2]]
+}
+
+fn logits(f: &Value, name: &str) -> Tensor<B, 3> {
+    Tensor::from_data(
+        TensorData::new(floats(&f["inputs"][name]), shape(f)),
+        &Default::default(),
+    )
+}
+
+fn leaf(f: &Value, name: &str) -> Tensor<B, 3> {
+    logits(f, name).require_grad()
+}
+
+fn targets(f: &Value) -> Tensor<B, 2, Int> {
+    let [b, t, _] = shape(f);
+    let ids: Vec<i64> = f["inputs"]["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|x| x.as_i64().expect("id"))
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [b, t]), &Default::default())
+}
+
+fn mask(f: &Value) -> Tensor<B, 2> {
+    let [b, t, _] = shape(f);
+    Tensor::from_data(
+        TensorData::new(floats(&f["inputs"]["mask"]), [b, t]),
+        &Default::default(),
+    )
+}
+
+fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().to_vec().expect("f32 data")
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_value(name: &str, got: f32, expected: f32) {
+    let tol = VALUE_TOL * expected.abs().max(1.0);
+    assert!(
+        (got - expected).abs() <= tol,
+        "{name}: {got} vs PyTorch {expected}"
+    );
+}
+
+fn check_grad(
+    name: &str,
+    leaf: &Tensor<B, 3>,
+    grads: &<B as burn::tensor::backend::AutodiffBackend>::Gradients,
+    expected: &Value,
+) {
+    let g = leaf.grad(grads).expect("gradient");
+    let diff = max_abs_diff(
+        &g.into_data().to_vec::<f32>().expect("f32"),
+        &floats(expected),
+    );
+    assert!(
+        diff <= GRAD_TOL,
+        "{name}: gradient differs from PyTorch's by {diff}"
+    );
+}
+
+fn check_scalar_loss(name: &str, loss: Tensor<B, 1>, leaf: &Tensor<B, 3>, expected: &Value) {
+    check_value(
+        name,
+        values(loss.clone())[0],
+        expected["value"].as_f64().expect("value") as f32,
+    );
+    let grads = loss.backward();
+    check_grad(name, leaf, &grads, &expected["grad"]);
+}
+
+#[test]
+fn per_token_quantities() {
+    let f = fixture();
+    let student = logits(&f, "student");
+    let diff = max_abs_diff(
+        &values(token_logprobs(student.clone(), targets(&f))),
+        &floats(&f["token_logprobs"]),
+    );
+    assert!(diff <= VALUE_TOL, "token log-probs differ by {diff}");
+    let diff = max_abs_diff(
+        &values(sequence_logprob(student.clone(), targets(&f), mask(&f))),
+        &floats(&f["sequence_logprob"]),
+    );
+    assert!(diff <= 1e-4, "sequence log-probs differ by {diff}");
+    let diff = max_abs_diff(&values(entropy(student)), &floats(&f["entropy"]));
+    assert!(diff <= VALUE_TOL, "entropy differs by {diff}");
+}
+
+#[test]
+fn npo_both_forms() {
+    let f = fixture();
+    let beta = f["beta"].as_f64().expect("beta");
+    for (name, scaled) in [("npo", false), ("npo_scaled", true)] {
+        let s = leaf(&f, "student");
+        let reference = sequence_logprob(logits(&f, "teacher"), targets(&f), mask(&f)).detach();
+        let policy = sequence_logprob(s.clone(), targets(&f), mask(&f));
+        check_scalar_loss(name, npo(policy, reference, beta, scaled), &s, &f[name]);
+    }
+}
+
+#[test]
+fn dpo_matches() {
+    let f = fixture();
+    let beta = f["beta"].as_f64().expect("beta");
+    let (c, r) = (leaf(&f, "chosen"), leaf(&f, "rejected"));
+    let seq = |l: Tensor<B, 3>| sequence_logprob(l, targets(&f), mask(&f));
+    let loss = dpo(
+        seq(c.clone()),
+        seq(logits(&f, "ref_chosen")).detach(),
+        seq(r.clone()),
+        seq(logits(&f, "ref_rejected")).detach(),
+        beta,
+    );
+    check_value(
+        "dpo",
+        values(loss.clone())[0],
+        f["dpo"]["value"].as_f64().expect("value") as f32,
+    );
+    let grads = loss.backward();
+    check_grad("dpo chosen", &c, &grads, &f["dpo"]["grad_chosen"]);
+    check_grad("dpo rejected", &r, &grads, &f["dpo"]["grad_rejected"]);
+}
+
+#[test]
+fn kl_both_directions_both_forms() {
+    let f = fixture();
+    for (name, direction) in [
+        ("kl_forward", KlDirection::Forward),
+        ("kl_reverse", KlDirection::Reverse),
+    ] {
+        for chunk in [None, Some(8), Some(1), Some(64)] {
+            let s = leaf(&f, "student");
+            let per = match chunk {
+                None => kl_per_position(logits(&f, "teacher"), s.clone(), direction),
+                Some(c) => kl_per_position_chunked(logits(&f, "teacher"), s.clone(), direction, c),
+            };
+            let diff = max_abs_diff(&values(per.clone()), &floats(&f[name]["per_position"]));
+            assert!(
+                diff <= 1e-4,
+                "{name} (chunk {chunk:?}) per position differs by {diff}"
+            );
+            check_scalar_loss(
+                &format!("{name} chunk {chunk:?}"),
+                masked_mean(per, mask(&f)),
+                &s,
+                &f[name],
+            );
+        }
+    }
+}
+
+#[test]
+fn immunization_is_capped_and_reports_its_cap_rate() {
+    let f = fixture();
+    let e = &f["immunization"];
+    let cap = e["cap"].as_f64().expect("cap");
+    for chunk in [None, Some(8)] {
+        let s = leaf(&f, "student");
+        let per = match chunk {
+            None => kl_per_position(logits(&f, "teacher"), s.clone(), KlDirection::Forward),
+            Some(c) => {
+                kl_per_position_chunked(logits(&f, "teacher"), s.clone(), KlDirection::Forward, c)
+            }
+        };
+        let imm = immunization(per, mask(&f), cap);
+        let expected_rate = e["cap_rate"].as_f64().expect("rate");
+        assert!(
+            (imm.cap_rate - expected_rate).abs() < 1e-9,
+            "cap rate {} vs {expected_rate}",
+            imm.cap_rate
+        );
+        check_scalar_loss(&format!("immunization chunk {chunk:?}"), imm.loss, &s, e);
+    }
+}
+
+#[test]
+fn sft_entropy_and_gradient_ascent() {
+    let f = fixture();
+    let s = leaf(&f, "student");
+    check_scalar_loss("sft", sft(s.clone(), targets(&f), mask(&f)), &s, &f["sft"]);
+    let s = leaf(&f, "student");
+    check_scalar_loss(
+        "entropy",
+        entropy_loss(s.clone(), mask(&f)),
+        &s,
+        &f["entropy_loss"],
+    );
+    let ga = values(gradient_ascent(
+        logits(&f, "student"),
+        targets(&f),
+        mask(&f),
+    ))[0];
+    check_value(
+        "gradient ascent",
+        ga,
+        -(f["sft"]["value"].as_f64().expect("value") as f32),
+    );
+}
+
+#[test]
+fn extreme_logits_stay_finite() {
+    let device = Default::default();
+    let big = Tensor::<B, 3>::from_data(
+        TensorData::new(vec![1000.0f32, -1000.0, 0.0, 500.0, -500.0, 0.0], [1, 2, 3]),
+        &device,
+    );
+    let small = big.clone().neg();
+    let m = Tensor::<B, 2>::ones([1, 2], &device);
+    for per in [
+        kl_per_position(big.clone(), small.clone(), KlDirection::Forward),
+        kl_per_position_chunked(big.clone(), small.clone(), KlDirection::Reverse, 2),
+    ] {
+        assert!(values(per).iter().all(|x| x.is_finite()));
+    }
+    let t = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2], [1, 2]), &device);
+    assert!(
+        values(sft(big.clone(), t, m.clone()))
+            .iter()
+            .all(|x| x.is_finite())
+    );
+    let s = Tensor::<B, 1>::from_data(TensorData::new(vec![-5000.0f32], [1]), &device);
+    let r = Tensor::<B, 1>::from_data(TensorData::new(vec![0.0f32], [1]), &device);
+    assert!(values(npo(s, r, 1.0, true)).iter().all(|x| x.is_finite()));
+}
