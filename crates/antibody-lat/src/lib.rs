@@ -1,0 +1,256 @@
+//! antibody-lat: latent adversarial perturbations for the harmful phase.
+//!
+//! For a harmful batch, [`attack`] finds per-site perturbations `δ` (`[batch, seq, hidden]`,
+//! added to the residual stream after the configured layers) that make the harmful response
+//! `y_h` *more* likely, inside an L2 ball of radius `ε` per token:
+//!
+//! 1. `δ₀ = 0` (requiring gradient); attack loss = the cross-entropy of `y_h` (response
+//!    tokens only) with `δ` added at every site, in one forward.
+//! 2. `g = ∂loss/∂δ`; step `δ ← δ − α · g/‖g‖` with the norm per token over the hidden
+//!    dimension (a zero gradient gives a zero step), then projection of every token's `δ`
+//!    back into the ε-ball. With one step and `α = ε` this is the method's
+//!    `δ = −ε · g/‖g‖`.
+//! 3. Positions outside the chosen ones (all real tokens, or response tokens only) keep
+//!    `δ = 0`.
+//!
+//! It returns the detached `δ` per site and the attack-loss trajectory; the caller adds the
+//! `δ` (via [`antibody_model::Hooks`]) to the forward that computes `L_adv`.
+
+use antibody_model::{Hooks, Llama, Site, TokenBatch};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Where perturbations apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    /// Every real (non-padding) token, prompt and response alike.
+    All,
+    /// Response tokens only.
+    Response,
+}
+
+/// LAT settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatConfig {
+    /// Decoder layers whose residual-stream output is perturbed (empty = [`default_layers`]).
+    #[serde(default)]
+    pub layers: Vec<usize>,
+    /// Radius of the per-token L2 ball.
+    pub epsilon: f64,
+    /// Projected-gradient steps (1 = the one-step attack).
+    #[serde(default = "one")]
+    pub steps: usize,
+    /// Step size α (default: ε for one step, 2.5·ε/steps otherwise).
+    #[serde(default)]
+    pub step_size: Option<f64>,
+    /// Which positions are perturbed.
+    #[serde(default = "all")]
+    pub positions: Positions,
+    /// Also evaluate the attack loss at the final `δ` (one more forward, no backward).
+    #[serde(default)]
+    pub report_final_loss: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn all() -> Positions {
+    Positions::All
+}
+
+impl LatConfig {
+    /// The step size in use.
+    pub fn alpha(&self) -> f64 {
+        self.step_size.unwrap_or(if self.steps <= 1 {
+            self.epsilon
+        } else {
+            2.5 * self.epsilon / self.steps as f64
+        })
+    }
+
+    /// The perturbed sites for a model with `num_layers` layers.
+    pub fn sites(&self, num_layers: usize) -> Result<Vec<Site>, LatError> {
+        let layers = if self.layers.is_empty() {
+            default_layers(num_layers)
+        } else {
+            self.layers.clone()
+        };
+        if let Some(&bad) = layers.iter().find(|&&l| l >= num_layers) {
+            return Err(LatError::Config(format!(
+                "lat.layers: layer {bad} is out of range (the model has {num_layers} layers, 0..{})",
+                num_layers.saturating_sub(1)
+            )));
+        }
+        Ok(layers.into_iter().map(Site::residual).collect())
+    }
+}
+
+/// A few mid-depth layers: ¼, ½ and ¾ of the depth (`[7, 15, 22]` for 30 layers).
+pub fn default_layers(num_layers: usize) -> Vec<usize> {
+    let mut layers: Vec<usize> = [1, 2, 3]
+        .iter()
+        .map(|q| num_layers * q / 4)
+        .filter(|&l| l < num_layers)
+        .collect();
+    layers.dedup();
+    layers
+}
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum LatError {
+    /// A setting is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// The forward failed.
+    #[error(transparent)]
+    Model(#[from] antibody_model::ModelError),
+}
+
+/// The attack's result.
+#[derive(Debug, Clone)]
+pub struct Attack<B: AutodiffBackend> {
+    /// Detached perturbation per site, `[batch, seq, hidden]`.
+    pub deltas: Vec<(Site, Tensor<B, 3>)>,
+    /// The attack loss (CE of `y_h`) at `δ₀ = 0`, after each step that was evaluated, and at
+    /// the final `δ` when `report_final_loss` is set.
+    pub losses: Vec<f32>,
+}
+
+impl<B: AutodiffBackend> Attack<B> {
+    /// Hooks that add the perturbations.
+    pub fn hooks(&self) -> Hooks<B> {
+        self.deltas.iter().fold(Hooks::none(), |h, (site, d)| {
+            h.with_perturbation(*site, d.clone())
+        })
+    }
+}
+
+/// Per-token L2 normalization over the last dimension; zero where the norm is zero.
+fn unit_per_token<B: AutodiffBackend>(g: Tensor<B, 3>) -> Tensor<B, 3> {
+    let norm = g.clone().square().sum_dim(2).sqrt();
+    let safe = norm.clone().clamp_min(1e-30);
+    let nonzero = norm.greater_elem(0.0).float();
+    g / safe * nonzero
+}
+
+/// Projects every token's vector into the L2 ball of radius `eps`.
+fn project<B: AutodiffBackend>(d: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+    let norm = d.clone().square().sum_dim(2).sqrt();
+    let scale = (norm.clamp_min(1e-30).recip() * eps).clamp_max(1.0);
+    d * scale
+}
+
+/// Runs the attack on one batch.
+///
+/// `targets`/`mask` are the next-token targets of `y_h` (`[b, t]`, mask 1 on response
+/// targets); `positions` is `[b, t]` with 1 on the positions that may be perturbed (build it
+/// from [`Positions`]: the attention mask, or the response-token mask).
+pub fn attack<B: AutodiffBackend>(
+    model: &Llama<B>,
+    batch: &TokenBatch,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+    positions: Tensor<B, 2>,
+    config: &LatConfig,
+) -> Result<Attack<B>, LatError> {
+    if !(config.epsilon >= 0.0 && config.epsilon.is_finite()) {
+        return Err(LatError::Config(format!(
+            "lat.epsilon must be finite and >= 0, got {}",
+            config.epsilon
+        )));
+    }
+    if config.steps == 0 {
+        return Err(LatError::Config("lat.steps must be at least 1".into()));
+    }
+    let sites = config.sites(model.config.num_layers)?;
+    let device = model.device();
+    let [b, t] = [batch.batch, batch.seq];
+    let hidden = model.config.hidden_size;
+    let positions = positions.detach().reshape([b, t, 1]);
+    let alpha = config.alpha();
+    let mut deltas: Vec<Tensor<B, 3>> = sites
+        .iter()
+        .map(|_| Tensor::<B, 3>::zeros([b, t, hidden], &device))
+        .collect();
+    let mut losses = Vec::with_capacity(config.steps + 1);
+    let loss_at = |deltas: &[Tensor<B, 3>]| -> Result<Tensor<B, 1>, LatError> {
+        let hooks = sites.iter().zip(deltas).fold(Hooks::none(), |h, (s, d)| {
+            h.with_perturbation(*s, d.clone())
+        });
+        let (logits, _) = model.forward(batch, &hooks)?;
+        Ok(antibody_losses::sft(logits, targets.clone(), mask.clone()))
+    };
+    for _ in 0..config.steps {
+        let leaves: Vec<Tensor<B, 3>> = deltas
+            .iter()
+            .map(|d| d.clone().detach().require_grad())
+            .collect();
+        let loss = loss_at(&leaves)?;
+        losses.push(scalar(&loss));
+        let grads = loss.backward();
+        deltas = leaves
+            .iter()
+            .map(|leaf| {
+                let g = leaf
+                    .grad(&grads)
+                    .map(|g| Tensor::<B, 3>::from_inner(g))
+                    .unwrap_or_else(|| Tensor::zeros([b, t, hidden], &device));
+                let stepped = leaf.clone().detach() - unit_per_token(g) * alpha;
+                project(stepped, config.epsilon) * positions.clone()
+            })
+            .collect();
+    }
+    if config.report_final_loss {
+        losses.push(scalar(&loss_at(&deltas)?));
+    }
+    Ok(Attack {
+        deltas: sites
+            .into_iter()
+            .zip(deltas.into_iter().map(Tensor::detach))
+            .collect(),
+        losses,
+    })
+}
+
+fn scalar<B: AutodiffBackend>(x: &Tensor<B, 1>) -> f32 {
+    x.clone()
+        .into_data()
+        .to_vec::<f32>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NAN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_layers_are_mid_depth() {
+        assert_eq!(default_layers(30), vec![7, 15, 22]);
+        assert_eq!(default_layers(4), vec![1, 2, 3]);
+        assert_eq!(default_layers(2), vec![0, 1]);
+        assert_eq!(default_layers(1), vec![0]);
+    }
+
+    #[test]
+    fn layers_out_of_range_are_refused() {
+        let c = LatConfig {
+            layers: vec![2, 30],
+            epsilon: 1.0,
+            steps: 1,
+            step_size: None,
+            positions: Positions::All,
+            report_final_loss: false,
+        };
+        let err = c.sites(30).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err.contains("layer 30") && err.contains("30 layers"),
+            "{err}"
+        );
+    }
+}
