@@ -1,0 +1,157 @@
+//! Canary mathematics against PyTorch (`tests/reference/canary.py`), and per-neuron mean
+//! activations of the tiny model against transformers' (`tests/reference/tiny.py`).
+
+use std::collections::BTreeMap;
+
+use antibody_canary::{Activations, canary_means, drift, mean_activations, select, stab_loss};
+use antibody_model::device::{Cpu, CpuAutodiff};
+use antibody_model::{LlamaConfig, Site, TokenBatch, tiny};
+use burn::tensor::{Tensor, TensorData};
+use serde_json::Value;
+
+fn fixture(name: &str) -> Value {
+    let path = format!(
+        "{}/../../tests/reference/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(xs) => xs.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().expect("float") as f32],
+        _ => panic!("not floats: {v}"),
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn drift_quantile_selection_and_stab_loss_match_pytorch() {
+    let f = fixture("canary.json");
+    let sites: Vec<(Site, &Value)> = f["sites"]
+        .as_object()
+        .expect("sites")
+        .iter()
+        .map(|(k, v)| (k.parse::<Site>().expect("site"), v))
+        .collect();
+    let acts = |key: &str| Activations {
+        means: sites.iter().map(|(s, v)| (*s, floats(&v[key]))).collect(),
+        tokens: 1,
+    };
+    let (pre, post) = (acts("pre"), acts("post"));
+    let d = drift(&pre, &post);
+    for (s, v) in &sites {
+        assert!(
+            max_abs_diff(&d[s], &floats(&v["drift"])) < 1e-6,
+            "{s} drift"
+        );
+    }
+    let q = f["q"].as_f64().expect("q");
+    let set = select(&d, q);
+    let threshold = f["threshold"].as_f64().expect("threshold");
+    assert!(
+        (set.threshold - threshold).abs() < 1e-6,
+        "{} vs {threshold}",
+        set.threshold
+    );
+    for (s, v) in &sites {
+        let expected: Vec<usize> = v["canaries"]
+            .as_array()
+            .expect("canaries")
+            .iter()
+            .map(|x| x.as_u64().expect("index") as usize)
+            .collect();
+        assert_eq!(set.neurons[s], expected, "{s}");
+    }
+
+    // L_stab from the activations of a forward, with gradients.
+    let device = Default::default();
+    let mask =
+        Tensor::<CpuAutodiff, 2>::from_data(TensorData::new(floats(&f["mask"]), [2, 5]), &device);
+    let mut leaves = BTreeMap::new();
+    for (s, v) in &sites {
+        let w = d[s].len();
+        let t = Tensor::<CpuAutodiff, 3>::from_data(
+            TensorData::new(floats(&v["current"]), [2, 5, w]),
+            &device,
+        )
+        .require_grad();
+        leaves.insert(*s, t);
+    }
+    let current = canary_means(&leaves, mask, &set).expect("means");
+    let got: Vec<f32> = current.clone().into_data().to_vec().expect("f32");
+    assert!(max_abs_diff(&got, &floats(&f["current_means"])) < 1e-5);
+    let target = set.values(&post);
+    let loss = stab_loss(current, &target);
+    let value: Vec<f32> = loss.clone().into_data().to_vec().expect("f32");
+    let expected = f["stab_loss"].as_f64().expect("loss") as f32;
+    assert!(
+        (value[0] - expected).abs() < 1e-5 * expected.abs().max(1.0),
+        "{} vs {expected}",
+        value[0]
+    );
+    let grads = loss.backward();
+    for (s, v) in &sites {
+        let g: Vec<f32> = leaves[s]
+            .grad(&grads)
+            .expect("grad")
+            .into_data()
+            .to_vec()
+            .expect("f32");
+        assert!(max_abs_diff(&g, &floats(&v["grad"])) < 1e-6, "{s} gradient");
+    }
+}
+
+#[test]
+fn tiny_model_means_match_transformers() {
+    // Row 1 of the tiny batch (unpadded); transformers' layer-1 activations are in the
+    // fixture, so their per-neuron means over the 10 tokens are the reference.
+    let f = fixture("tiny.json");
+    let row = f["batch"]["layer1_sites_row"].as_u64().expect("row") as usize;
+    let ids: Vec<u32> = f["batch"]["input_ids"][row]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect();
+    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &Default::default())
+        .expect("model");
+    // The same row twice, once with left padding: means over real tokens must not change.
+    let mut padded = vec![2u32; 3];
+    padded.extend(&ids);
+    let batches = [
+        TokenBatch::left_padded(std::slice::from_ref(&ids), 2),
+        TokenBatch {
+            ids: padded,
+            mask: [vec![false; 3], vec![true; ids.len()]].concat(),
+            batch: 1,
+            seq: ids.len() + 3,
+        },
+    ];
+    let sites = [Site::attn_out(1), Site::mlp_hidden(1)];
+    let acts = mean_activations(&model, &batches, &sites).expect("means");
+    assert_eq!(acts.tokens, 2 * ids.len());
+    for (site, key, w) in [
+        (sites[0], "attn_out_1", 64),
+        (sites[1], "mlp_hidden_1", 128),
+    ] {
+        let values = floats(&f["batch"]["layer1_sites"][key]);
+        let n = values.len() / w;
+        let expected: Vec<f32> = (0..w)
+            .map(|j| (0..n).map(|t| f64::from(values[t * w + j])).sum::<f64>() as f32 / n as f32)
+            .collect();
+        let diff = max_abs_diff(&acts.means[&site], &expected);
+        assert!(
+            diff < 1e-5,
+            "{site}: means differ from transformers' by {diff}"
+        );
+    }
+}
