@@ -158,6 +158,43 @@ def main():
     v, (g,) = value_and_grad(ent, student)
     out["entropy_loss"] = {"value": v, "grad": g}
 
+    # The same KL terms computed from hidden states and head weights (logits = h @ W.T), with
+    # gradients with respect to the student's hidden states and head.
+    D = 5
+    heads = {
+        "teacher_h": torch.randn(B, T, D),
+        "teacher_w": torch.randn(V, D),
+        "student_h": torch.randn(B, T, D),
+        "student_w": torch.randn(V, D),
+    }
+    head = {"hidden": D, "inputs": {k: flat(v) for k, v in heads.items()}}
+    t_logits = heads["teacher_h"] @ heads["teacher_w"].T
+
+    def head_case(direction, cap=None):
+        sh = heads["student_h"].clone().requires_grad_(True)
+        sw = heads["student_w"].clone().requires_grad_(True)
+        per = kl_pos(t_logits, sh @ sw.T, direction)
+        case = {"per_position": flat(per)}
+        if cap is None:
+            loss = masked_mean(per, mask)
+        else:
+            loss = -masked_mean(per.clamp(max=cap), mask)
+            counted = per.detach()[mask > 0]
+            case["cap"] = cap
+            case["cap_rate"] = float((counted > cap).float().mean().item())
+        loss.backward()
+        case.update({"value": float(loss.item()), "grad_h": flat(sh.grad), "grad_w": flat(sw.grad)})
+        return case
+
+    head["kl_forward"] = head_case("forward")
+    head["kl_reverse"] = head_case("reverse")
+    with torch.no_grad():
+        per = kl_pos(t_logits, heads["student_h"] @ heads["student_w"].T, "forward")[mask > 0]
+    ordered = per.sort().values
+    k = len(ordered) // 2
+    head["immunization"] = head_case("forward", float((ordered[k - 1] + ordered[k]).item() / 2.0))
+    out["head"] = head
+
     out["versions"] = {"torch": torch.__version__}
     with open(args.out, "w") as f:
         json.dump(out, f)

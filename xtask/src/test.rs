@@ -6,7 +6,7 @@
 //! 2. `cargo fmt --all -- --check`;
 //! 3. `cargo clippy --workspace --all-targets --release -- -D warnings`;
 //! 4. `cargo test --workspace --release [ARGS after --]`;
-//! 5. `cargo check -p antibody-model -p antibody-data --features antibody-model/cuda,antibody-data/cuda --release`
+//! 5. `cargo check -p antibody-model -p antibody-data -p antibody-canary --features …/cuda --release`
 //!    (every crate with a `cuda` feature).
 //!
 //! Everything builds with the release profile: one optimized build serves
@@ -92,8 +92,10 @@ fn steps(args: &Args) -> Vec<Step> {
                 "antibody-model",
                 "-p",
                 "antibody-data",
+                "-p",
+                "antibody-canary",
                 "--features",
-                "antibody-model/cuda,antibody-data/cuda",
+                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda",
                 "--release",
             ]),
         });
@@ -280,7 +282,7 @@ mod tests {
                 "fmt --all -- --check",
                 "clippy --workspace --all-targets --release -- -D warnings",
                 "test --workspace --release",
-                "check -p antibody-model -p antibody-data --features antibody-model/cuda,antibody-data/cuda --release",
+                "check -p antibody-model -p antibody-data -p antibody-canary --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda --release",
             ]
         );
     }

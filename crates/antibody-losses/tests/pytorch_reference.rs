@@ -4,7 +4,8 @@
 //! Tolerances (f32 on both sides, different summation orders): values 1e-5 relative to
 //! `max(1, |value|)`; gradients 1e-6 absolute (the largest gradient entries are ~0.1–1).
 
-use antibody_losses::kl::{KlDirection, immunization, kl_per_position, kl_per_position_chunked};
+use antibody_losses::kl::{KlDirection, immunization, kl_per_position};
+use antibody_losses::{HeadKl, head_immunization, head_kl_loss};
 use antibody_losses::{
     dpo, entropy, entropy_loss, gradient_ascent, masked_mean, npo, sequence_logprob, sft,
     token_logprobs,
@@ -176,30 +177,17 @@ fn dpo_matches() {
 }
 
 #[test]
-fn kl_both_directions_both_forms() {
+fn kl_both_directions() {
     let f = fixture();
     for (name, direction) in [
         ("kl_forward", KlDirection::Forward),
         ("kl_reverse", KlDirection::Reverse),
     ] {
-        for chunk in [None, Some(8), Some(1), Some(64)] {
-            let s = leaf(&f, "student");
-            let per = match chunk {
-                None => kl_per_position(logits(&f, "teacher"), s.clone(), direction),
-                Some(c) => kl_per_position_chunked(logits(&f, "teacher"), s.clone(), direction, c),
-            };
-            let diff = max_abs_diff(&values(per.clone()), &floats(&f[name]["per_position"]));
-            assert!(
-                diff <= 1e-4,
-                "{name} (chunk {chunk:?}) per position differs by {diff}"
-            );
-            check_scalar_loss(
-                &format!("{name} chunk {chunk:?}"),
-                masked_mean(per, mask(&f)),
-                &s,
-                &f[name],
-            );
-        }
+        let s = leaf(&f, "student");
+        let per = kl_per_position(logits(&f, "teacher"), s.clone(), direction);
+        let diff = max_abs_diff(&values(per.clone()), &floats(&f[name]["per_position"]));
+        assert!(diff <= 1e-4, "{name} per position differs by {diff}");
+        check_scalar_loss(name, masked_mean(per, mask(&f)), &s, &f[name]);
     }
 }
 
@@ -208,22 +196,92 @@ fn immunization_is_capped_and_reports_its_cap_rate() {
     let f = fixture();
     let e = &f["immunization"];
     let cap = e["cap"].as_f64().expect("cap");
-    for chunk in [None, Some(8)] {
-        let s = leaf(&f, "student");
-        let per = match chunk {
-            None => kl_per_position(logits(&f, "teacher"), s.clone(), KlDirection::Forward),
-            Some(c) => {
-                kl_per_position_chunked(logits(&f, "teacher"), s.clone(), KlDirection::Forward, c)
+    let s = leaf(&f, "student");
+    let per = kl_per_position(logits(&f, "teacher"), s.clone(), KlDirection::Forward);
+    let imm = immunization(per, mask(&f), cap);
+    let expected_rate = e["cap_rate"].as_f64().expect("rate");
+    assert!(
+        (imm.cap_rate - expected_rate).abs() < 1e-9,
+        "cap rate {} vs {expected_rate}",
+        imm.cap_rate
+    );
+    check_scalar_loss("immunization", imm.loss, &s, e);
+}
+
+fn head_tensor<const D: usize>(f: &Value, name: &str, shape: [usize; D]) -> Tensor<B, D> {
+    Tensor::from_data(
+        TensorData::new(floats(&f["head"]["inputs"][name]), shape),
+        &Default::default(),
+    )
+}
+
+#[test]
+fn head_fused_kl_matches_pytorch_for_every_chunk_size() {
+    let f = fixture();
+    let h = &f["head"];
+    let d = h["hidden"].as_u64().expect("hidden") as usize;
+    let [b, t, v] = shape(&f);
+    for chunk in [1, 8, 16, 37, 4096] {
+        for (name, direction) in [
+            ("kl_forward", KlDirection::Forward),
+            ("kl_reverse", KlDirection::Reverse),
+            ("immunization", KlDirection::Forward),
+        ] {
+            let sh = head_tensor(&f, "student_h", [b, t, d]).require_grad();
+            let sw = head_tensor(&f, "student_w", [v, d]).require_grad();
+            let kl = HeadKl::new(
+                head_tensor(&f, "teacher_h", [b, t, d]),
+                head_tensor(&f, "teacher_w", [v, d]),
+                sh.clone(),
+                sw.clone(),
+                direction,
+                chunk,
+            );
+            let e = &h[name];
+            let diff = max_abs_diff(&values(kl.values()), &floats(&e["per_position"]));
+            assert!(
+                diff <= 1e-4,
+                "{name} chunk {chunk}: per position differs by {diff}"
+            );
+            let loss = if name == "immunization" {
+                let (loss, rate) =
+                    head_immunization(&kl, mask(&f), e["cap"].as_f64().expect("cap"));
+                let expected = e["cap_rate"].as_f64().expect("rate");
+                assert!(
+                    (rate - expected).abs() < 1e-9,
+                    "cap rate {rate} vs {expected}"
+                );
+                loss
+            } else {
+                head_kl_loss(&kl, mask(&f))
+            };
+            let label = format!("head {name} chunk {chunk}");
+            check_value(
+                &label,
+                values(loss.clone())[0],
+                e["value"].as_f64().expect("value") as f32,
+            );
+            let grads = loss.backward();
+            let gh: Vec<f32> = sh
+                .grad(&grads)
+                .expect("grad")
+                .into_data()
+                .to_vec()
+                .expect("f32");
+            let gw: Vec<f32> = sw
+                .grad(&grads)
+                .expect("grad")
+                .into_data()
+                .to_vec()
+                .expect("f32");
+            for (g, key) in [(gh, "grad_h"), (gw, "grad_w")] {
+                let diff = max_abs_diff(&g, &floats(&e[key]));
+                assert!(
+                    diff <= 1e-5,
+                    "{label}: {key} differs from PyTorch's by {diff}"
+                );
             }
-        };
-        let imm = immunization(per, mask(&f), cap);
-        let expected_rate = e["cap_rate"].as_f64().expect("rate");
-        assert!(
-            (imm.cap_rate - expected_rate).abs() < 1e-9,
-            "cap rate {} vs {expected_rate}",
-            imm.cap_rate
-        );
-        check_scalar_loss(&format!("immunization chunk {chunk:?}"), imm.loss, &s, e);
+        }
     }
 }
 
@@ -262,7 +320,7 @@ fn extreme_logits_stay_finite() {
     let m = Tensor::<B, 2>::ones([1, 2], &device);
     for per in [
         kl_per_position(big.clone(), small.clone(), KlDirection::Forward),
-        kl_per_position_chunked(big.clone(), small.clone(), KlDirection::Reverse, 2),
+        kl_per_position(big.clone(), small.clone(), KlDirection::Reverse),
     ] {
         assert!(values(per).iter().all(|x| x.is_finite()));
     }

@@ -437,6 +437,16 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// The output projection as `[vocab, hidden]` (`logits = hidden · Wᵀ`): the tied
+    /// embedding, or the untied head's weight transposed. Chunked losses project vocabulary
+    /// slices of it themselves instead of materializing `[B, T, vocab]` logits.
+    pub fn head_weight(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val().transpose(),
+            None => self.model.embed_tokens.weight.val(),
+        }
+    }
+
     fn run_layers(
         &self,
         ids: Tensor<B, 2, Int>,
