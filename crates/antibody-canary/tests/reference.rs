@@ -155,3 +155,44 @@ fn tiny_model_means_match_transformers() {
         );
     }
 }
+
+#[test]
+fn the_report_is_written_as_json_and_parquet() {
+    let site = Site::mlp_hidden(2);
+    let pre = Activations {
+        means: BTreeMap::from([(site, vec![0.0, 1.0, 2.0, 3.0])]),
+        tokens: 10,
+    };
+    let post = Activations {
+        means: BTreeMap::from([(site, vec![0.0, 1.5, 2.0, 9.0])]),
+        tokens: 10,
+    };
+    let d = drift(&pre, &post);
+    let set = select(&d, 0.5);
+    let summary = antibody_canary::report::summarize(Some(3), &pre, &post, &d, &set, 4);
+    assert_eq!(summary.count, 2);
+    assert_eq!(summary.by_site.get("mlp.2"), Some(&2));
+    assert_eq!(summary.histogram.counts.iter().sum::<usize>(), 4);
+    let frame = antibody_canary::report::table(&pre, &post, &d, &set).expect("table");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (json, parquet) =
+        antibody_canary::report::write(dir.path(), "cycle-3", &summary, frame).expect("write");
+    let back: antibody_canary::report::CanaryReport =
+        serde_json::from_str(&std::fs::read_to_string(json).expect("json")).expect("parse");
+    assert_eq!(back, summary);
+    let file = std::fs::File::open(parquet).expect("parquet");
+    use polars::prelude::{ParquetReader, SerReader};
+    let df = ParquetReader::new(file).finish().expect("read parquet");
+    assert_eq!(df.height(), 4);
+    let canary: Vec<Option<bool>> = df
+        .column("canary")
+        .expect("column")
+        .bool()
+        .expect("bool")
+        .iter()
+        .collect();
+    assert_eq!(
+        canary,
+        vec![Some(false), Some(true), Some(false), Some(true)]
+    );
+}

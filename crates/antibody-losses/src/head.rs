@@ -17,9 +17,10 @@
 //! immunization KL (`w = −mask / count` where `KL < cap`, 0 where the cap binds).
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use crate::kl::KlDirection;
+use crate::tokens::to_f32;
 
 /// The default vocabulary chunk of the fused form.
 pub const DEFAULT_VOCAB_CHUNK: usize = 8192;
@@ -164,10 +165,10 @@ impl<B: AutodiffBackend> HeadKl<B> {
     ) -> Self {
         let [b, t, d] = student_hidden.dims();
         let inner = HeadKlValues::new(
-            teacher_hidden.inner(),
-            teacher_head.inner(),
-            student_hidden.clone().inner(),
-            student_head.clone().inner(),
+            to_f32(teacher_hidden.inner()),
+            to_f32(teacher_head.inner()),
+            to_f32(student_hidden.clone().inner()),
+            to_f32(student_head.clone().inner()),
             direction,
             chunk,
         );
@@ -187,8 +188,26 @@ impl<B: AutodiffBackend> HeadKl<B> {
     /// student's hidden states and head weights. `weights` `[b, t]` carry no gradient.
     pub fn loss(&self, weights: Tensor<B, 2>, offset: f32) -> Tensor<B, 1> {
         let (value, grad_h, grad_w) = self.inner.gradients(weights.inner());
-        let surrogate = (self.student_h.clone() * Tensor::from_inner(grad_h)).sum()
-            + (self.student_w.clone() * Tensor::from_inner(grad_w)).sum();
+        // Gradients go back in the student's own dtype.
+        let (dh, dw) = (self.student_h.dtype(), self.student_w.dtype());
+        let grad_h = Tensor::<B, 2>::from_inner(grad_h);
+        let grad_w = Tensor::<B, 2>::from_inner(grad_w);
+        let grad_h = if grad_h.dtype() == dh {
+            grad_h
+        } else {
+            grad_h.cast(float_dtype(dh))
+        };
+        let grad_w = if grad_w.dtype() == dw {
+            grad_w
+        } else {
+            grad_w.cast(float_dtype(dw))
+        };
+        let surrogate = (self.student_h.clone() * grad_h)
+            .sum()
+            .cast(FloatDType::F32)
+            + (self.student_w.clone() * grad_w)
+                .sum()
+                .cast(FloatDType::F32);
         Tensor::<B, 1>::from_inner(value) + offset + surrogate.clone() - surrogate.detach()
     }
 }
@@ -233,6 +252,15 @@ pub fn head_immunization<B: AutodiffBackend>(
         bound as f64 / total as f64
     };
     (kl.loss(weights, offset), rate)
+}
+
+fn float_dtype(d: DType) -> FloatDType {
+    match d {
+        DType::F64 => FloatDType::F64,
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        _ => FloatDType::F32,
+    }
 }
 
 fn host<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {

@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::tokens::masked_mean;
+use crate::tokens::{masked_mean, to_f32};
 
 /// Which KL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,8 +32,8 @@ pub fn kl_per_position<B: Backend>(
     direction: KlDirection,
 ) -> Tensor<B, 2> {
     let [b, t, _] = student.dims();
-    let lt = log_softmax(teacher, 2);
-    let ls = log_softmax(student, 2);
+    let lt = log_softmax(to_f32(teacher), 2);
+    let ls = log_softmax(to_f32(student), 2);
     let kl = match direction {
         KlDirection::Forward => lt.clone().exp() * (lt - ls),
         KlDirection::Reverse => ls.clone().exp() * (ls - lt),

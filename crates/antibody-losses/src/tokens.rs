@@ -9,7 +9,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
 /// Next-token targets of a right-padded batch, on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,13 +77,23 @@ impl NextTokenTargets {
     }
 }
 
+/// `x` in f32 (a no-op when it already is): every loss computes its log-softmax, exponentials
+/// and sums in f32 whatever the model's dtype.
+pub fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(FloatDType::F32)
+    }
+}
+
 /// `log π(target_i | ·)` per position `[b, t]`, from a numerically stable log-softmax.
 pub fn token_logprobs<B: Backend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
     let [b, t, _] = logits.dims();
-    log_softmax(logits, 2)
+    log_softmax(to_f32(logits), 2)
         .gather(2, targets.reshape([b, t, 1]))
         .reshape([b, t])
 }
@@ -127,7 +137,7 @@ pub fn gradient_ascent<B: Backend>(
 /// Entropy of the predicted distribution per position `[b, t]`, in nats.
 pub fn entropy<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
     let [b, t, _] = logits.dims();
-    let logp = log_softmax(logits, 2);
+    let logp = log_softmax(to_f32(logits), 2);
     (logp.clone().exp() * logp).sum_dim(2).neg().reshape([b, t])
 }
 

@@ -334,3 +334,16 @@ fn extreme_logits_stay_finite() {
     let r = Tensor::<B, 1>::from_data(TensorData::new(vec![0.0f32], [1]), &device);
     assert!(values(npo(s, r, 1.0, true)).iter().all(|x| x.is_finite()));
 }
+
+#[test]
+fn losses_compute_in_f32_whatever_the_logits_dtype() {
+    let f = fixture();
+    let wide = logits(&f, "student").cast(burn::tensor::FloatDType::F64);
+    let loss = sft(wide, targets(&f), mask(&f));
+    assert_eq!(loss.dtype(), burn::tensor::DType::F32);
+    check_value(
+        "sft from f64 logits",
+        values(loss)[0],
+        f["sft"]["value"].as_f64().expect("value") as f32,
+    );
+}
