@@ -40,8 +40,31 @@ pub struct HeadKlValues<B: Backend> {
     shape: [usize; 2],
 }
 
-fn slices(v: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+/// `(start, len)` of each chunk of `0..v`.
+pub(crate) fn slices(v: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..v).step_by(chunk).map(move |s| (s, chunk.min(v - s)))
+}
+
+/// Log-sum-exp of `h · Wᵀ` per row `[n, 1]`, over vocabulary chunks with an online maximum.
+pub(crate) fn online_lse<B: Backend>(
+    h: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    chunk: usize,
+) -> Tensor<B, 2> {
+    let n = h.dims()[0];
+    let v = w.dims()[0];
+    let device = h.device();
+    let mut m = Tensor::<B, 2>::full([n, 1], f32::NEG_INFINITY, &device);
+    let mut s = Tensor::<B, 2>::zeros([n, 1], &device);
+    for (start, len) in slices(v, chunk) {
+        let z = h
+            .clone()
+            .matmul(w.clone().narrow(0, start, len).transpose());
+        let m_new = m.clone().max_pair(z.clone().max_dim(1));
+        s = s * (m - m_new.clone()).exp() + (z - m_new.clone()).exp().sum_dim(1);
+        m = m_new;
+    }
+    m + s.log()
 }
 
 impl<B: Backend> HeadKlValues<B> {
@@ -66,21 +89,8 @@ impl<B: Backend> HeadKlValues<B> {
         let teacher_w = teacher_head;
         let v = student_w.dims()[0];
         let device = student_h.device();
-        let lse = |h: &Tensor<B, 2>, w: &Tensor<B, 2>| {
-            let mut m = Tensor::<B, 2>::full([n, 1], f32::NEG_INFINITY, &device);
-            let mut s = Tensor::<B, 2>::zeros([n, 1], &device);
-            for (start, len) in slices(v, chunk) {
-                let z = h
-                    .clone()
-                    .matmul(w.clone().narrow(0, start, len).transpose());
-                let m_new = m.clone().max_pair(z.clone().max_dim(1));
-                s = s * (m - m_new.clone()).exp() + (z - m_new.clone()).exp().sum_dim(1);
-                m = m_new;
-            }
-            m + s.log()
-        };
-        let lse_t = lse(&teacher_h, &teacher_w);
-        let lse_s = lse(&student_h, &student_w);
+        let lse_t = online_lse(&teacher_h, &teacher_w, chunk);
+        let lse_s = online_lse(&student_h, &student_w, chunk);
         let mut kl = Tensor::<B, 2>::zeros([n, 1], &device);
         for (start, len) in slices(v, chunk) {
             let lt = teacher_h

@@ -7,7 +7,8 @@
 //!   and the capped immunization KL with its cap rate.
 //! - [`head`]: the same KL terms fused with the output projection and computed over
 //!   vocabulary chunks (closed-form gradients into the student's hidden states and head), so
-//!   memory never holds `[b, t, vocab]`.
+//!   memory never holds `[b, t, vocab]`; [`headseq`]: `ŝ(y|x)` the same way, with
+//!   [`fused_sequence_loss`] running NPO/DPO/SFT-style losses on it.
 //! - [`combine`]: `L_adv`, `L_align`, `L_total` with every term selectable by name.
 //!
 //! Everything is computed in the logits' float type, f32 for every model antibody loads.
@@ -16,12 +17,14 @@
 
 pub mod combine;
 pub mod head;
+pub mod headseq;
 pub mod kl;
 pub mod pref;
 pub mod tokens;
 
 pub use combine::{AdvConfig, AlignConfig};
 pub use head::{HeadKl, HeadKlValues, head_immunization, head_kl_loss};
+pub use headseq::{HeadLogprob, HeadLogprobValues, fused_sequence_loss};
 pub use kl::{Immunization, KlDirection, immunization, kl_loss, kl_per_position};
 pub use pref::{dpo, dpo_win_rate, npo};
 pub use tokens::{
