@@ -4,9 +4,10 @@
 //! - `model`: forward tokens/s at batch 4 × 256 and generation tokens/s on 64 prompts × 64
 //!   new tokens (stop tokens suppressed so every row does the same work), against
 //!   `bench/model_peer.py`.
-//! - `losses`: the alignment KL at batch 8 × 256 × vocab 49152 from hidden states through
-//!   the head, forward + backward, unchunked and vocabulary-chunked (fused with the head),
-//!   time and peak memory, against `bench/losses_peer.py` (PyTorch eager). CPU only.
+//! - `losses`: the alignment KL and NPO on `ŝ` at batch 8 × 256 × vocab 49152 from hidden
+//!   states through the head, forward + backward, unchunked and vocabulary-chunked (fused
+//!   with the head), time and peak memory, against `bench/losses_peer.py` (PyTorch eager).
+//!   CPU only.
 //!
 //! The peer runs in the Python given by `--python`, `$ANTIBODY_PYTHON`, or a virtual
 //! environment under the cache root made from `bench/requirements.txt` on first use.
@@ -76,47 +77,76 @@ fn losses(args: &Args) -> anyhow::Result<()> {
     }
     let binary = build_release("antibody-losses")?;
     let repeats = args.repeats.max(1).to_string();
-    let mut rows = Vec::new();
-    for variant in ["unchunked", "chunked"] {
-        eprintln!("==> antibody, {variant}");
-        rows.push(run_json(
-            Command::new(&binary).args(["bench", "--variant", variant, "--repeats", &repeats]),
-            "antibody-losses bench",
-        )?);
+    let python = if args.skip_peer {
+        None
+    } else {
+        Some(python(args.python.as_deref())?)
+    };
+    for (term, title) in [
+        ("kl", "alignment KL (forward, masked mean)"),
+        ("logprob", "NPO on the sequence log-probability"),
+    ] {
+        let mut rows = Vec::new();
+        for variant in ["unchunked", "chunked"] {
+            eprintln!("==> antibody, {term}, {variant}");
+            rows.push(run_json(
+                Command::new(&binary).args([
+                    "bench",
+                    "--term",
+                    term,
+                    "--variant",
+                    variant,
+                    "--repeats",
+                    &repeats,
+                ]),
+                "antibody-losses bench",
+            )?);
+        }
+        if let Some(python) = &python {
+            eprintln!("==> PyTorch peer, {term}");
+            rows.push(run_json(
+                Command::new(python).args([
+                    "bench/losses_peer.py",
+                    "--term",
+                    term,
+                    "--repeats",
+                    &repeats,
+                ]),
+                "bench/losses_peer.py",
+            )?);
+        }
+        print_losses_table(title, &rows);
     }
-    if !args.skip_peer {
-        eprintln!("==> PyTorch peer");
-        let python = python(args.python.as_deref())?;
-        rows.push(run_json(
-            Command::new(python).args(["bench/losses_peer.py", "--repeats", &repeats]),
-            "bench/losses_peer.py",
-        )?);
-    }
-    let peer = rows.iter().find(|r| r["variant"] == "pytorch").cloned();
-    let num = |r: &serde_json::Value, k: &str| r.get(k).and_then(serde_json::Value::as_f64);
     println!(
-        "\nbench losses — forward KL from hidden states through the head (8 × 256 × 49152, d 576), forward + backward, CPU fp32"
+        "time ratio = peer seconds / ours (> 1: faster than PyTorch); memory ratio = our peak above inputs / the peer's (< 1: less memory)"
+    );
+    Ok(())
+}
+
+fn print_losses_table(title: &str, rows: &[serde_json::Value]) {
+    let peer = rows.iter().find(|r| r["variant"] == "pytorch");
+    let num = |r: &serde_json::Value, k: &str| r.get(k).and_then(serde_json::Value::as_f64);
+    let gib = |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.2}", x / (1u64 << 30) as f64));
+    let above = |r: &serde_json::Value| {
+        num(r, "peak_rss_bytes")
+            .zip(num(r, "rss_before_bytes"))
+            .map(|(p, b)| p - b)
+    };
+    println!(
+        "\nbench losses — {title} from hidden states through the head (8 × 256 × 49152, d 576), forward + backward, CPU fp32"
     );
     println!(
         "{:<12} {:>9} {:>9} {:>11} {:>13} {:>12} {:>12}",
         "variant", "seconds", "tok/s", "peak GiB", "above inputs", "time ratio", "memory ratio"
     );
-    for r in &rows {
+    for r in rows {
         let secs = num(r, "seconds");
-        let peak = num(r, "peak_rss_bytes");
-        let above = peak.zip(num(r, "rss_before_bytes")).map(|(p, b)| p - b);
-        let gib =
-            |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.2}", x / (1u64 << 30) as f64));
-        let (tr, mr) = match &peer {
+        let (tr, mr) = match peer {
             Some(p) => (
                 secs.zip(num(p, "seconds"))
                     .map_or("-".into(), |(a, b)| format!("{:.2}×", b / a)),
-                above
-                    .zip(
-                        num(p, "peak_rss_bytes")
-                            .zip(num(p, "rss_before_bytes"))
-                            .map(|(x, y)| x - y),
-                    )
+                above(r)
+                    .zip(above(p))
                     .map_or("-".into(), |(a, b)| format!("{:.2}×", a / b)),
             ),
             None => ("-".into(), "-".into()),
@@ -126,16 +156,12 @@ fn losses(args: &Args) -> anyhow::Result<()> {
             r["variant"].as_str().unwrap_or("?"),
             secs.map_or("-".into(), |s| format!("{s:.2}")),
             num(r, "tokens_per_s").map_or("-".into(), |s| format!("{s:.0}")),
-            gib(peak),
-            gib(above),
+            gib(num(r, "peak_rss_bytes")),
+            gib(above(r)),
             tr,
             mr
         );
     }
-    println!(
-        "time ratio = peer seconds / ours (> 1: faster than PyTorch); memory ratio = our peak above inputs / the peer's (< 1: less memory)"
-    );
-    Ok(())
 }
 
 fn model(args: &Args) -> anyhow::Result<()> {

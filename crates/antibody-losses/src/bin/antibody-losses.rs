@@ -1,7 +1,8 @@
-//! `antibody-losses bench --variant chunked|unchunked [--batch B --seq T --vocab V
-//! --hidden D --repeats N --chunk C]`: time and peak memory of the alignment KL (forward
-//! direction, masked mean over positions) from final hidden states through the output
-//! projection, forward and backward to the student's hidden states and head, on the CPU.
+//! `antibody-losses bench --variant chunked|unchunked [--term kl|logprob --batch B --seq T
+//! --vocab V --hidden D --repeats N --chunk C]`: time and peak memory, on the CPU, of the
+//! alignment KL (`kl`: forward direction, masked mean over positions) or of NPO on `ŝ`
+//! (`logprob`), from final hidden states through the output projection, forward and backward
+//! to the student's hidden states and head.
 //! `unchunked` materializes both `[b, t, v]` logits and lets autodiff differentiate the
 //! log-softmax chain; `chunked` is the fused head form ([`antibody_losses::head`]).
 //! Prints one JSON line; run once per variant, in its own process, so the peak is its own.
@@ -10,9 +11,9 @@ use std::time::Instant;
 
 use antibody_losses::head::{DEFAULT_VOCAB_CHUNK, HeadKl, head_kl_loss};
 use antibody_losses::kl::{KlDirection, kl_per_position};
-use antibody_losses::masked_mean;
+use antibody_losses::{HeadLogprob, fused_sequence_loss, masked_mean, npo, sequence_logprob};
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
 type B = Autodiff<Flex>;
 
@@ -62,6 +63,15 @@ fn main() -> Result<(), String> {
         arg(&args, "--vocab", 49152)?,
     );
     let d = arg(&args, "--hidden", 576)?;
+    let term = args
+        .iter()
+        .position(|a| a == "--term")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "kl".into());
+    if term != "kl" && term != "logprob" {
+        return Err(format!("unknown term `{term}`: kl or logprob"));
+    }
     let repeats = arg(&args, "--repeats", 2)?.max(1);
     let device = Default::default();
     let normal = Distribution::Normal(0.0, 1.0);
@@ -70,6 +80,15 @@ fn main() -> Result<(), String> {
     let student_h_data = Tensor::<B, 3>::random([b, t, d], normal, &device);
     let student_w_data = Tensor::<B, 2>::random([v, d], Distribution::Normal(0.0, 0.1), &device);
     let mask = Tensor::<B, 2>::ones([b, t], &device);
+    let targets = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(
+            (0..b * t)
+                .map(|i| ((i * 7919) % v) as i64)
+                .collect::<Vec<_>>(),
+            [b, t],
+        ),
+        &device,
+    );
     let inputs_rss = peak_rss().unwrap_or(0);
     let reset = reset_peak();
     let mut times = Vec::new();
@@ -78,8 +97,29 @@ fn main() -> Result<(), String> {
         let sh = student_h_data.clone().detach().require_grad();
         let sw = student_w_data.clone().detach().require_grad();
         let started = Instant::now();
-        let loss = match chunk {
-            Some(c) => {
+        let reference = Tensor::<B, 1>::zeros([b], &device);
+        let loss = match (term.as_str(), chunk) {
+            ("logprob", Some(c)) => {
+                let side =
+                    HeadLogprob::new(sh.clone(), sw.clone(), targets.clone(), mask.clone(), c);
+                fused_sequence_loss(&[&side], |s| {
+                    npo(s[0].clone(), reference.clone(), 0.1, false)
+                })
+            }
+            ("logprob", None) => {
+                let logits = sh
+                    .clone()
+                    .reshape([b * t, d])
+                    .matmul(sw.clone().transpose())
+                    .reshape([b, t, v]);
+                npo(
+                    sequence_logprob(logits, targets.clone(), mask.clone()),
+                    reference.clone(),
+                    0.1,
+                    false,
+                )
+            }
+            (_, Some(c)) => {
                 let kl = HeadKl::new(
                     teacher_h.clone(),
                     teacher_w.clone(),
@@ -90,7 +130,7 @@ fn main() -> Result<(), String> {
                 );
                 head_kl_loss(&kl, mask.clone())
             }
-            None => {
+            (_, None) => {
                 let logits = |h: Tensor<B, 3>, w: Tensor<B, 2>| {
                     h.reshape([b * t, d])
                         .matmul(w.transpose())
@@ -125,6 +165,7 @@ fn main() -> Result<(), String> {
         "{}",
         serde_json::json!({
             "variant": variant,
+            "term": term,
             "chunk": chunk,
             "shape": [b, t, v],
             "hidden": d,
@@ -134,7 +175,7 @@ fn main() -> Result<(), String> {
             "peak_rss_bytes": peak_rss(),
             "rss_before_bytes": inputs_rss,
             "peak_reset": reset,
-            "kl": value,
+            "value": value,
         })
     );
     Ok(())
