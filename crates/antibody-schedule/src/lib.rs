@@ -1,0 +1,12 @@
+//! antibody-schedule: the training loop's building blocks.
+//!
+//! - [`optim`]: AdamW with PyTorch's defaults written out (burn's differ), a learning rate
+//!   with linear warmup and cosine or linear decay, global-norm gradient clipping (PyTorch's
+//!   `clip_grad_norm_`; burn's own clipping is per tensor), and gradient accumulation whose
+//!   sum over micro-batches equals the full batch's gradient when each micro-batch's loss is
+//!   normalized by the whole batch's token count.
+//!
+//! The schedules (cyclic, sequential, mixed), checkpoints and the `antibody-train` binary
+//! arrive with the training issue.
+
+pub mod optim;

@@ -1,0 +1,208 @@
+//! Optimizer settings, learning-rate schedule, global-norm clipping and accumulation.
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+/// How the learning rate decays after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decay {
+    /// Constant after warmup.
+    Constant,
+    /// Linear to `min_lr_ratio · lr` at the last step.
+    Linear,
+    /// Half-cosine to `min_lr_ratio · lr` at the last step.
+    Cosine,
+}
+
+/// Optimizer settings (AdamW), with PyTorch's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps from 0 to `lr`.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Decay after warmup.
+    #[serde(default = "cosine")]
+    pub decay: Decay,
+    /// Final learning rate as a fraction of `lr`.
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay (PyTorch's AdamW default 0.01; burn's is 1e-4).
+    #[serde(default = "weight_decay")]
+    pub weight_decay: f64,
+    /// Adam's β₁, β₂.
+    #[serde(default = "betas")]
+    pub betas: [f64; 2],
+    /// Adam's ε (PyTorch's default 1e-8; burn's is 1e-5).
+    #[serde(default = "eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this (none when absent).
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub accumulation: usize,
+}
+
+fn cosine() -> Decay {
+    Decay::Cosine
+}
+fn weight_decay() -> f64 {
+    0.01
+}
+fn betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn eps() -> f64 {
+    1e-8
+}
+fn one() -> usize {
+    1
+}
+
+impl OptimConfig {
+    /// A config with PyTorch's AdamW defaults at learning rate `lr`.
+    pub fn new(lr: f64) -> Self {
+        Self {
+            lr,
+            warmup_steps: 0,
+            decay: Decay::Constant,
+            min_lr_ratio: 0.0,
+            weight_decay: weight_decay(),
+            betas: betas(),
+            eps: eps(),
+            max_grad_norm: None,
+            accumulation: 1,
+        }
+    }
+
+    /// burn's AdamW with these settings (clipping is done globally by [`clip_global_norm`]).
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig::new()
+            .with_beta_1(self.betas[0] as f32)
+            .with_beta_2(self.betas[1] as f32)
+            .with_epsilon(self.eps as f32)
+            .with_weight_decay(self.weight_decay as f32)
+    }
+
+    /// The learning rate at optimizer step `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        if self.warmup_steps > 0 && step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = total.saturating_sub(self.warmup_steps).max(1);
+        let done =
+            (step.saturating_sub(self.warmup_steps)) as f64 / span.saturating_sub(1).max(1) as f64;
+        let done = done.clamp(0.0, 1.0);
+        let floor = self.lr * self.min_lr_ratio;
+        match self.decay {
+            Decay::Constant => self.lr,
+            Decay::Linear => floor + (self.lr - floor) * (1.0 - done),
+            Decay::Cosine => {
+                floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * done).cos())
+            }
+        }
+    }
+}
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    sum: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            let s: Vec<f32> = g.square().sum().into_data().to_vec().unwrap_or_default();
+            self.sum += s.first().copied().map_or(0.0, f64::from);
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads
+                .register::<B::InnerBackend, D>(param.id, g * self.factor);
+        }
+    }
+}
+
+/// The global L2 norm of all parameter gradients of `model` in `grads`.
+pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> f64 {
+    let mut v = SquaredNorm { grads, sum: 0.0 };
+    model.visit(&mut v);
+    v.sum.sqrt()
+}
+
+/// Multiplies every gradient by `factor` (e.g. `1/accumulation`).
+pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    factor: f64,
+) {
+    let mut v = Scale { grads, factor };
+    model.visit(&mut v);
+}
+
+/// Scales all gradients so that their global norm is at most `max` (as PyTorch's
+/// `clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    max: f64,
+) -> f64 {
+    let norm = global_norm(model, grads);
+    if norm.is_finite() && norm > max {
+        scale(model, grads, max / (norm + 1e-6));
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine_to_the_floor() {
+        let c = OptimConfig {
+            warmup_steps: 4,
+            decay: Decay::Cosine,
+            min_lr_ratio: 0.1,
+            ..OptimConfig::new(1.0)
+        };
+        assert!((c.lr_at(0, 14) - 0.25).abs() < 1e-12);
+        assert!((c.lr_at(3, 14) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(4, 14) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(13, 14) - 0.1).abs() < 1e-12);
+        let mid = c.lr_at(8, 14);
+        assert!(mid < 1.0 && mid > 0.1);
+        let lin = OptimConfig {
+            decay: Decay::Linear,
+            ..OptimConfig::new(2.0)
+        };
+        assert!((lin.lr_at(0, 3) - 2.0).abs() < 1e-12);
+        assert!((lin.lr_at(1, 3) - 1.0).abs() < 1e-12);
+        assert!((lin.lr_at(2, 3) - 0.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn pytorch_defaults_are_written_out() {
+        let c = OptimConfig::new(1e-5);
+        assert_eq!((c.weight_decay, c.eps, c.betas), (0.01, 1e-8, [0.9, 0.999]));
+    }
+}

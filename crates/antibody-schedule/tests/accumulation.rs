@@ -1,0 +1,146 @@
+//! Gradient accumulation on the tiny model: batch 8 equals 4 micro-batches of 2 (each loss
+//! normalized by the whole batch's token count, gradients summed), and one AdamW step from
+//! either lands on the same loss; global-norm clipping clips to the norm asked for.
+
+use antibody_losses::{NextTokenTargets, sft, token_logprobs};
+use antibody_model::device::CpuAutodiff;
+use antibody_model::{Hooks, Llama, LlamaConfig, TokenBatch, tiny};
+use antibody_schedule::optim::{OptimConfig, clip_global_norm, global_norm};
+use burn::module::{ModuleVisitor, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+
+type B = CpuAutodiff;
+
+/// Eight sequences of different lengths with a response part.
+fn sequences() -> Vec<(Vec<u32>, Vec<bool>)> {
+    (0..8u32)
+        .map(|r| {
+            let len = 6 + (r as usize * 3) % 7;
+            let ids: Vec<u32> = (0..len as u32)
+                .map(|i| 100 + (r * 7919 + i * 104_729) % 40_000)
+                .collect();
+            let prompt = 2 + r as usize % 3;
+            let mask = (0..len).map(|i| i >= prompt).collect();
+            (ids, mask)
+        })
+        .collect()
+}
+
+/// Σ nll over response targets / `count` (the whole batch's count).
+fn loss(model: &Llama<B>, seqs: &[(Vec<u32>, Vec<bool>)], count: f32) -> Tensor<B, 1> {
+    let device = Default::default();
+    let t = NextTokenTargets::new(seqs, 2);
+    let batch = TokenBatch::right_padded(&seqs.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), 2);
+    let (logits, _) = model.forward(&batch, &Hooks::none()).expect("forward");
+    let nll = token_logprobs(logits, t.targets_tensor(&device)).neg() * t.mask_tensor::<B>(&device);
+    nll.sum() / count
+}
+
+fn count(seqs: &[(Vec<u32>, Vec<bool>)]) -> f32 {
+    NextTokenTargets::new(seqs, 2).mask.iter().sum()
+}
+
+struct MaxDiff<'a> {
+    a: &'a GradientsParams,
+    b: &'a GradientsParams,
+    max: f32,
+    params: usize,
+}
+
+impl ModuleVisitor<B> for MaxDiff<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        type I = <B as AutodiffBackend>::InnerBackend;
+        let (Some(x), Some(y)) = (self.a.get::<I, D>(param.id), self.b.get::<I, D>(param.id))
+        else {
+            panic!("a parameter has no gradient");
+        };
+        let d: Vec<f32> = (x - y).abs().max().into_data().to_vec().expect("f32");
+        self.max = self.max.max(d[0]);
+        self.params += 1;
+    }
+}
+
+#[test]
+fn batch_8_equals_2_x_4_accumulated() {
+    let device = Default::default();
+    let model = tiny::random_model::<B>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let seqs = sequences();
+    let n = count(&seqs);
+
+    let full = loss(&model, &seqs, n);
+    let full_value: f32 = full.clone().into_data().to_vec::<f32>().expect("f32")[0];
+    let full_grads = GradientsParams::from_grads(full.backward(), &model);
+
+    let mut acc = GradientsAccumulator::<Llama<B>>::new();
+    let mut summed = 0.0f32;
+    for micro in seqs.chunks(2) {
+        let l = loss(&model, micro, n);
+        summed += l.clone().into_data().to_vec::<f32>().expect("f32")[0];
+        acc.accumulate(&model, GradientsParams::from_grads(l.backward(), &model));
+    }
+    let acc_grads = acc.grads();
+    assert!(
+        (summed - full_value).abs() < 1e-5 * full_value.abs().max(1.0),
+        "{summed} vs {full_value}"
+    );
+
+    let mut v = MaxDiff {
+        a: &full_grads,
+        b: &acc_grads,
+        max: 0.0,
+        params: 0,
+    };
+    burn::module::Module::visit(&model, &mut v);
+    assert!(v.params > 10, "visited {} parameters", v.params);
+    let norm = global_norm(&model, &full_grads);
+    assert!(
+        v.max < 1e-5 * (norm as f32).max(1.0),
+        "accumulated gradients differ by {} (norm {norm})",
+        v.max
+    );
+
+    // One AdamW step from each lands on the same loss.
+    let config = OptimConfig::new(1e-3);
+    let mut opt_a = config.adamw().init::<B, Llama<B>>();
+    let mut opt_b = config.adamw().init::<B, Llama<B>>();
+    let stepped_a = opt_a.step(config.lr, model.clone(), full_grads);
+    let stepped_b = opt_b.step(config.lr, model.clone(), acc_grads);
+    let after =
+        |m: &Llama<B>| -> f32 { loss(m, &seqs, n).into_data().to_vec::<f32>().expect("f32")[0] };
+    let (la, lb) = (after(&stepped_a), after(&stepped_b));
+    assert!(
+        la < full_value,
+        "the step did not lower the loss: {full_value} → {la}"
+    );
+    assert!(
+        (la - lb).abs() < 1e-4 * la.abs().max(1.0),
+        "after one step: {la} vs {lb}"
+    );
+}
+
+#[test]
+fn global_norm_clipping_clips_to_the_norm_asked_for() {
+    let device = Default::default();
+    let model = tiny::random_model::<B>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let seqs = sequences();
+    let t = NextTokenTargets::new(&seqs, 2);
+    let batch = TokenBatch::right_padded(&seqs.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), 2);
+    let (logits, _) = model.forward(&batch, &Hooks::none()).expect("forward");
+    let l = sft(logits, t.targets_tensor(&device), t.mask_tensor(&device));
+    let mut grads = GradientsParams::from_grads(l.backward(), &model);
+    let before = global_norm(&model, &grads);
+    assert!(before > 0.0);
+    let reported = clip_global_norm(&model, &mut grads, before / 2.0);
+    assert!((reported - before).abs() < 1e-9);
+    let after = global_norm(&model, &grads);
+    assert!(
+        (after - before / 2.0).abs() < 1e-3 * before,
+        "{after} vs {}",
+        before / 2.0
+    );
+    // Below the limit nothing changes.
+    let unchanged = clip_global_norm(&model, &mut grads, before * 10.0);
+    assert!((global_norm(&model, &grads) - unchanged).abs() < 1e-9);
+}
