@@ -6,7 +6,11 @@
 //!   sum over micro-batches equals the full batch's gradient when each micro-batch's loss is
 //!   normalized by the whole batch's token count.
 //!
+//! - [`sft`]: seeded supervised fine-tuning on `(ids, response mask)` examples — the loop
+//!   behind teacher breaking, the refusal-SFT baseline and the evaluation's attacks.
+//!
 //! The schedules (cyclic, sequential, mixed), checkpoints and the `antibody-train` binary
 //! arrive with the training issue.
 
 pub mod optim;
+pub mod sft;

@@ -144,3 +144,43 @@ fn global_norm_clipping_clips_to_the_norm_asked_for() {
     let unchanged = clip_global_norm(&model, &mut grads, before * 10.0);
     assert!((global_norm(&model, &grads) - unchanged).abs() < 1e-9);
 }
+
+#[test]
+fn finetuning_lowers_the_loss_and_the_same_seed_gives_the_same_weights() {
+    use antibody_schedule::sft::{FinetuneConfig, finetune};
+    let device = Default::default();
+    let seqs = sequences();
+    let config = FinetuneConfig {
+        optim: OptimConfig {
+            max_grad_norm: Some(1.0),
+            accumulation: 2,
+            ..OptimConfig::new(3e-3)
+        },
+        steps: 6,
+        batch_size: 4,
+        seed: 11,
+    };
+    let n = count(&seqs);
+    let base = tiny::random_model::<B>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let before: f32 = loss(&base, &seqs, n)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32")[0];
+    let mut logs = Vec::new();
+    let a = finetune(base.clone(), &seqs, &config, |l| logs.push(l.clone())).expect("finetune");
+    let after: f32 = loss(&a, &seqs, n).into_data().to_vec::<f32>().expect("f32")[0];
+    assert_eq!(logs.len(), 6);
+    assert!(after < before, "loss {before} → {after}");
+    assert!(logs.iter().all(|l| l.grad_norm.is_finite() && l.tokens > 0));
+    let b = finetune(base, &seqs, &config, |_| {}).expect("finetune");
+    let bits = |m: &Llama<B>| -> Vec<u32> {
+        m.head_weight()
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32")
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&a), bits(&b), "same seed, different weights");
+}

@@ -1,0 +1,193 @@
+//! Supervised fine-tuning on `(ids, response mask)` examples: the loop behind breaking a
+//! teacher, the refusal-SFT baseline and the evaluation's fine-tuning attacks.
+//!
+//! One seed fixes the order (a seeded permutation per pass over the data). Each optimizer step
+//! takes `batch_size` examples in `optim.accumulation` micro-batches; every micro-batch's loss
+//! is its summed response-token NLL divided by the whole step's response-token count, so the
+//! accumulated gradient is the full batch's. A non-finite loss stops the run with an error
+//! naming the step and the term.
+
+use std::time::Instant;
+
+use antibody_losses::{NextTokenTargets, token_logprobs};
+use antibody_model::tiny::splitmix64;
+use antibody_model::{Hooks, Llama, ModelError, TokenBatch};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{OptimConfig, clip_global_norm, global_norm};
+
+/// One training sequence: ids and the response mask (`Record::sequence`).
+pub type Example = (Vec<u32>, Vec<bool>);
+
+/// Fine-tuning settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// Optimizer and schedule.
+    pub optim: OptimConfig,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per optimizer step (split into `optim.accumulation` micro-batches).
+    pub batch_size: usize,
+    /// Seeds the order.
+    pub seed: u64,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    /// 0-based optimizer step.
+    pub step: usize,
+    /// Mean response-token NLL of the step's batch.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Response tokens in the batch.
+    pub tokens: usize,
+    /// Wall time of the step, seconds.
+    pub seconds: f64,
+}
+
+/// What can stop a run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Invalid settings or data.
+    #[error("{0}")]
+    Config(String),
+    /// A loss term became NaN or infinite.
+    #[error("step {step}: loss term `{term}` is not finite ({value})")]
+    NonFinite {
+        /// The optimizer step.
+        step: usize,
+        /// The loss term.
+        term: String,
+        /// Its value.
+        value: f64,
+    },
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// The order of examples: seeded permutations of `0..n`, one per pass, concatenated.
+pub fn order(n: usize, seed: u64, len: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(len);
+    let mut pass = 0u64;
+    while out.len() < len && n > 0 {
+        let mut perm: Vec<usize> = (0..n).collect();
+        let mut state = splitmix64(seed ^ pass.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for i in (1..n).rev() {
+            state = splitmix64(state);
+            let j = (state % (i as u64 + 1)) as usize;
+            perm.swap(i, j);
+        }
+        out.extend(perm);
+        pass += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Fine-tunes `model` on `examples`; `on_step` sees every step's log.
+pub fn finetune<B: AutodiffBackend>(
+    mut model: Llama<B>,
+    examples: &[Example],
+    config: &FinetuneConfig,
+    mut on_step: impl FnMut(&StepLog),
+) -> Result<Llama<B>, TrainError> {
+    if examples.is_empty() {
+        return Err(TrainError::Config("no training examples".into()));
+    }
+    if config.batch_size == 0 || config.optim.accumulation == 0 {
+        return Err(TrainError::Config(
+            "batch_size and accumulation must be at least 1".into(),
+        ));
+    }
+    let device = model.device();
+    let pad = model.config.pad_token_id;
+    let mut optim = config.optim.adamw().init::<B, Llama<B>>();
+    let order = order(
+        examples.len(),
+        config.seed,
+        config.steps * config.batch_size,
+    );
+    for (step, chunk) in order.chunks(config.batch_size).enumerate() {
+        let started = Instant::now();
+        let batch: Vec<Example> = chunk.iter().map(|&i| examples[i].clone()).collect();
+        let count: f32 = NextTokenTargets::new(&batch, pad).mask.iter().sum();
+        if count == 0.0 {
+            return Err(TrainError::Config(format!(
+                "step {step}: the batch has no response tokens"
+            )));
+        }
+        let micro = batch.len().div_ceil(config.optim.accumulation);
+        let mut acc = GradientsAccumulator::<Llama<B>>::new();
+        let mut loss_sum = 0.0f64;
+        for part in batch.chunks(micro.max(1)) {
+            let t = NextTokenTargets::new(part, pad);
+            let ids: Vec<Vec<u32>> = part.iter().map(|e| e.0.clone()).collect();
+            let (logits, _) =
+                model.forward(&TokenBatch::right_padded(&ids, pad), &Hooks::none())?;
+            let nll = token_logprobs(logits, t.targets_tensor(&device)).neg()
+                * t.mask_tensor::<B>(&device);
+            let loss = nll.sum() / count;
+            let value = loss
+                .clone()
+                .into_data()
+                .to_vec::<f32>()
+                .map_or(f32::NAN, |v| v[0]);
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    term: "sft".into(),
+                    value: f64::from(value),
+                });
+            }
+            loss_sum += f64::from(value);
+            acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        }
+        let mut grads = acc.grads();
+        let grad_norm = match config.optim.max_grad_norm {
+            Some(max) => clip_global_norm(&model, &mut grads, max),
+            None => global_norm(&model, &grads),
+        };
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                term: "grad_norm".into(),
+                value: grad_norm,
+            });
+        }
+        let lr = config.optim.lr_at(step, config.steps);
+        model = optim.step(lr, model, grads);
+        on_step(&StepLog {
+            step,
+            loss: loss_sum,
+            grad_norm,
+            lr,
+            tokens: count as usize,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_is_seeded_and_covers_each_pass() {
+        let a = order(5, 1, 12);
+        assert_eq!(a, order(5, 1, 12));
+        assert_ne!(a, order(5, 2, 12));
+        let mut first: Vec<usize> = a[..5].to_vec();
+        first.sort_unstable();
+        assert_eq!(first, vec![0, 1, 2, 3, 4]);
+        assert_eq!(a.len(), 12);
+    }
+}
