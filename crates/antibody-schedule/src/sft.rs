@@ -7,12 +7,16 @@
 //! accumulated gradient is the full batch's. A non-finite loss stops the run with an error
 //! naming the step and the term.
 
+use std::path::Path;
 use std::time::Instant;
 
 use antibody_losses::{NextTokenTargets, token_logprobs};
 use antibody_model::tiny::splitmix64;
 use antibody_model::{Hooks, Llama, ModelError, TokenBatch};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::module::Module;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +75,9 @@ pub enum TrainError {
     /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Writing or reading a checkpoint failed.
+    #[error("checkpoint {0}")]
+    Checkpoint(String),
 }
 
 /// The order of examples: seeded permutations of `0..n`, one per pass, concatenated.
@@ -92,88 +99,242 @@ pub fn order(n: usize, seed: u64, len: usize) -> Vec<usize> {
     out
 }
 
-/// Fine-tunes `model` on `examples`; `on_step` sees every step's log.
+/// The optimizer of a run.
+pub type Adamw<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
+
+/// Where a run stands: what a checkpoint holds besides the weights and optimizer moments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Optimizer steps done (the data cursor: the order is a function of the seed).
+    pub step: usize,
+    /// The seed the order came from.
+    pub seed: u64,
+    /// Examples the order was drawn over.
+    pub examples: usize,
+}
+
+/// A fine-tuning run that can stop after any step and continue from a checkpoint with the
+/// same result, bit for bit, as an uninterrupted run.
+pub struct SftRun<B: AutodiffBackend> {
+    /// The model.
+    pub model: Llama<B>,
+    optim: Adamw<B>,
+    /// Where the run stands.
+    pub state: RunState,
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
+}
+
+impl<B: AutodiffBackend> SftRun<B> {
+    /// A fresh run.
+    pub fn new(model: Llama<B>, examples: usize, config: &FinetuneConfig) -> Self {
+        Self {
+            model,
+            optim: config.optim.adamw().init::<B, Llama<B>>(),
+            state: RunState {
+                step: 0,
+                seed: config.seed,
+                examples,
+            },
+        }
+    }
+
+    /// Writes a checkpoint: weights and parameter ids (`model.mpk`), optimizer moments
+    /// (`optimizer.mpk`) and `state.json`, staged in a sibling directory and swapped in whole.
+    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        let io = |what: &str, e: &dyn std::fmt::Display| {
+            TrainError::Checkpoint(format!("{}: {what}: {e}", dir.display()))
+        };
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| io("create parent", &e))?;
+        let staging = tempfile::Builder::new()
+            .prefix(".checkpoint-")
+            .tempdir_in(parent)
+            .map_err(|e| io("staging directory", &e))?;
+        self.model
+            .clone()
+            .save_file(staging.path().join("model"), &recorder())
+            .map_err(|e| io("weights", &e))?;
+        Recorder::<B>::record(
+            &recorder(),
+            self.optim.to_record(),
+            staging.path().join("optimizer"),
+        )
+        .map_err(|e| io("optimizer", &e))?;
+        let state = serde_json::to_string_pretty(&self.state).map_err(|e| io("state", &e))?;
+        std::fs::write(staging.path().join("state.json"), state).map_err(|e| io("state", &e))?;
+        let staged = staging.keep();
+        let old = parent.join(format!(".checkpoint-old-{}", std::process::id()));
+        let had_old = dir.exists();
+        if had_old {
+            std::fs::rename(dir, &old).map_err(|e| io("move aside", &e))?;
+        }
+        std::fs::rename(&staged, dir).map_err(|e| io("move into place", &e))?;
+        if had_old {
+            std::fs::remove_dir_all(&old).map_err(|e| io("remove the previous checkpoint", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Continues from a checkpoint written by [`SftRun::save`]; `template` supplies the
+    /// architecture (its weights are replaced).
+    pub fn resume(
+        dir: &Path,
+        template: Llama<B>,
+        config: &FinetuneConfig,
+    ) -> Result<Self, TrainError> {
+        let io = |what: &str, e: &dyn std::fmt::Display| {
+            TrainError::Checkpoint(format!("{}: {what}: {e}", dir.display()))
+        };
+        let device = template.device();
+        let text =
+            std::fs::read_to_string(dir.join("state.json")).map_err(|e| io("state.json", &e))?;
+        let state: RunState = serde_json::from_str(&text).map_err(|e| io("state.json", &e))?;
+        if state.seed != config.seed {
+            return Err(io(
+                "state.json",
+                &format!(
+                    "seed {} differs from the configured {}",
+                    state.seed, config.seed
+                ),
+            ));
+        }
+        let model = template
+            .load_file(dir.join("model"), &recorder(), &device)
+            .map_err(|e| io("weights", &e))?;
+        let record = Recorder::<B>::load(&recorder(), dir.join("optimizer"), &device)
+            .map_err(|e| io("optimizer", &e))?;
+        let optim = config
+            .optim
+            .adamw()
+            .init::<B, Llama<B>>()
+            .load_record(record);
+        Ok(Self {
+            model,
+            optim,
+            state,
+        })
+    }
+
+    /// Runs optimizer steps until `config.steps` (or `stop_after` more steps, if given).
+    pub fn run(
+        &mut self,
+        examples: &[Example],
+        config: &FinetuneConfig,
+        stop_after: Option<usize>,
+        mut on_step: impl FnMut(&StepLog, &Self) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        if examples.is_empty() {
+            return Err(TrainError::Config("no training examples".into()));
+        }
+        if config.batch_size == 0 || config.optim.accumulation == 0 {
+            return Err(TrainError::Config(
+                "batch_size and accumulation must be at least 1".into(),
+            ));
+        }
+        if examples.len() != self.state.examples {
+            return Err(TrainError::Config(format!(
+                "the run was started on {} examples, not {}",
+                self.state.examples,
+                examples.len()
+            )));
+        }
+        let device = self.model.device();
+        let pad = self.model.config.pad_token_id;
+        let order = order(
+            examples.len(),
+            config.seed,
+            config.steps * config.batch_size,
+        );
+        let end = stop_after.map_or(config.steps, |n| (self.state.step + n).min(config.steps));
+        while self.state.step < end {
+            let step = self.state.step;
+            let started = Instant::now();
+            let chunk = &order[step * config.batch_size..(step + 1) * config.batch_size];
+            let batch: Vec<Example> = chunk.iter().map(|&i| examples[i].clone()).collect();
+            let count: f32 = NextTokenTargets::new(&batch, pad).mask.iter().sum();
+            if count == 0.0 {
+                return Err(TrainError::Config(format!(
+                    "step {step}: the batch has no response tokens"
+                )));
+            }
+            let micro = batch.len().div_ceil(config.optim.accumulation);
+            let mut acc = GradientsAccumulator::<Llama<B>>::new();
+            let mut loss_sum = 0.0f64;
+            for part in batch.chunks(micro.max(1)) {
+                let t = NextTokenTargets::new(part, pad);
+                let ids: Vec<Vec<u32>> = part.iter().map(|e| e.0.clone()).collect();
+                let (logits, _) = self
+                    .model
+                    .forward(&TokenBatch::right_padded(&ids, pad), &Hooks::none())?;
+                let nll = token_logprobs(logits, t.targets_tensor(&device)).neg()
+                    * t.mask_tensor::<B>(&device);
+                let loss = nll.sum() / count;
+                let value = loss
+                    .clone()
+                    .into_data()
+                    .to_vec::<f32>()
+                    .map_or(f32::NAN, |v| v[0]);
+                if !value.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        step,
+                        term: "sft".into(),
+                        value: f64::from(value),
+                    });
+                }
+                loss_sum += f64::from(value);
+                acc.accumulate(
+                    &self.model,
+                    GradientsParams::from_grads(loss.backward(), &self.model),
+                );
+            }
+            let mut grads = acc.grads();
+            let grad_norm = match config.optim.max_grad_norm {
+                Some(max) => clip_global_norm(&self.model, &mut grads, max),
+                None => global_norm(&self.model, &grads),
+            };
+            if !grad_norm.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    term: "grad_norm".into(),
+                    value: grad_norm,
+                });
+            }
+            let lr = config.optim.lr_at(step, config.steps);
+            self.model = self.optim.step(lr, self.model.clone(), grads);
+            self.state.step += 1;
+            let log = StepLog {
+                step,
+                loss: loss_sum,
+                grad_norm,
+                lr,
+                tokens: count as usize,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            on_step(&log, self)?;
+        }
+        Ok(())
+    }
+}
+
+/// Fine-tunes `model` on `examples` in one go; `on_step` sees every step's log.
 pub fn finetune<B: AutodiffBackend>(
-    mut model: Llama<B>,
+    model: Llama<B>,
     examples: &[Example],
     config: &FinetuneConfig,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<Llama<B>, TrainError> {
-    if examples.is_empty() {
-        return Err(TrainError::Config("no training examples".into()));
-    }
-    if config.batch_size == 0 || config.optim.accumulation == 0 {
-        return Err(TrainError::Config(
-            "batch_size and accumulation must be at least 1".into(),
-        ));
-    }
-    let device = model.device();
-    let pad = model.config.pad_token_id;
-    let mut optim = config.optim.adamw().init::<B, Llama<B>>();
-    let order = order(
-        examples.len(),
-        config.seed,
-        config.steps * config.batch_size,
-    );
-    for (step, chunk) in order.chunks(config.batch_size).enumerate() {
-        let started = Instant::now();
-        let batch: Vec<Example> = chunk.iter().map(|&i| examples[i].clone()).collect();
-        let count: f32 = NextTokenTargets::new(&batch, pad).mask.iter().sum();
-        if count == 0.0 {
-            return Err(TrainError::Config(format!(
-                "step {step}: the batch has no response tokens"
-            )));
-        }
-        let micro = batch.len().div_ceil(config.optim.accumulation);
-        let mut acc = GradientsAccumulator::<Llama<B>>::new();
-        let mut loss_sum = 0.0f64;
-        for part in batch.chunks(micro.max(1)) {
-            let t = NextTokenTargets::new(part, pad);
-            let ids: Vec<Vec<u32>> = part.iter().map(|e| e.0.clone()).collect();
-            let (logits, _) =
-                model.forward(&TokenBatch::right_padded(&ids, pad), &Hooks::none())?;
-            let nll = token_logprobs(logits, t.targets_tensor(&device)).neg()
-                * t.mask_tensor::<B>(&device);
-            let loss = nll.sum() / count;
-            let value = loss
-                .clone()
-                .into_data()
-                .to_vec::<f32>()
-                .map_or(f32::NAN, |v| v[0]);
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step,
-                    term: "sft".into(),
-                    value: f64::from(value),
-                });
-            }
-            loss_sum += f64::from(value);
-            acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-        }
-        let mut grads = acc.grads();
-        let grad_norm = match config.optim.max_grad_norm {
-            Some(max) => clip_global_norm(&model, &mut grads, max),
-            None => global_norm(&model, &grads),
-        };
-        if !grad_norm.is_finite() {
-            return Err(TrainError::NonFinite {
-                step,
-                term: "grad_norm".into(),
-                value: grad_norm,
-            });
-        }
-        let lr = config.optim.lr_at(step, config.steps);
-        model = optim.step(lr, model, grads);
-        on_step(&StepLog {
-            step,
-            loss: loss_sum,
-            grad_norm,
-            lr,
-            tokens: count as usize,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-    }
-    Ok(model)
+    let mut run = SftRun::new(model, examples.len(), config);
+    run.run(examples, config, None, |log, _| {
+        on_step(log);
+        Ok(())
+    })?;
+    Ok(run.model)
 }
 
 #[cfg(test)]

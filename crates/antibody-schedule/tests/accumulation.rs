@@ -184,3 +184,66 @@ fn finetuning_lowers_the_loss_and_the_same_seed_gives_the_same_weights() {
     };
     assert_eq!(bits(&a), bits(&b), "same seed, different weights");
 }
+
+#[test]
+fn a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_one() {
+    use antibody_schedule::sft::{FinetuneConfig, SftRun};
+    let device = Default::default();
+    let seqs = sequences();
+    let config = FinetuneConfig {
+        optim: OptimConfig {
+            max_grad_norm: Some(1.0),
+            warmup_steps: 2,
+            accumulation: 2,
+            ..OptimConfig::new(3e-3)
+        },
+        steps: 5,
+        batch_size: 4,
+        seed: 5,
+    };
+    let template =
+        || tiny::random_model::<B>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let bits = |m: &Llama<B>| -> Vec<u32> {
+        let mut out = Vec::new();
+        for t in [
+            m.head_weight(),
+            m.model.layers[1].mlp.down_proj.weight.val(),
+        ] {
+            out.extend(
+                t.into_data()
+                    .to_vec::<f32>()
+                    .expect("f32")
+                    .iter()
+                    .map(|x| x.to_bits()),
+            );
+        }
+        out
+    };
+
+    let mut straight = SftRun::new(template(), seqs.len(), &config);
+    straight
+        .run(&seqs, &config, None, |_, _| Ok(()))
+        .expect("run");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("checkpoint");
+    let mut first = SftRun::new(template(), seqs.len(), &config);
+    first
+        .run(&seqs, &config, Some(2), |_, run| run.save(&ckpt))
+        .expect("first part");
+    assert_eq!(first.state.step, 2);
+    drop(first);
+    // A different template: the checkpoint must restore the weights, not inherit them.
+    let other = tiny::random_model::<B>(&LlamaConfig::tiny_test(), 9, &device).expect("model");
+    let mut resumed = SftRun::resume(&ckpt, other, &config).expect("resume");
+    assert_eq!(resumed.state.step, 2);
+    resumed
+        .run(&seqs, &config, None, |_, _| Ok(()))
+        .expect("second part");
+    assert_eq!(resumed.state.step, 5);
+    assert_eq!(
+        bits(&straight.model),
+        bits(&resumed.model),
+        "resumed run differs"
+    );
+}
