@@ -6,7 +6,8 @@
 //! 2. `cargo fmt --all -- --check`;
 //! 3. `cargo clippy --workspace --all-targets --release -- -D warnings`;
 //! 4. `cargo test --workspace --release [ARGS after --]`;
-//! 5. `cargo check -p antibody-model -p antibody-data -p antibody-canary --features …/cuda --release`
+//! 5. `cargo check -p antibody-model -p antibody-data -p antibody-canary -p antibody-schedule
+//!    --features …/cuda --release`
 //!    (every crate with a `cuda` feature).
 //!
 //! Everything builds with the release profile: one optimized build serves
@@ -94,8 +95,10 @@ fn steps(args: &Args) -> Vec<Step> {
                 "antibody-data",
                 "-p",
                 "antibody-canary",
+                "-p",
+                "antibody-schedule",
                 "--features",
-                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda",
+                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda",
                 "--release",
             ]),
         });
@@ -282,7 +285,7 @@ mod tests {
                 "fmt --all -- --check",
                 "clippy --workspace --all-targets --release -- -D warnings",
                 "test --workspace --release",
-                "check -p antibody-model -p antibody-data -p antibody-canary --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda --release",
+                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-schedule --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda --release",
             ]
         );
     }

@@ -9,8 +9,9 @@
 //! - [`sft`]: seeded supervised fine-tuning on `(ids, response mask)` examples — the loop
 //!   behind teacher breaking, the refusal-SFT baseline and the evaluation's attacks.
 //!
-//! The schedules (cyclic, sequential, mixed), checkpoints and the `antibody-train` binary
-//! arrive with the training issue.
+//! Binary `antibody-train sft`: a checkpointed, resumable fine-tuning run directory.
+//!
+//! The method's schedules (cyclic, sequential, mixed) arrive with the training issue.
 
 pub mod optim;
 pub mod sft;

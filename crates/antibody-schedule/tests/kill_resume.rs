@@ -1,0 +1,150 @@
+//! Losing nothing: an `antibody-train sft` child process killed with SIGKILL at a varying
+//! step, then resumed with `--resume`, ends with weights bit-identical to an uninterrupted
+//! run's (tiny model, CPU backend).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use antibody_data::{BuildOptions, Config};
+use antibody_model::device::Cpu;
+use antibody_model::{Llama, LlamaConfig, tiny};
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+
+const STEPS: usize = 12;
+
+fn smoke_data(dir: &Path) -> PathBuf {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut config = Config::load(&configs.join("smoke.toml")).expect("smoke config");
+    config.out_dir = dir.join("data");
+    let options = BuildOptions {
+        generations: dir.join("generations"),
+        ..BuildOptions::default()
+    };
+    antibody_data::build::<Cpu>(&config, &options, &Default::default()).expect("smoke data");
+    config.out_dir
+}
+
+fn train(data: &Path, run_dir: &Path, resume: bool) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_antibody-train"));
+    c.args([
+        "sft",
+        "--set",
+        "harmful_train",
+        "--response",
+        "y_h",
+        "--model",
+        "tiny:0",
+    ])
+    .args([
+        "--steps",
+        &STEPS.to_string(),
+        "--batch-size",
+        "4",
+        "--accumulation",
+        "2",
+    ])
+    .args([
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+        "--max-grad-norm",
+        "1.0",
+        "--seed",
+        "3",
+    ])
+    .args(["--checkpoint-every", "1"])
+    .arg("--data")
+    .arg(data)
+    .arg("--run-dir")
+    .arg(run_dir)
+    .env("RUST_LOG", "warn");
+    if resume {
+        c.arg("--resume");
+    }
+    c
+}
+
+fn steps_logged(run_dir: &Path) -> usize {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn weights(run_dir: &Path) -> Vec<u32> {
+    let template = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 42, &Default::default())
+        .expect("model");
+    let model: Llama<Cpu> = template
+        .load_file(
+            run_dir.join("final").join("model"),
+            &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
+            &Default::default(),
+        )
+        .expect("final weights");
+    let mut bits = Vec::new();
+    let mut tensors = vec![model.head_weight()];
+    for layer in &model.model.layers {
+        tensors.push(layer.mlp.down_proj.weight.val());
+        tensors.push(layer.self_attn.q_proj.weight.val());
+    }
+    for t in tensors {
+        bits.extend(
+            t.into_data()
+                .to_vec::<f32>()
+                .expect("f32")
+                .iter()
+                .map(|x| x.to_bits()),
+        );
+    }
+    bits
+}
+
+#[test]
+fn sigkill_then_resume_equals_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+
+    let straight = dir.path().join("straight");
+    let status = train(&data, &straight, false).status().expect("spawn");
+    assert!(status.success(), "uninterrupted run failed");
+    assert_eq!(steps_logged(&straight), STEPS);
+
+    // Kill after a step that varies from run to run (2..=6).
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let kill_after = 2 + (nanos % 5) as usize;
+    let killed = dir.path().join("killed");
+    let mut child = train(&data, &killed, false).spawn().expect("spawn");
+    let started = Instant::now();
+    while steps_logged(&killed) < kill_after {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the child made no progress"
+        );
+        assert!(
+            child.try_wait().expect("poll").is_none(),
+            "the child ended before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert!(
+        !killed.join("final").exists(),
+        "the child finished before the kill"
+    );
+    let at_kill = steps_logged(&killed);
+    assert!(at_kill < STEPS, "killed after {at_kill} of {STEPS} steps");
+
+    let status = train(&data, &killed, true).status().expect("spawn");
+    assert!(status.success(), "resumed run failed");
+    assert_eq!(steps_logged(&killed), STEPS, "metrics after resume");
+    assert_eq!(
+        weights(&straight),
+        weights(&killed),
+        "killed at step {at_kill} and resumed: weights differ"
+    );
+}
