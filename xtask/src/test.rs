@@ -6,8 +6,7 @@
 //! 2. `cargo fmt --all -- --check`;
 //! 3. `cargo clippy --workspace --all-targets --release -- -D warnings`;
 //! 4. `cargo test --workspace --release [ARGS after --]`;
-//! 5. `cargo check -p antibody-model -p antibody-data -p antibody-canary -p antibody-schedule
-//!    --features …/cuda --release`
+//! 5. `cargo check` of every crate with a `cuda` feature, with it (`--release`).
 //!    (every crate with a `cuda` feature).
 //!
 //! Everything builds with the release profile: one optimized build serves
@@ -97,8 +96,10 @@ fn steps(args: &Args) -> Vec<Step> {
                 "antibody-canary",
                 "-p",
                 "antibody-schedule",
+                "-p",
+                "antibody-teacher",
                 "--features",
-                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda",
+                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda,antibody-teacher/cuda",
                 "--release",
             ]),
         });
@@ -285,7 +286,7 @@ mod tests {
                 "fmt --all -- --check",
                 "clippy --workspace --all-targets --release -- -D warnings",
                 "test --workspace --release",
-                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-schedule --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda --release",
+                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-schedule -p antibody-teacher --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda,antibody-teacher/cuda --release",
             ]
         );
     }
