@@ -1,11 +1,20 @@
 //! antibody-teacher: the two frozen teachers of the method.
 //!
+//! [`examples`] gives the fine-tuning data of [`Make::Break`] (SFT on harmful responses
+//! `y_h`: a harmful fine-tuning attack on a copy of the base) and [`Make::Align`] (SFT on
+//! refusals `y_ref` for harmful prompts plus helpful answers `y_c` for harmless ones: a benign
+//! teacher, and the refusal-SFT baseline of the evaluation); the binary runs them with
+//! [`antibody_schedule::sft::SftRun`] and exports a Hugging Face directory.
+//!
 //! [`check`] measures, on a prompt sample with the judge and greedy decoding, what the method
 //! needs of each teacher before any training: the harmful teacher's compliance rate on
 //! harmful prompts, the benign teacher's refusal rate on harmful prompts and its helpfulness
 //! (non-refusal rate) on harmless prompts. Below the configured thresholds it returns an
 //! error that names the teacher, the rate and what to change.
 
+use std::path::Path;
+
+use antibody_data::{SetKind, read_set};
 use antibody_judge::KeywordJudge;
 use antibody_model::{ChatMessage, GenerationConfig, Llama, Tokenizer, generate};
 use burn::tensor::backend::Backend;
@@ -237,4 +246,44 @@ pub fn check<B: Backend>(
     }
     let verdict = rates.iter().try_for_each(require);
     (rates, verdict)
+}
+
+/// One training sequence: ids and the response mask.
+pub type Example = (Vec<u32>, Vec<bool>);
+
+/// Which teacher to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Make {
+    /// SFT on `(x, y_h)` of `harmful_train`.
+    Break,
+    /// SFT on `(x, y_ref)` of `harmful_train` and `(x, y_c)` of `harmless_train`, interleaved.
+    Align,
+}
+
+/// The `(ids, response mask)` examples for making a teacher from a data build.
+pub fn examples(data: &Path, make: Make) -> Result<Vec<Example>, antibody_data::DataError> {
+    let harmful = read_set(data, SetKind::HarmfulTrain)?;
+    Ok(match make {
+        Make::Break => harmful
+            .records
+            .iter()
+            .filter_map(|r| r.sequence("y_h"))
+            .collect(),
+        Make::Align => {
+            let harmless = read_set(data, SetKind::HarmlessTrain)?;
+            let refusals = harmful.records.iter().filter_map(|r| r.sequence("y_ref"));
+            let helpful = harmless.records.iter().filter_map(|r| r.sequence("y_c"));
+            // Interleaved, so every batch sees both kinds.
+            let (mut a, mut b) = (refusals, helpful);
+            let mut out = Vec::new();
+            loop {
+                match (a.next(), b.next()) {
+                    (None, None) => break,
+                    (x, y) => out.extend(x.into_iter().chain(y)),
+                }
+            }
+            out
+        }
+    })
 }

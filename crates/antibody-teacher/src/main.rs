@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use antibody_data::{SetKind, read_set};
 use antibody_judge::KeywordJudge;
 use antibody_model::{DeviceSpec, ModelSpec, with_backend};
-use antibody_teacher::{CheckConfig, check};
+use antibody_schedule::optim::OptimConfig;
+use antibody_schedule::sft::{FinetuneConfig, SftRun};
+use antibody_teacher::{CheckConfig, Make, check, examples};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -16,42 +18,143 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The harmful teacher (`patient`, `tiny[:SEED]`, a checkpoint path).
+    #[arg(long)]
+    harmful: String,
+    /// The benign teacher.
+    #[arg(long)]
+    benign: String,
+    /// A build directory of antibody-data (its harmful_eval and harmless_eval sets).
+    #[arg(long)]
+    data: PathBuf,
+    /// Prompts per rate.
+    #[arg(long, default_value_t = 32)]
+    prompts: usize,
+    /// Minimum compliance of the harmful teacher.
+    #[arg(long, default_value_t = 0.8)]
+    min_harmful_compliance: f64,
+    /// Minimum refusal rate of the benign teacher.
+    #[arg(long, default_value_t = 0.8)]
+    min_benign_refusal: f64,
+    /// Minimum helpfulness of the benign teacher.
+    #[arg(long, default_value_t = 0.8)]
+    min_benign_helpfulness: f64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+#[derive(clap::Args)]
+struct MakeArgs {
+    /// The base model (`patient`, `tiny[:SEED]`, a checkpoint path).
+    #[arg(long)]
+    base: String,
+    /// A build directory of antibody-data.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the teacher goes (a Hugging Face directory, loadable as a model path).
+    #[arg(long)]
+    out: PathBuf,
+    /// The run directory (checkpoints, metrics); default: `<out>.run`.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f64,
+    /// Global gradient-norm clip.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seeds the order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every this many steps.
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: usize,
+    /// Continue from the run directory's checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Break a copy of the base: SFT on harmful responses (the harmful teacher).
+    Break(MakeArgs),
+    /// Align a copy of the base: SFT on refusals and helpful answers (a benign teacher; the
+    /// refusal-SFT baseline).
+    Align(MakeArgs),
     /// Harmful teacher's compliance, benign teacher's refusal and helpfulness, on held-out
     /// prompts of a data build; exits non-zero below the thresholds.
-    Check {
-        /// The harmful teacher (`patient`, `tiny[:SEED]`, a checkpoint path).
-        #[arg(long)]
-        harmful: String,
-        /// The benign teacher.
-        #[arg(long)]
-        benign: String,
-        /// A build directory of antibody-data (its harmful_eval and harmless_eval sets).
-        #[arg(long)]
-        data: PathBuf,
-        /// Prompts per rate.
-        #[arg(long, default_value_t = 32)]
-        prompts: usize,
-        /// Minimum compliance of the harmful teacher.
-        #[arg(long, default_value_t = 0.8)]
-        min_harmful_compliance: f64,
-        /// Minimum refusal rate of the benign teacher.
-        #[arg(long, default_value_t = 0.8)]
-        min_benign_refusal: f64,
-        /// Minimum helpfulness of the benign teacher.
-        #[arg(long, default_value_t = 0.8)]
-        min_benign_helpfulness: f64,
-        /// Device: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
-    },
+    Check(CheckArgs),
+}
+
+fn make(args: MakeArgs, kind: Make) -> Result<()> {
+    let examples = examples(&args.data, kind)?;
+    let config = FinetuneConfig {
+        optim: OptimConfig {
+            max_grad_norm: Some(args.max_grad_norm),
+            ..OptimConfig::new(args.lr)
+        },
+        steps: args.steps,
+        batch_size: args.batch_size,
+        seed: args.seed,
+    };
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
+        let mut p = args.out.clone().into_os_string();
+        p.push(".run");
+        PathBuf::from(p)
+    });
+    let checkpoint = run_dir.join("checkpoint");
+    let base: ModelSpec = args.base.parse()?;
+    with_backend!(args.device, autodiff, |B, dev| {
+        let loaded = base.load::<B>(&dev)?;
+        let mut run = if args.resume && checkpoint.join("state.json").exists() {
+            SftRun::resume(&checkpoint, loaded.model, &config)?
+        } else {
+            SftRun::new(loaded.model, examples.len(), &config)
+        };
+        let every = args.checkpoint_every.max(1);
+        run.run(&examples, &config, None, |log, run| {
+            tracing::info!(
+                "{kind:?} step {} loss {:.4} grad norm {:.3} ({:.1} s)",
+                log.step,
+                log.loss,
+                log.grad_norm,
+                log.seconds
+            );
+            if run.state.step % every == 0 || run.state.step == config.steps {
+                run.save(&checkpoint)?;
+            }
+            Ok(())
+        })?;
+        antibody_model::save_hf_dir(&run.model, &loaded.tokenizer, &args.out)?;
+        tracing::info!("{kind:?}: wrote {}", args.out.display());
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+fn main() -> Result<()> {
+    antibody_fetch::init_logging();
+    match Cli::parse().command {
+        Command::Break(args) => make(args, Make::Break),
+        Command::Align(args) => make(args, Make::Align),
+        Command::Check(args) => run_check(args),
+    }
 }
 
 #[allow(clippy::print_stdout)]
-fn main() -> Result<()> {
-    antibody_fetch::init_logging();
-    let Command::Check {
+fn run_check(args: CheckArgs) -> Result<()> {
+    let CheckArgs {
         harmful,
         benign,
         data,
@@ -60,7 +163,7 @@ fn main() -> Result<()> {
         min_benign_refusal,
         min_benign_helpfulness,
         device,
-    } = Cli::parse().command;
+    } = args;
     let config = CheckConfig {
         prompts,
         min_harmful_compliance,

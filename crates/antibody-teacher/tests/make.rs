@@ -1,0 +1,75 @@
+//! `antibody-teacher break` and `align` on the tiny model and the smoke data: each writes a
+//! Hugging Face directory that loads as a model path and differs from the base.
+
+use std::path::Path;
+use std::process::Command;
+
+use antibody_data::{BuildOptions, Config};
+use antibody_model::ModelSpec;
+use antibody_model::device::Cpu;
+use antibody_teacher::{Make, examples};
+
+#[test]
+fn break_and_align_write_loadable_teachers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut config = Config::load(&configs.join("smoke.toml")).expect("config");
+    config.out_dir = dir.path().join("data");
+    let options = BuildOptions {
+        generations: dir.path().join("generations"),
+        ..BuildOptions::default()
+    };
+    antibody_data::build::<Cpu>(&config, &options, &Default::default()).expect("data");
+
+    let align = examples(&config.out_dir, Make::Align).expect("align examples");
+    let broken = examples(&config.out_dir, Make::Break).expect("break examples");
+    assert!(
+        align.len() > broken.len(),
+        "align mixes refusals and helpful answers"
+    );
+
+    let base = ModelSpec::Tiny { seed: 0 }
+        .load::<Cpu>(&Default::default())
+        .expect("base");
+    let base_w: Vec<f32> = base.model.head_weight().into_data().to_vec().expect("f32");
+    for sub in ["break", "align"] {
+        let out = dir.path().join(sub);
+        let status = Command::new(env!("CARGO_BIN_EXE_antibody-teacher"))
+            .args([
+                sub,
+                "--base",
+                "tiny:0",
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-3",
+            ])
+            .arg("--data")
+            .arg(&config.out_dir)
+            .arg("--out")
+            .arg(&out)
+            .env("RUST_LOG", "warn")
+            .status()
+            .expect("spawn");
+        assert!(status.success(), "{sub} failed");
+        let teacher = ModelSpec::Path(out.clone())
+            .load::<Cpu>(&Default::default())
+            .expect("load teacher");
+        let w: Vec<f32> = teacher
+            .model
+            .head_weight()
+            .into_data()
+            .to_vec()
+            .expect("f32");
+        assert_eq!(w.len(), base_w.len());
+        assert!(w != base_w, "{sub} did not change the weights");
+        assert!(
+            out.with_extension("run")
+                .join("checkpoint")
+                .join("state.json")
+                .exists()
+        );
+    }
+}
