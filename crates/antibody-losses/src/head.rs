@@ -198,27 +198,8 @@ impl<B: AutodiffBackend> HeadKl<B> {
     /// student's hidden states and head weights. `weights` `[b, t]` carry no gradient.
     pub fn loss(&self, weights: Tensor<B, 2>, offset: f32) -> Tensor<B, 1> {
         let (value, grad_h, grad_w) = self.inner.gradients(weights.inner());
-        // Gradients go back in the student's own dtype.
-        let (dh, dw) = (self.student_h.dtype(), self.student_w.dtype());
-        let grad_h = Tensor::<B, 2>::from_inner(grad_h);
-        let grad_w = Tensor::<B, 2>::from_inner(grad_w);
-        let grad_h = if grad_h.dtype() == dh {
-            grad_h
-        } else {
-            grad_h.cast(float_dtype(dh))
-        };
-        let grad_w = if grad_w.dtype() == dw {
-            grad_w
-        } else {
-            grad_w.cast(float_dtype(dw))
-        };
-        let surrogate = (self.student_h.clone() * grad_h)
-            .sum()
-            .cast(FloatDType::F32)
-            + (self.student_w.clone() * grad_w)
-                .sum()
-                .cast(FloatDType::F32);
-        Tensor::<B, 1>::from_inner(value) + offset + surrogate.clone() - surrogate.detach()
+        let surrogate = attach(&self.student_h, &self.student_w, grad_h, grad_w);
+        Tensor::<B, 1>::from_inner(value) + offset + surrogate
     }
 }
 
@@ -262,6 +243,28 @@ pub fn head_immunization<B: AutodiffBackend>(
         bound as f64 / total as f64
     };
     (kl.loss(weights, offset), rate)
+}
+
+/// A zero-valued f32 scalar whose gradient with respect to `h` and `w` is `grad_h` and
+/// `grad_w` (computed on the inner backend, cast back to the student's dtypes): the surrogate
+/// `Σ h ⊙ ∂h + Σ W ⊙ ∂W` with its value removed.
+pub(crate) fn attach<B: AutodiffBackend>(
+    h: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    grad_h: Tensor<B::InnerBackend, 2>,
+    grad_w: Tensor<B::InnerBackend, 2>,
+) -> Tensor<B, 1> {
+    let in_dtype = |g: Tensor<B::InnerBackend, 2>, d: DType| {
+        let g = Tensor::<B, 2>::from_inner(g);
+        if g.dtype() == d {
+            g
+        } else {
+            g.cast(float_dtype(d))
+        }
+    };
+    let s = to_f32((h.clone() * in_dtype(grad_h, h.dtype())).sum())
+        + to_f32((w.clone() * in_dtype(grad_w, w.dtype())).sum());
+    s.clone() - s.detach()
 }
 
 fn float_dtype(d: DType) -> FloatDType {

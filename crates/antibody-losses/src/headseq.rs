@@ -11,7 +11,7 @@
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
-use crate::head::{online_lse, slices};
+use crate::head::{attach, online_lse, slices};
 use crate::tokens::to_f32;
 
 /// Fused `ŝ` on one backend (no autodiff involved).
@@ -132,11 +132,7 @@ impl<B: AutodiffBackend> HeadLogprob<B> {
     /// A zero-valued scalar whose gradient is `Σ_b u_b ∂ŝ_b` (into hidden states and head).
     pub fn attach(&self, row_weights: Tensor<B, 1>) -> Tensor<B, 1> {
         let (gh, gw) = self.inner.gradients(row_weights.inner());
-        let gh = Tensor::<B, 2>::from_inner(gh).cast(self.h.dtype());
-        let gw = Tensor::<B, 2>::from_inner(gw).cast(self.w.dtype());
-        let s = (self.h.clone() * gh).sum() + (self.w.clone() * gw).sum();
-        let s = to_f32(s);
-        s.clone() - s.detach()
+        attach(&self.h, &self.w, gh, gw)
     }
 }
 
