@@ -154,17 +154,13 @@ fn persist(
     name: &str,
     write: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<()>,
 ) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".canary-")
-        .tempfile_in(dir)?;
-    {
-        let mut w = BufWriter::new(tmp.as_file().try_clone()?);
+    let path = dir.join(name);
+    antibody_fetch::atomic::write_with::<anyhow::Error>(&path, |tmp| {
+        let mut w = BufWriter::new(File::create(tmp)?);
         write(&mut w)?;
         std::io::Write::flush(&mut w)?;
-    }
-    let path = dir.join(name);
-    tmp.persist(&path)?;
+        Ok(())
+    })?;
     Ok(path)
 }
 

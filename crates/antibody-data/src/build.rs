@@ -379,19 +379,8 @@ pub fn build<B: Backend>(
 
     // Stage, write, swap.
     let out_dir = &config.out_dir;
-    let parent = out_dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| DataError::io("create directory", parent, e))?;
-    let stem = out_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "data".into());
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{stem}.staging-"))
-        .tempdir_in(parent)
-        .map_err(|e| DataError::io("create a staging directory in", parent, e))?;
+    let staging = antibody_fetch::atomic::staging_dir(out_dir)
+        .map_err(|e| DataError::io("create a staging directory beside", out_dir, e))?;
     let mut set_records = BTreeMap::new();
     for (kind, records) in sets {
         let data = Dataset { kind, records };
@@ -427,7 +416,8 @@ pub fn build<B: Backend>(
         wall_time_s: started.elapsed().as_secs_f64(),
     };
     manifest.write(&staging.path().join(Manifest::FILE))?;
-    swap_into_place(staging.keep(), out_dir, parent, &stem)?;
+    antibody_fetch::atomic::replace_dir(staging, out_dir)
+        .map_err(|e| DataError::io("move the build into place at", out_dir, e))?;
     tracing::info!(
         "{}: built {} sets in {:.1} s",
         out_dir.display(),
@@ -435,26 +425,6 @@ pub fn build<B: Backend>(
         manifest.wall_time_s
     );
     Ok(Outcome::Built(manifest))
-}
-
-/// Replaces `out_dir` with `staged`; the previous build is removed only after the new one
-/// is in place.
-fn swap_into_place(staged: PathBuf, out_dir: &Path, parent: &Path, stem: &str) -> Result<()> {
-    let old = parent.join(format!(".{stem}.old-{}", std::process::id()));
-    let had_old = out_dir.exists();
-    if had_old {
-        std::fs::rename(out_dir, &old).map_err(|e| DataError::io("move aside", out_dir, e))?;
-    }
-    if let Err(e) = std::fs::rename(&staged, out_dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, out_dir);
-        }
-        return Err(DataError::io("move into place", &staged, e));
-    }
-    if had_old {
-        std::fs::remove_dir_all(&old).map_err(|e| DataError::io("remove", &old, e))?;
-    }
-    Ok(())
 }
 
 /// Proves that no evaluation prompt (normalized) is in a training set.

@@ -81,18 +81,8 @@ fn write_atomically(
     to: &std::path::Path,
     write: impl FnOnce(&std::path::Path) -> antibody_data::Result<()>,
 ) -> Result<()> {
-    let dir = to
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".antibody-data-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    write(tmp.path())?;
-    tmp.persist(to)
-        .with_context(|| format!("moving the result into place at {}", to.display()))?;
-    Ok(())
+    antibody_fetch::atomic::write_with::<anyhow::Error>(to, |tmp| Ok(write(tmp)?))
+        .with_context(|| format!("writing {}", to.display()))
 }
 
 #[allow(clippy::print_stdout)]

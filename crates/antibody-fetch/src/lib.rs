@@ -20,6 +20,7 @@
 //! [`Cache::install_wheel`] installs from a wheel that is already on disk.
 
 mod asset;
+pub mod atomic;
 mod cache;
 mod error;
 mod hash;
@@ -41,3 +42,30 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Like [`init_logging`], and also appends every line (without colours) to `file`: a run
+/// directory's log.
+pub fn init_logging_to(file: &std::path::Path) -> std::io::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, fmt};
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)?;
+    tracing_subscriber::registry()
+        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with(fmt::layer().with_writer(std::io::stderr))
+        .with(
+            fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(log)),
+        )
+        .init();
+    Ok(())
+}
+
+pub mod progress;

@@ -35,6 +35,9 @@ pub enum Positions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LatConfig {
+    /// Perturb at all (`false` trains the harmful phase without LAT: the ablation).
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// Decoder layers whose residual-stream output is perturbed (empty = [`default_layers`]).
     #[serde(default)]
     pub layers: Vec<usize>,
@@ -56,6 +59,9 @@ pub struct LatConfig {
 
 fn one() -> usize {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn all() -> Positions {
     Positions::All
@@ -240,6 +246,7 @@ mod tests {
     #[test]
     fn layers_out_of_range_are_refused() {
         let c = LatConfig {
+            enabled: true,
             layers: vec![2, 30],
             epsilon: 1.0,
             steps: 1,

@@ -75,6 +75,7 @@ fn case(f: &Value) -> Case {
 
 fn config(steps: usize, epsilon: f64, step_size: Option<f64>, positions: Positions) -> LatConfig {
     LatConfig {
+        enabled: true,
         layers: vec![2],
         epsilon,
         steps,

@@ -15,17 +15,10 @@ const V: usize = 29;
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     (0..n as u64)
         .map(|i| {
-            let z = splitmix(seed.wrapping_mul(1_000_003).wrapping_add(i));
+            let z = antibody_model::tiny::splitmix64(seed.wrapping_mul(1_000_003).wrapping_add(i));
             ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn t3(seed: u64) -> Tensor<B, 3> {

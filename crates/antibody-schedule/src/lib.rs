@@ -11,7 +11,14 @@
 //!
 //! Binary `antibody-train sft`: a checkpointed, resumable fine-tuning run directory.
 //!
-//! The method's schedules (cyclic, sequential, mixed) arrive with the training issue.
+//! - [`config`]: the `[train]` section; [`plan`]: the run as a list of events (cyclic,
+//!   sequential, mixed); [`method`]: the method's harmful and harmless steps and canary
+//!   events; [`checkpoint`]: atomic checkpoints; [`run`]: the self-explaining run directory.
 
+pub mod checkpoint;
+pub mod config;
+pub mod method;
 pub mod optim;
+pub mod plan;
+pub mod run;
 pub mod sft;

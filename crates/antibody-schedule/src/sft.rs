@@ -13,10 +13,8 @@ use std::time::Instant;
 use antibody_losses::{NextTokenTargets, token_logprobs};
 use antibody_model::tiny::splitmix64;
 use antibody_model::{Hooks, Llama, ModelError, TokenBatch};
-use burn::module::Module;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -123,10 +121,6 @@ pub struct SftRun<B: AutodiffBackend> {
     pub state: RunState,
 }
 
-fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
-    NamedMpkFileRecorder::new()
-}
-
 impl<B: AutodiffBackend> SftRun<B> {
     /// A fresh run.
     pub fn new(model: Llama<B>, examples: usize, config: &FinetuneConfig) -> Self {
@@ -141,42 +135,20 @@ impl<B: AutodiffBackend> SftRun<B> {
         }
     }
 
-    /// Writes a checkpoint: weights and parameter ids (`model.mpk`), optimizer moments
-    /// (`optimizer.mpk`) and `state.json`, staged in a sibling directory and swapped in whole.
+    /// Writes a checkpoint (see [`crate::checkpoint`]).
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        let io = |what: &str, e: &dyn std::fmt::Display| {
-            TrainError::Checkpoint(format!("{}: {what}: {e}", dir.display()))
-        };
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| io("create parent", &e))?;
-        let staging = tempfile::Builder::new()
-            .prefix(".checkpoint-")
-            .tempdir_in(parent)
-            .map_err(|e| io("staging directory", &e))?;
-        self.model
-            .clone()
-            .save_file(staging.path().join("model"), &recorder())
-            .map_err(|e| io("weights", &e))?;
-        Recorder::<B>::record(
-            &recorder(),
-            self.optim.to_record(),
-            staging.path().join("optimizer"),
-        )
-        .map_err(|e| io("optimizer", &e))?;
-        let state = serde_json::to_string_pretty(&self.state).map_err(|e| io("state", &e))?;
-        std::fs::write(staging.path().join("state.json"), state).map_err(|e| io("state", &e))?;
-        let staged = staging.keep();
-        let old = parent.join(format!(".checkpoint-old-{}", std::process::id()));
-        let had_old = dir.exists();
-        if had_old {
-            std::fs::rename(dir, &old).map_err(|e| io("move aside", &e))?;
-        }
-        std::fs::rename(&staged, dir).map_err(|e| io("move into place", &e))?;
-        if had_old {
-            std::fs::remove_dir_all(&old).map_err(|e| io("remove the previous checkpoint", &e))?;
+        crate::checkpoint::save(dir, &self.model, &self.optim, &self.state)
+    }
+
+    /// Saves a checkpoint when the step count is a multiple of `every` or the run is done.
+    pub fn save_if_due(
+        &self,
+        dir: &Path,
+        every: usize,
+        config: &FinetuneConfig,
+    ) -> Result<(), TrainError> {
+        if self.state.step.is_multiple_of(every.max(1)) || self.state.step == config.steps {
+            self.save(dir)?;
         }
         Ok(())
     }
@@ -188,32 +160,16 @@ impl<B: AutodiffBackend> SftRun<B> {
         template: Llama<B>,
         config: &FinetuneConfig,
     ) -> Result<Self, TrainError> {
-        let io = |what: &str, e: &dyn std::fmt::Display| {
-            TrainError::Checkpoint(format!("{}: {what}: {e}", dir.display()))
-        };
-        let device = template.device();
-        let text =
-            std::fs::read_to_string(dir.join("state.json")).map_err(|e| io("state.json", &e))?;
-        let state: RunState = serde_json::from_str(&text).map_err(|e| io("state.json", &e))?;
+        let (model, optim, state): (_, _, RunState) =
+            crate::checkpoint::load(dir, template, &config.optim)?;
         if state.seed != config.seed {
-            return Err(io(
-                "state.json",
-                &format!(
-                    "seed {} differs from the configured {}",
-                    state.seed, config.seed
-                ),
-            ));
+            return Err(TrainError::Checkpoint(format!(
+                "{}: state.json: seed {} differs from the configured {}",
+                dir.display(),
+                state.seed,
+                config.seed
+            )));
         }
-        let model = template
-            .load_file(dir.join("model"), &recorder(), &device)
-            .map_err(|e| io("weights", &e))?;
-        let record = Recorder::<B>::load(&recorder(), dir.join("optimizer"), &device)
-            .map_err(|e| io("optimizer", &e))?;
-        let optim = config
-            .optim
-            .adamw()
-            .init::<B, Llama<B>>()
-            .load_record(record);
         Ok(Self {
             model,
             optim,

@@ -123,7 +123,6 @@ fn make(args: MakeArgs, kind: Make) -> Result<()> {
         } else {
             SftRun::new(loaded.model, examples.len(), &config)
         };
-        let every = args.checkpoint_every.max(1);
         run.run(&examples, &config, None, |log, run| {
             tracing::info!(
                 "{kind:?} step {} loss {:.4} grad norm {:.3} ({:.1} s)",
@@ -132,10 +131,7 @@ fn make(args: MakeArgs, kind: Make) -> Result<()> {
                 log.grad_norm,
                 log.seconds
             );
-            if run.state.step % every == 0 || run.state.step == config.steps {
-                run.save(&checkpoint)?;
-            }
-            Ok(())
+            run.save_if_due(&checkpoint, args.checkpoint_every, &config)
         })?;
         antibody_model::save_hf_dir(&run.model, &loaded.tokenizer, &args.out)?;
         tracing::info!("{kind:?}: wrote {}", args.out.display());

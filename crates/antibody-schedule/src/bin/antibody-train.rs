@@ -1,10 +1,13 @@
-//! `antibody-train`: training runs. So far `sft`: supervised fine-tuning of a model on one
-//! response of one built set, checkpointed every N steps into a run directory, resumable with
-//! `--resume` (the method's cyclic/sequential/mixed schedules arrive with the training issue).
+//! `antibody-train`: training runs.
 //!
-//! Run directory: `args.json` (the resolved arguments, written first), `metrics.jsonl` (one
-//! line per optimizer step), `checkpoint/` (the last complete checkpoint), `final/` (weights
-//! when the run completes).
+//! - `run`: the method (cyclic, sequential or mixed schedule of LAT-perturbed harmful steps,
+//!   canary identification and stabilized harmless steps) as the `[train]` section of a
+//!   configuration file says; the run directory is described in
+//!   [`antibody_schedule::run`]. `--resume` continues from its last checkpoint.
+//! - `sft`: supervised fine-tuning of a model on one response of one built set. Run
+//!   directory: `args.json` (the resolved arguments, written first), `metrics.jsonl` (one line
+//!   per optimizer step), `checkpoint/` (the last complete checkpoint), `final/` (weights when
+//!   the run completes).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,8 +31,57 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The method, as the `[train]` section of a configuration file says.
+    Run(RunArgs),
     /// Supervised fine-tuning on one response of a built set.
     Sft(SftArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The configuration file (its `[train]` and `[data]` sections).
+    #[arg(long, default_value = "configs/default.toml")]
+    config: PathBuf,
+    /// Override a `[train]` key: `--set lat.epsilon=2.0` (TOML values).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// The data build (default: the configuration's `[data] out_dir`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The run directory (default: the configuration's `train.run_dir`).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue from the run directory's last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let mut train = antibody_schedule::config::Train::load(&args.config, &args.overrides)?;
+    if let Some(dir) = &args.run_dir {
+        train.run_dir.clone_from(dir);
+    }
+    antibody_fetch::init_logging_to(&train.run_dir.join("train.log"))
+        .with_context(|| format!("{}: train.log", train.run_dir.display()))?;
+    let data_dir = match &args.data {
+        Some(d) => d.clone(),
+        None => antibody_data::Config::load(&args.config)?.out_dir,
+    };
+    let name = args.device.to_string();
+    with_backend!(args.device, autodiff, |B, device| {
+        antibody_schedule::run::run::<B>(
+            &train,
+            &data_dir,
+            &device,
+            &name,
+            args.resume,
+            antibody_schedule::run::Limits::default(),
+        )?;
+        Ok::<_, anyhow::Error>(())
+    })
 }
 
 #[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
@@ -84,11 +136,8 @@ struct SftArgs {
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    std::fs::write(tmp.path(), text)?;
-    tmp.persist(path)?;
-    Ok(())
+    antibody_fetch::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, text))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Keeps the metrics lines of steps before `step` (a resumed run redoes the rest).
@@ -159,7 +208,6 @@ fn sft(args: SftArgs) -> Result<()> {
         let mut metrics = std::fs::OpenOptions::new()
             .append(true)
             .open(&metrics_path)?;
-        let every = args.checkpoint_every.max(1);
         run.run(&examples, &config, None, |log, run| {
             let line = serde_json::to_string(log)
                 .map_err(|e| antibody_schedule::sft::TrainError::Checkpoint(e.to_string()))?;
@@ -179,10 +227,7 @@ fn sft(args: SftArgs) -> Result<()> {
                 log.lr,
                 log.seconds
             );
-            if run.state.step % every == 0 || run.state.step == config.steps {
-                run.save(&checkpoint)?;
-            }
-            Ok(())
+            run.save_if_due(&checkpoint, args.checkpoint_every, &config)
         })?;
         let final_dir = args.run_dir.join("final");
         std::fs::create_dir_all(&final_dir)?;
@@ -195,8 +240,11 @@ fn sft(args: SftArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    antibody_fetch::init_logging();
     match Cli::parse().command {
-        Command::Sft(args) => sft(args),
+        Command::Run(args) => run(args),
+        Command::Sft(args) => {
+            antibody_fetch::init_logging();
+            sft(args)
+        }
     }
 }

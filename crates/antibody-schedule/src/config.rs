@@ -1,0 +1,356 @@
+//! The `[train]` section: the method's run, every setting in one serde struct with
+//! `deny_unknown_fields`, its defaults written here, and checks that name the file and the
+//! dotted key at fault before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use antibody_lat::LatConfig;
+use antibody_losses::{AdvConfig, AlignConfig};
+use antibody_model::ModelSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::OptimConfig;
+
+/// How harmful and harmless phases are arranged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// `cycles` × (harmful phase → canaries → harmless phase): the method's default.
+    Cyclic,
+    /// All harmful steps, then canaries, then all harmless steps.
+    Sequential,
+    /// Harmful and harmless steps interleaved evenly at the ratio
+    /// `harmful_steps : harmless_steps`, canaries refreshed every `mixed_refresh_every` steps.
+    Mixed,
+}
+
+/// Canary identification and stabilization.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// Identify canaries and add `λ_stab·L_stab` (`align.lambda_stab`) in harmless steps.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Canaries are the neurons whose drift exceeds this quantile of all drifts.
+    #[serde(default = "q")]
+    pub q: f64,
+    /// Harmful prompts (of `harmful_train`, a seeded sample) for `A_pre`/`A_post`.
+    #[serde(default = "sample")]
+    pub harmful_sample: usize,
+    /// Harmless prompts (of `harmless_train`) for `A_target`.
+    #[serde(default = "sample")]
+    pub harmless_sample: usize,
+    /// Prompts per forward while measuring.
+    #[serde(default = "measure_batch")]
+    pub batch_size: usize,
+    /// Bins of the drift histogram in the per-cycle report.
+    #[serde(default = "bins")]
+    pub histogram_bins: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn q() -> f64 {
+    0.99
+}
+fn sample() -> usize {
+    32
+}
+fn measure_batch() -> usize {
+    8
+}
+fn bins() -> usize {
+    20
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            q: q(),
+            harmful_sample: sample(),
+            harmless_sample: sample(),
+            batch_size: measure_batch(),
+            histogram_bins: bins(),
+        }
+    }
+}
+
+/// The `[train]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The run directory (relative to the configuration file's directory).
+    pub run_dir: PathBuf,
+    /// The model to harden (`patient`, `tiny[:SEED]`, a checkpoint path).
+    pub student: String,
+    /// The harmful teacher π_H.
+    pub harmful_teacher: String,
+    /// The benign teacher π_B.
+    pub benign_teacher: String,
+    /// The schedule.
+    #[serde(default = "cyclic")]
+    pub schedule: ScheduleKind,
+    /// Cycles (cyclic); sequential and mixed run `cycles ×` the per-phase steps in all.
+    #[serde(default = "one")]
+    pub cycles: usize,
+    /// Optimizer steps per harmful phase.
+    pub harmful_steps: usize,
+    /// Optimizer steps per harmless phase.
+    pub harmless_steps: usize,
+    /// Mixed schedule: refresh the canaries every this many optimizer steps.
+    #[serde(default = "refresh")]
+    pub mixed_refresh_every: usize,
+    /// Examples per optimizer step (split into `optim.accumulation` micro-batches).
+    pub batch_size: usize,
+    /// Drives the order of both datasets and the canary samples (LAT is deterministic).
+    #[serde(default)]
+    pub seed: u64,
+    /// Vocabulary slice of the fused head losses (memory against speed).
+    #[serde(default = "chunk")]
+    pub vocab_chunk: usize,
+    /// Checkpoint every this many optimizer steps (and at every phase end).
+    #[serde(default = "every")]
+    pub checkpoint_every: usize,
+    /// Optimizer and learning-rate schedule (over all optimizer steps of the run).
+    pub optim: OptimConfig,
+    /// The harmful phase's loss.
+    #[serde(default)]
+    pub adv: AdvConfig,
+    /// The harmless phase's loss.
+    #[serde(default)]
+    pub align: AlignConfig,
+    /// Latent adversarial training in the harmful phase.
+    pub lat: LatConfig,
+    /// Canaries.
+    #[serde(default)]
+    pub canary: CanaryConfig,
+}
+
+fn cyclic() -> ScheduleKind {
+    ScheduleKind::Cyclic
+}
+fn one() -> usize {
+    1
+}
+fn refresh() -> usize {
+    10
+}
+fn chunk() -> usize {
+    8192
+}
+fn every() -> usize {
+    10
+}
+
+/// A configuration error: the file, the dotted key and what is wrong.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: `{key}`: {reason}", file.display())]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The key at fault (`train.lat.layers`).
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// A loaded `[train]` section with its paths resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Train {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The section (defaults filled in).
+    pub config: TrainConfig,
+    /// The run directory, resolved.
+    pub run_dir: PathBuf,
+    /// The student.
+    pub student: ModelSpec,
+    /// π_H.
+    pub harmful_teacher: ModelSpec,
+    /// π_B.
+    pub benign_teacher: ModelSpec,
+}
+
+impl Train {
+    /// Reads the `[train]` section of `file`, with `overrides` (`key=value`, TOML values,
+    /// keys relative to `[train]` or starting with `train.`) applied first.
+    pub fn load(file: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: file.to_path_buf(),
+            key: key.to_owned(),
+            reason,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| err("(file)", e.to_string()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| err("(file)", format!("not valid TOML: {e}")))?;
+        let mut section = match table.remove("train") {
+            Some(toml::Value::Table(t)) => t,
+            Some(_) => return Err(err("train", "must be a table".into())),
+            None => return Err(err("train", "missing section `[train]`".into())),
+        };
+        for o in overrides {
+            apply_override(&mut section, o).map_err(|reason| ConfigError {
+                file: file.to_path_buf(),
+                key: format!("--set {o}"),
+                reason,
+            })?;
+        }
+        let config: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(section))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                err(
+                    &if path == "." {
+                        "train".into()
+                    } else {
+                        format!("train.{path}")
+                    },
+                    e.into_inner().to_string(),
+                )
+            })?;
+        Self::from_config(file, config)
+    }
+
+    /// Checks a section that came from `file`.
+    pub fn from_config(file: &Path, config: TrainConfig) -> Result<Self, ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError {
+            file: file.to_path_buf(),
+            key: format!("train.{key}"),
+            reason,
+        };
+        let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let model = |key: &str, s: &str| -> Result<ModelSpec, ConfigError> {
+            s.parse::<ModelSpec>()
+                .map(|m| m.resolved_against(&dir))
+                .map_err(|e| bad(key, e.to_string()))
+        };
+        let student = model("student", &config.student)?;
+        let harmful_teacher = model("harmful_teacher", &config.harmful_teacher)?;
+        let benign_teacher = model("benign_teacher", &config.benign_teacher)?;
+        for (key, v) in [
+            ("cycles", config.cycles),
+            ("batch_size", config.batch_size),
+            ("vocab_chunk", config.vocab_chunk),
+            ("checkpoint_every", config.checkpoint_every),
+            ("mixed_refresh_every", config.mixed_refresh_every),
+            ("optim.accumulation", config.optim.accumulation),
+            ("lat.steps", config.lat.steps),
+            ("canary.batch_size", config.canary.batch_size),
+            ("canary.harmful_sample", config.canary.harmful_sample),
+            ("canary.harmless_sample", config.canary.harmless_sample),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        if config.harmful_steps + config.harmless_steps == 0 {
+            return Err(bad(
+                "harmful_steps",
+                "harmful_steps and harmless_steps are both 0: nothing to train".into(),
+            ));
+        }
+        if config.optim.accumulation > config.batch_size {
+            return Err(bad(
+                "optim.accumulation",
+                format!(
+                    "{} micro-batches cannot split a batch of {}",
+                    config.optim.accumulation, config.batch_size
+                ),
+            ));
+        }
+        let unit = |key: &str, v: f64| -> Result<(), ConfigError> {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(key, format!("must be in [0, 1], got {v}")))
+            }
+        };
+        unit("canary.q", config.canary.q)?;
+        unit("adv.gamma", config.adv.gamma)?;
+        unit("align.alpha", config.align.alpha)?;
+        let positive = |key: &str, v: f64| -> Result<(), ConfigError> {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(bad(key, format!("must be positive, got {v}")))
+            }
+        };
+        positive("optim.lr", config.optim.lr)?;
+        positive("adv.beta", config.adv.beta)?;
+        positive("align.beta", config.align.beta)?;
+        positive("adv.kl_cap", config.adv.kl_cap)?;
+        if !(config.lat.epsilon >= 0.0 && config.lat.epsilon.is_finite()) {
+            return Err(bad(
+                "lat.epsilon",
+                format!("must be finite and >= 0, got {}", config.lat.epsilon),
+            ));
+        }
+        if config.adv.rho < 0.0 || config.align.lambda_stab < 0.0 {
+            return Err(bad("adv.rho", "weights must be >= 0".into()));
+        }
+        let run_dir = dir.join(&config.run_dir);
+        Ok(Self {
+            file: file.to_path_buf(),
+            config,
+            run_dir,
+            student,
+            harmful_teacher,
+            benign_teacher,
+        })
+    }
+
+    /// An error about `key` (relative to `[train]`) of this file.
+    pub fn error(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            key: format!("train.{key}"),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Sets `a.b.c = value` in `table` (`value` parsed as TOML, else taken as a string).
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
+    let (key, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE".to_owned())?;
+    let key = key.trim();
+    let key = key.strip_prefix("train.").unwrap_or(key);
+    let value = value.trim();
+    let parsed: toml::Value = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, path) = parts.split_last().ok_or_else(|| "empty key".to_owned())?;
+    let mut node = table;
+    for p in path {
+        node = node
+            .entry((*p).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a table"))?;
+    }
+    node.insert((*last).to_owned(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_set_nested_keys_with_toml_values() {
+        let mut t: toml::Table = "a = 1\n[lat]\nepsilon = 1.0\n".parse().expect("toml");
+        apply_override(&mut t, "lat.epsilon=2.5").expect("set");
+        apply_override(&mut t, "train.student=patient").expect("set");
+        apply_override(&mut t, "lat.layers=[1, 2]").expect("set");
+        assert_eq!(t["lat"]["epsilon"].as_float(), Some(2.5));
+        assert_eq!(t["student"].as_str(), Some("patient"));
+        assert_eq!(t["lat"]["layers"].as_array().map(Vec::len), Some(2));
+        assert!(apply_override(&mut t, "novalue").is_err());
+    }
+}

@@ -1,0 +1,534 @@
+//! A method run directory that explains itself, and the loop that fills it:
+//!
+//! ```text
+//! <run_dir>/config.toml        the resolved [train] section (defaults filled in), written first
+//! <run_dir>/env.json           crate versions, git revision, device, dtype, backend, threads
+//! <run_dir>/train.log          the tracing log (appended by every attempt)
+//! <run_dir>/teachers.json      cached teacher sequence log-probabilities (keyed by identities)
+//! <run_dir>/metrics.jsonl      one line per optimizer step, appended and synced
+//! <run_dir>/metrics.parquet    the same rows, rewritten atomically at every checkpoint
+//! <run_dir>/canaries/cycle-N.{json,parquet}   the per-cycle canary reports
+//! <run_dir>/checkpoint/        the last complete checkpoint (weights, optimizer, state)
+//! <run_dir>/student/           the hardened student as a Hugging Face directory (at the end)
+//! ```
+//!
+//! Checkpoints are written every `checkpoint_every` optimizer steps and at every phase end.
+//! `resume` continues from the last complete checkpoint; the metrics of steps after it are
+//! dropped and recomputed, so a resumed run's files equal an uninterrupted run's.
+
+use std::fs::File;
+use std::io::{BufWriter, Write as _};
+use std::path::{Path, PathBuf};
+
+use antibody_canary::report;
+use antibody_data::{SetKind, read_set};
+use antibody_fetch::progress::Progress;
+use antibody_model::{Llama, ModelSpec, Tokenizer, save_hf_dir};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use polars::prelude::*;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint;
+use crate::config::{ConfigError, Train};
+use crate::method::{Method, MethodData, MethodState, Outcome, StepMetrics, TeacherCache};
+use crate::plan::{Event, steps};
+use crate::sft::TrainError;
+
+/// Everything that can stop a run before or during training.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Configuration names something invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Training failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// A data set could not be read.
+    #[error(transparent)]
+    Data(#[from] antibody_data::DataError),
+    /// A model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] antibody_model::ModelError),
+    /// Writing the run directory failed.
+    #[error("{path}: {reason}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What happened.
+        reason: String,
+    },
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> RunError {
+    RunError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    antibody_fetch::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, bytes))
+        .map_err(|e| io(path, e))
+}
+
+/// The environment a run ran in.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvRecord {
+    /// antibody's version (all workspace crates share it).
+    pub antibody: String,
+    /// burn's version (pinned).
+    pub burn: String,
+    /// `git rev-parse HEAD` of the working tree, with `-dirty` when it has changes.
+    pub git_revision: String,
+    /// `cpu`, `cuda:N`.
+    pub device: String,
+    /// Parameter dtype.
+    pub dtype: String,
+    /// The backend type.
+    pub backend: String,
+    /// Threads available.
+    pub threads: usize,
+    /// OS and architecture.
+    pub os: String,
+    /// The command line.
+    pub command: Vec<String>,
+    /// Unix time at start.
+    pub started_unix: u64,
+}
+
+fn git_revision(dir: &Path) -> String {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match run(&["rev-parse", "HEAD"]) {
+        Some(rev) => {
+            let dirty = run(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty { format!("{rev}-dirty") } else { rev }
+        }
+        None => "unknown (not a git checkout)".into(),
+    }
+}
+
+impl EnvRecord {
+    /// The record for a run on `device` with backend `B`.
+    pub fn new<B: AutodiffBackend>(device: &str, config_dir: &Path) -> Self {
+        Self {
+            antibody: env!("CARGO_PKG_VERSION").into(),
+            burn: "0.21.0".into(),
+            git_revision: git_revision(config_dir),
+            device: device.into(),
+            dtype: "f32".into(),
+            backend: std::any::type_name::<B>().into(),
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+            os: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+            command: std::env::args().collect(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+/// The metrics as a table, one row per optimizer step (nullable columns for terms a step
+/// did not compute).
+pub fn metrics_frame(rows: &[StepMetrics]) -> PolarsResult<DataFrame> {
+    let f = |name: &str, get: &dyn Fn(&StepMetrics) -> Option<f64>| {
+        Column::new(
+            name.into(),
+            rows.iter().map(get).collect::<Vec<Option<f64>>>(),
+        )
+    };
+    let u = |name: &str, get: &dyn Fn(&StepMetrics) -> usize| {
+        Column::new(
+            name.into(),
+            rows.iter().map(|r| get(r) as u64).collect::<Vec<u64>>(),
+        )
+    };
+    let cols = vec![
+        u("step", &|r| r.step),
+        Column::new(
+            "phase".into(),
+            rows.iter()
+                .map(|r| r.phase.clone())
+                .collect::<Vec<String>>(),
+        ),
+        u("cycle", &|r| r.cycle),
+        f("loss", &|r| Some(r.loss)),
+        f("forget", &|r| r.forget),
+        f("kl_imm", &|r| r.kl_imm),
+        f("kl_cap_rate", &|r| r.kl_cap_rate),
+        f("refusal", &|r| r.refusal),
+        f("pref", &|r| r.pref),
+        f("kl_align", &|r| r.kl_align),
+        f("stab", &|r| r.stab),
+        f("harmful_logp", &|r| r.harmful_logp),
+        f("chosen_logp", &|r| r.chosen_logp),
+        f("dpo_margin", &|r| r.dpo_margin),
+        f("lat_loss_start", &|r| r.lat_loss_start),
+        f("lat_loss_end", &|r| r.lat_loss_end),
+        f("grad_norm", &|r| Some(r.grad_norm)),
+        f("lr", &|r| Some(r.lr)),
+        u("tokens", &|r| r.tokens),
+        f("tokens_per_s", &|r| Some(r.tokens_per_s)),
+        f("seconds", &|r| Some(r.seconds)),
+        u("canaries", &|r| r.canaries),
+    ];
+    DataFrame::new(rows.len(), cols)
+}
+
+/// Reads `metrics.jsonl`, keeping the steps before `step`.
+pub fn read_metrics(path: &Path, before: usize) -> Result<Vec<StepMetrics>, RunError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(Vec::new());
+    };
+    let mut rows = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let row: StepMetrics =
+            serde_json::from_str(line).map_err(|e| io(path, format!("line {}: {e}", i + 1)))?;
+        if row.step < before {
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+fn write_metrics(dir: &Path, rows: &[StepMetrics]) -> Result<(), RunError> {
+    let path = dir.join("metrics.parquet");
+    let mut df = metrics_frame(rows).map_err(|e| io(&path, e))?;
+    antibody_fetch::atomic::write_with::<std::io::Error>(&path, |tmp| {
+        let file = File::create(tmp)?;
+        ParquetWriter::new(BufWriter::new(file))
+            .finish(&mut df)
+            .map_err(std::io::Error::other)?;
+        Ok(())
+    })
+    .map_err(|e| io(&path, e))
+}
+
+fn data_digest(data: &MethodData) -> String {
+    let mut h = Sha256::new();
+    let mut seq = |s: &(Vec<u32>, Vec<bool>)| {
+        for id in &s.0 {
+            h.update(id.to_le_bytes());
+        }
+        h.update(s.1.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>());
+        h.update([0xFF]);
+    };
+    for e in &data.harmful {
+        seq(&e.harmful);
+        if let Some(r) = &e.refusal {
+            seq(r);
+        }
+    }
+    for e in &data.harmless {
+        seq(&e.chosen);
+        seq(&e.rejected);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// What a finished run left.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// The hardened student (a Hugging Face directory).
+    pub student: PathBuf,
+}
+
+/// How far to go (tests stop early to simulate interruptions).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// Stop (without finishing) after this many events of this attempt.
+    pub stop_after_events: Option<usize>,
+}
+
+fn load_inner<B: AutodiffBackend>(
+    spec: &ModelSpec,
+    device: &B::Device,
+) -> Result<Llama<B::InnerBackend>, RunError> {
+    Ok(spec.load::<B::InnerBackend>(device)?.model)
+}
+
+/// Runs (or resumes) the method as `train` configures it on the data build in `data_dir`.
+pub fn run<B: AutodiffBackend>(
+    train: &Train,
+    data_dir: &Path,
+    device: &B::Device,
+    device_name: &str,
+    resume: bool,
+    limits: Limits,
+) -> Result<Option<RunSummary>, RunError> {
+    let cfg = &train.config;
+    let dir = &train.run_dir;
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let resolved = toml::to_string(&toml::Table::from_iter([(
+        "train".to_owned(),
+        toml::Value::try_from(cfg).map_err(|e| io(dir, e))?,
+    )]))
+    .map_err(|e| io(dir, e))?;
+    let ckpt = dir.join("checkpoint");
+    let resuming = resume && checkpoint::exists(&ckpt);
+    let config_path = dir.join("config.toml");
+    if resuming {
+        let before = std::fs::read_to_string(&config_path).unwrap_or_default();
+        if before != resolved {
+            return Err(train
+                .error(
+                    "(section)",
+                    format!(
+                        "differs from the configuration {} was started with; resume with the \
+                         same configuration or start a new run directory",
+                        config_path.display()
+                    ),
+                )
+                .into());
+        }
+    } else {
+        write_atomic(&config_path, resolved.as_bytes())?;
+        let config_dir = train.file.parent().unwrap_or(Path::new("."));
+        let env = EnvRecord::new::<B>(device_name, config_dir);
+        write_atomic(
+            &dir.join("env.json"),
+            &serde_json::to_vec_pretty(&env).map_err(|e| io(dir, e))?,
+        )?;
+        write_atomic(&dir.join("metrics.jsonl"), b"")?;
+        let _ = std::fs::remove_file(dir.join("metrics.parquet"));
+        let _ = std::fs::remove_dir_all(dir.join("canaries"));
+    }
+
+    // Everything is checked before any training work.
+    let harmful = read_set(data_dir, SetKind::HarmfulTrain)?;
+    let harmless = read_set(data_dir, SetKind::HarmlessTrain)?;
+    let data = MethodData::from_records(&harmful.records, &harmless.records);
+    let set_file = |k: SetKind| data_dir.join(k.file_name()).display().to_string();
+    if data.harmful.is_empty() && cfg.harmful_steps > 0 {
+        return Err(train
+            .error(
+                "harmful_steps",
+                format!(
+                    "{} has no example with a harmful response y_h",
+                    set_file(SetKind::HarmfulTrain)
+                ),
+            )
+            .into());
+    }
+    if data.harmless.is_empty() && cfg.harmless_steps > 0 {
+        return Err(train
+            .error(
+                "harmless_steps",
+                format!(
+                    "{} has no example with both y_c and y_r",
+                    set_file(SetKind::HarmlessTrain)
+                ),
+            )
+            .into());
+    }
+    let loaded = train.student.load::<B>(device)?;
+    let student = loaded.model;
+    let tokenizer: Tokenizer = loaded.tokenizer;
+    let n_layers = student.config.num_layers;
+    cfg.lat
+        .sites(n_layers)
+        .map_err(|e| train.error("lat.layers", e.to_string()))?;
+    let harmful_teacher = load_inner::<B>(&train.harmful_teacher, device)?;
+    let benign_teacher = load_inner::<B>(&train.benign_teacher, device)?;
+    for (key, t) in [
+        ("harmful_teacher", &harmful_teacher),
+        ("benign_teacher", &benign_teacher),
+    ] {
+        if t.config.vocab_size != student.config.vocab_size
+            || t.config.hidden_size != student.config.hidden_size
+        {
+            return Err(train
+                .error(
+                    key,
+                    format!(
+                        "vocabulary {} / hidden size {} differ from the student's {} / {}: \
+                         teachers and student must share one tokenizer and vocabulary",
+                        t.config.vocab_size,
+                        t.config.hidden_size,
+                        student.config.vocab_size,
+                        student.config.hidden_size
+                    ),
+                )
+                .into());
+        }
+    }
+
+    // Teacher log-probabilities: computed once, kept beside the run.
+    let key = format!(
+        "{}|{}|{}|{}|{:?}|{}",
+        train.harmful_teacher.identity()?,
+        train.benign_teacher.identity()?,
+        train.student.identity()?,
+        data_digest(&data),
+        (
+            cfg.adv.npo_reference,
+            cfg.adv.rho > 0.0,
+            cfg.adv.refusal,
+            cfg.align.pref
+        ),
+        cfg.vocab_chunk,
+    );
+    let cache_path = dir.join("teachers.json");
+    let cached: Option<TeacherCache> = std::fs::read(&cache_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|c: &TeacherCache| c.key == key);
+    let cache = match cached {
+        Some(c) => c,
+        None => {
+            tracing::info!("teachers: sequence log-probabilities of every training example");
+            let c = TeacherCache::compute(
+                key,
+                &harmful_teacher,
+                &benign_teacher,
+                &student.valid(),
+                &data,
+                cfg,
+            )?;
+            write_atomic(
+                &cache_path,
+                &serde_json::to_vec(&c).map_err(|e| io(&cache_path, e))?,
+            )?;
+            c
+        }
+    };
+
+    let (model, optim, state) = if resuming {
+        let (m, o, s): (_, _, MethodState) = checkpoint::load(&ckpt, student, &cfg.optim)?;
+        tracing::info!("resuming at event {} (optimizer step {})", s.cursor, s.step);
+        (m, Some(o), Some(s))
+    } else {
+        (student, None, None)
+    };
+    let mut method = Method::new(
+        model,
+        optim,
+        state,
+        harmful_teacher,
+        benign_teacher,
+        cache,
+        data,
+        cfg.clone(),
+    )?;
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut rows = read_metrics(&metrics_path, method.state.step)?;
+    let kept: Vec<u8> = rows
+        .iter()
+        .filter_map(|r| serde_json::to_string(r).ok())
+        .flat_map(|l| (l + "\n").into_bytes())
+        .collect();
+    write_atomic(&metrics_path, &kept)?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| io(&metrics_path, e))?;
+    let total_steps = steps(method.plan());
+    let mut progress = Progress::new("train", method.state.step, total_steps);
+    let save = |method: &Method<B>, rows: &[StepMetrics]| -> Result<(), RunError> {
+        checkpoint::save(&ckpt, &method.model, method.optimizer(), &method.state)?;
+        write_metrics(dir, rows)
+    };
+    let mut events = 0usize;
+    while let Some((event, outcome)) = method.advance()? {
+        events += 1;
+        match outcome {
+            Outcome::Step(m) => {
+                let line = serde_json::to_string(&*m).map_err(|e| io(&metrics_path, e))?;
+                writeln!(metrics, "{line}")
+                    .and_then(|()| metrics.sync_data())
+                    .map_err(|e| io(&metrics_path, e))?;
+                let note = match (m.harmful_logp, m.dpo_margin) {
+                    (Some(lp), _) => format!(
+                        "{} loss {:.4} log p(y_h) {lp:.3} cap {:.2}",
+                        m.phase,
+                        m.loss,
+                        m.kl_cap_rate.unwrap_or(0.0)
+                    ),
+                    (_, Some(margin)) => {
+                        format!("{} loss {:.4} DPO margin {margin:.3}", m.phase, m.loss)
+                    }
+                    _ => format!("{} loss {:.4}", m.phase, m.loss),
+                };
+                progress.inc(1, &format!("{note} ({:.0} tok/s)", m.tokens_per_s));
+                rows.push(*m);
+            }
+            Outcome::Canaries {
+                cycle,
+                pre,
+                post,
+                set,
+            } => {
+                let drift = antibody_canary::drift(&pre, &post);
+                let summary = report::summarize(
+                    Some(cycle),
+                    &pre,
+                    &post,
+                    &drift,
+                    &set,
+                    cfg.canary.histogram_bins,
+                );
+                let table = report::table(&pre, &post, &drift, &set)
+                    .map_err(|e| io(&dir.join("canaries"), e))?;
+                report::write(
+                    &dir.join("canaries"),
+                    &format!("cycle-{cycle}"),
+                    &summary,
+                    table,
+                )
+                .map_err(|e| io(&dir.join("canaries"), e))?;
+                tracing::info!(
+                    "cycle {cycle}: {} canaries (drift > {:.4}), by layer {:?}",
+                    set.count(),
+                    set.threshold,
+                    set.by_layer()
+                );
+            }
+            Outcome::Baseline => {}
+        }
+        let phase_end = match (event, method.next_event()) {
+            (_, None) => true,
+            (Event::Harmful { .. }, Some(next)) => !matches!(next, Event::Harmful { .. }),
+            (Event::Harmless { .. }, Some(next)) => !matches!(next, Event::Harmless { .. }),
+            (Event::Canaries { .. }, _) => true,
+            _ => false,
+        };
+        let due = event.is_step() && method.state.step.is_multiple_of(cfg.checkpoint_every);
+        if phase_end || due {
+            save(&method, &rows)?;
+        }
+        if limits.stop_after_events.is_some_and(|n| events >= n) && !method.done() {
+            return Ok(None);
+        }
+    }
+    save(&method, &rows)?;
+    let student_dir = dir.join("student");
+    save_hf_dir(&method.model.valid(), &tokenizer, &student_dir)?;
+    tracing::info!(
+        "done: {} optimizer steps; student in {}",
+        method.state.step,
+        student_dir.display()
+    );
+    Ok(Some(RunSummary {
+        run_dir: dir.clone(),
+        steps: method.state.step,
+        student: student_dir,
+    }))
+}

@@ -1,0 +1,376 @@
+//! The method's run on the tiny model and the smoke data: a SIGKILLed `antibody-train run`
+//! resumes to the uninterrupted run's weights bit for bit; one seed gives one run; gradient
+//! accumulation gives the whole batch's step; bad configuration is refused before any work
+//! with the file and key named.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use antibody_data::{BuildOptions, Config, Dataset, SetKind};
+use antibody_model::device::{Cpu, CpuAutodiff};
+use antibody_model::{LlamaConfig, ModelSpec, save_hf_dir, tiny};
+use antibody_schedule::config::Train;
+use antibody_schedule::method::StepMetrics;
+use antibody_schedule::run::{Limits, RunError, read_metrics, run};
+
+fn configs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+}
+
+fn smoke_data(dir: &Path) -> PathBuf {
+    let mut config = Config::load(&configs().join("smoke.toml")).expect("smoke config");
+    config.out_dir = dir.join("data");
+    let options = BuildOptions {
+        generations: dir.join("generations"),
+        ..BuildOptions::default()
+    };
+    antibody_data::build::<Cpu>(&config, &options, &Default::default()).expect("smoke data");
+    config.out_dir
+}
+
+fn train_config(overrides: &[&str], run_dir: &Path) -> Train {
+    let overrides: Vec<String> = overrides.iter().map(|s| (*s).to_owned()).collect();
+    let mut t = Train::load(&configs().join("smoke.toml"), &overrides).expect("train config");
+    t.run_dir = run_dir.to_path_buf();
+    t
+}
+
+fn run_in_process(train: &Train, data: &Path) -> Result<(), RunError> {
+    run::<CpuAutodiff>(
+        train,
+        data,
+        &Default::default(),
+        "cpu",
+        false,
+        Limits::default(),
+    )
+    .map(|_| ())
+}
+
+/// Every weight of the student's Hugging Face directory, as bits.
+fn student_bytes(run_dir: &Path) -> Vec<u32> {
+    let bytes = std::fs::read(run_dir.join("student/model.safetensors")).expect("weights");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut names = tensors.names();
+    names.sort();
+    names
+        .into_iter()
+        .flat_map(|n| {
+            let t = tensors.tensor(n).expect("tensor");
+            t.data()
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+fn student_values(run_dir: &Path) -> Vec<f32> {
+    let m = ModelSpec::Path(run_dir.join("student"))
+        .load::<Cpu>(&Default::default())
+        .expect("student loads as a model path")
+        .model;
+    let mut out: Vec<f32> = m.head_weight().into_data().to_vec().expect("f32");
+    for layer in &m.model.layers {
+        out.extend(
+            layer
+                .mlp
+                .down_proj
+                .weight
+                .val()
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32"),
+        );
+    }
+    out
+}
+
+/// Metrics without the wall-clock fields.
+fn losses(run_dir: &Path) -> Vec<StepMetrics> {
+    read_metrics(&run_dir.join("metrics.jsonl"), usize::MAX)
+        .expect("metrics")
+        .into_iter()
+        .map(|m| StepMetrics {
+            seconds: 0.0,
+            tokens_per_s: 0.0,
+            ..m
+        })
+        .collect()
+}
+
+fn steps_logged(run_dir: &Path) -> usize {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn child(data: &Path, run_dir: &Path, resume: bool) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_antibody-train"));
+    c.arg("run")
+        .arg("--config")
+        .arg(configs().join("smoke.toml"))
+        .arg("--data")
+        .arg(data)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .env("RUST_LOG", "warn");
+    if resume {
+        c.arg("--resume");
+    }
+    c
+}
+
+#[test]
+fn sigkill_mid_run_then_resume_equals_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    let straight = dir.path().join("straight");
+    assert!(
+        child(&data, &straight, false)
+            .status()
+            .expect("spawn")
+            .success()
+    );
+    let total = steps_logged(&straight);
+    assert_eq!(total, 8, "2 cycles x (2 harmful + 2 harmless)");
+
+    // Kill after a step that varies from run to run (1..=6): in either phase, before or
+    // after a canary selection.
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let kill_after = 1 + (nanos % 6) as usize;
+    let killed = dir.path().join("killed");
+    let mut proc = child(&data, &killed, false).spawn().expect("spawn");
+    let started = Instant::now();
+    while steps_logged(&killed) < kill_after {
+        assert!(started.elapsed() < Duration::from_secs(180), "no progress");
+        assert!(
+            proc.try_wait().expect("poll").is_none(),
+            "ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    proc.kill().expect("SIGKILL");
+    let _ = proc.wait();
+    assert!(!killed.join("student").exists(), "finished before the kill");
+    let at_kill = steps_logged(&killed);
+
+    assert!(
+        child(&data, &killed, true)
+            .status()
+            .expect("spawn")
+            .success()
+    );
+    assert_eq!(
+        losses(&straight),
+        losses(&killed),
+        "killed after step {at_kill}: the metrics differ"
+    );
+    assert!(
+        student_bytes(&straight) == student_bytes(&killed),
+        "killed after step {at_kill} and resumed: weights differ"
+    );
+    for f in ["canaries/cycle-0.json", "canaries/cycle-1.json"] {
+        assert_eq!(
+            std::fs::read(straight.join(f)).expect("report"),
+            std::fs::read(killed.join(f)).expect("report"),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn one_seed_gives_one_run_and_the_run_moves_the_way_the_method_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let c = dir.path().join("c");
+    // Batches of the whole (12-example) sets, so successive steps see the same examples.
+    let quick = [
+        "cycles=1",
+        "harmful_steps=3",
+        "harmless_steps=3",
+        "batch_size=12",
+    ];
+    run_in_process(&train_config(&quick, &a), &data).expect("run a");
+    run_in_process(&train_config(&quick, &b), &data).expect("run b");
+    let mut other = quick.to_vec();
+    other.push("seed=12");
+    run_in_process(&train_config(&other, &c), &data).expect("run c");
+    assert_eq!(losses(&a), losses(&b));
+    assert!(
+        student_bytes(&a) == student_bytes(&b),
+        "same seed, other weights"
+    );
+    assert_ne!(losses(&a), losses(&c), "another seed, same run");
+
+    // Every term the configuration asks for is recorded, and the canaries were in force.
+    let rows = losses(&a);
+    let (h, l): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.phase == "harmful");
+    assert_eq!((h.len(), l.len()), (3, 3));
+    for r in &h {
+        assert!(
+            r.forget.is_some() && r.kl_imm.is_some() && r.refusal.is_some(),
+            "{r:?}"
+        );
+        assert!(
+            r.lat_loss_start.is_some() && r.harmful_logp.is_some(),
+            "{r:?}"
+        );
+        assert!(
+            r.kl_imm.is_some_and(|k| k <= 0.0),
+            "immunization KL is −min(KL, cap)"
+        );
+    }
+    for r in &l {
+        assert!(
+            r.pref.is_some() && r.kl_align.is_some() && r.stab.is_some(),
+            "{r:?}"
+        );
+        assert!(r.canaries > 0, "{r:?}");
+    }
+    // NPO pushes the harmful response down; DPO pushes the margin up.
+    assert!(
+        h[2].harmful_logp < h[0].harmful_logp,
+        "log p(y_h): {:?}",
+        h.iter().map(|r| r.harmful_logp).collect::<Vec<_>>()
+    );
+    assert!(
+        l[2].dpo_margin > l[0].dpo_margin,
+        "DPO margin: {:?}",
+        l.iter().map(|r| r.dpo_margin).collect::<Vec<_>>()
+    );
+    // The metrics table has one row per step.
+    let parquet = std::fs::metadata(a.join("metrics.parquet")).expect("metrics.parquet");
+    assert!(parquet.len() > 0);
+}
+
+#[test]
+fn accumulation_gives_the_whole_batch_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    // Canaries off: the MSE of a batch mean is not a sum over micro-batches.
+    let base = [
+        "cycles=1",
+        "harmful_steps=2",
+        "harmless_steps=2",
+        "canary.enabled=false",
+        "optim.max_grad_norm=100.0",
+    ];
+    let whole = dir.path().join("whole");
+    let split = dir.path().join("split");
+    let mut one = base.to_vec();
+    one.push("optim.accumulation=1");
+    let mut four = base.to_vec();
+    four.push("optim.accumulation=4");
+    run_in_process(&train_config(&one, &whole), &data).expect("whole batch");
+    run_in_process(&train_config(&four, &split), &data).expect("accumulated");
+    for (x, y) in losses(&whole).iter().zip(losses(&split)) {
+        assert!(
+            (x.loss - y.loss).abs() < 1e-4,
+            "step {}: {} vs {}",
+            x.step,
+            x.loss,
+            y.loss
+        );
+        assert!(
+            (x.grad_norm - y.grad_norm).abs() < 1e-4 * x.grad_norm.max(1.0),
+            "step {}: grad norm {} vs {}",
+            x.step,
+            x.grad_norm,
+            y.grad_norm
+        );
+    }
+    let (a, b) = (student_values(&whole), student_values(&split));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "weights differ by up to {worst}");
+}
+
+fn refused(overrides: &[&str], data: &Path, run_dir: &Path) -> String {
+    let overrides: Vec<String> = overrides.iter().map(|s| (*s).to_owned()).collect();
+    match Train::load(&configs().join("smoke.toml"), &overrides) {
+        Err(e) => e.to_string(),
+        Ok(mut t) => {
+            t.run_dir = run_dir.to_path_buf();
+            match run_in_process(&t, data) {
+                Err(e) => e.to_string(),
+                Ok(()) => panic!("{overrides:?} was accepted"),
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_configuration_is_refused_before_any_work_naming_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    let run_dir = dir.path().join("run");
+    let cases: [(&[&str], &[&str]); 6] = [
+        (
+            &["lat.epsilonn=1.0"],
+            &["smoke.toml", "train.lat", "epsilonn"],
+        ),
+        (
+            &["batch_size=\"four\""],
+            &["smoke.toml", "train.batch_size"],
+        ),
+        (
+            &["lat.layers=[1, 9]"],
+            &["smoke.toml", "train.lat.layers", "layer 9"],
+        ),
+        (&["canary.q=1.5"], &["smoke.toml", "train.canary.q"]),
+        (&["optim.accumulation=8"], &["train.optim.accumulation"]),
+        (&["student=tiny:x"], &["train.student", "tiny:"]),
+    ];
+    for (overrides, needles) in cases {
+        let err = refused(overrides, &data, &run_dir);
+        for n in needles {
+            assert!(err.contains(n), "{overrides:?}: `{n}` not in: {err}");
+        }
+        assert!(
+            !run_dir.join("checkpoint").exists(),
+            "{overrides:?}: work started"
+        );
+    }
+
+    // A teacher with another vocabulary.
+    let mut small = LlamaConfig::tiny_test();
+    small.vocab_size = 4096;
+    let other = dir.path().join("other-vocab");
+    let model = tiny::random_model::<Cpu>(&small, 3, &Default::default()).expect("model");
+    let tokenizer = antibody_model::spec::patient_tokenizer().expect("tokenizer");
+    save_hf_dir(&model, &tokenizer, &other).expect("save");
+    let teacher = format!("harmful_teacher=\"{}\"", other.display());
+    let err = refused(&[&teacher], &data, &run_dir);
+    assert!(
+        err.contains("train.harmful_teacher") && err.contains("4096") && err.contains("vocabulary"),
+        "{err}"
+    );
+
+    // An empty training set.
+    let empty = dir.path().join("empty-data");
+    std::fs::create_dir_all(&empty).expect("dir");
+    for kind in [SetKind::HarmfulTrain, SetKind::HarmlessTrain] {
+        std::fs::copy(data.join(kind.file_name()), empty.join(kind.file_name())).expect("copy");
+    }
+    Dataset {
+        kind: SetKind::HarmfulTrain,
+        records: Vec::new(),
+    }
+    .write_parquet(&empty.join(SetKind::HarmfulTrain.file_name()))
+    .expect("write empty set");
+    let err = refused(&[], &empty, &run_dir);
+    assert!(err.contains("harmful_train"), "{err}");
+    assert!(
+        !run_dir.join("checkpoint").exists(),
+        "work started on an empty set"
+    );
+}
