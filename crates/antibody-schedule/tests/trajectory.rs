@@ -1,0 +1,256 @@
+//! The method's trajectory on the tiny model against PyTorch: `tests/reference/method.py`
+//! runs the same 2 cycles (LAT + NPO + capped immunization KL + refusal SFT; canaries;
+//! DPO + alignment KL + canary MSE; AdamW, clipping, warmup + cosine) on the same data and
+//! records every step's loss terms in `fixtures/method.json`.
+//!
+//! Tolerances: the first step's terms within 1e-4 relative (the same arithmetic in another
+//! order); later steps within 2e-3 relative, 1e-4 absolute (differences compound through
+//! AdamW); canary counts exact.
+
+use std::path::Path;
+
+use antibody_model::device::{Cpu, CpuAutodiff};
+use antibody_model::{LlamaConfig, tiny};
+use antibody_schedule::config::TrainConfig;
+use antibody_schedule::method::{
+    HarmfulExample, HarmlessExample, Method, MethodData, Outcome, StepMetrics, TeacherCache,
+};
+use serde_json::Value;
+
+fn example(v: &Value, ids: &str, mask: &str) -> (Vec<u32>, Vec<bool>) {
+    let ids = v[ids]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect();
+    let mask = v[mask]
+        .as_array()
+        .expect("mask")
+        .iter()
+        .map(|x| x.as_bool().expect("bool"))
+        .collect();
+    (ids, mask)
+}
+
+fn prompt(v: &Value) -> Vec<u32> {
+    v["prompt"]
+        .as_array()
+        .expect("prompt")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn close(what: &str, step: usize, ours: Option<f64>, theirs: &Value, rel: f64) {
+    let Some(theirs) = theirs.as_f64() else {
+        assert!(
+            ours.is_none(),
+            "step {step} {what}: PyTorch has none, we have {ours:?}"
+        );
+        return;
+    };
+    let ours = ours.unwrap_or_else(|| panic!("step {step} {what}: not recorded"));
+    let tol = rel * theirs.abs() + 1e-4 * f64::from(u8::from(rel > 1e-4));
+    assert!(
+        (ours - theirs).abs() <= tol.max(1e-6),
+        "step {step} {what}: ours {ours}, PyTorch {theirs} (tolerance {tol:e})"
+    );
+}
+
+#[test]
+fn the_methods_steps_follow_pytorchs_trajectory() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/fixtures/method.json");
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("json");
+    let s = &fixture["settings"];
+    let f = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("settings.{k}"));
+    let u = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("settings.{k}"));
+    let config: TrainConfig = toml::from_str(&format!(
+        r#"
+        run_dir = "unused"
+        student = "tiny:0"
+        harmful_teacher = "tiny:1"
+        benign_teacher = "tiny:0"
+        schedule = "cyclic"
+        cycles = {cycles}
+        harmful_steps = {hs}
+        harmless_steps = {ls}
+        batch_size = {bs}
+        checkpoint_every = 100
+        [optim]
+        lr = {lr}
+        warmup_steps = {warmup}
+        decay = "cosine"
+        max_grad_norm = {clip}
+        weight_decay = {wd}
+        eps = {eps}
+        [adv]
+        forget = "npo"
+        beta = {npo_beta}
+        gamma = {gamma}
+        kl = "immunization"
+        kl_cap = {cap}
+        rho = {rho}
+        refusal = "sft"
+        [align]
+        pref = "dpo"
+        beta = {dpo_beta}
+        alpha = {alpha}
+        kl = "forward"
+        lambda_stab = {lambda}
+        [lat]
+        layers = [1, 2]
+        epsilon = {lat_eps}
+        steps = {lat_steps}
+        positions = "all"
+        [canary]
+        q = {q}
+        harmful_sample = 4
+        harmless_sample = 4
+        batch_size = 4
+        "#,
+        cycles = u("cycles"),
+        hs = u("harmful_steps"),
+        ls = u("harmless_steps"),
+        bs = u("batch_size"),
+        lr = f("lr"),
+        warmup = u("warmup_steps"),
+        clip = f("max_grad_norm"),
+        wd = f("weight_decay"),
+        eps = f("eps_adam"),
+        npo_beta = f("npo_beta"),
+        gamma = f("gamma"),
+        cap = f("kl_cap"),
+        rho = f("rho"),
+        dpo_beta = f("dpo_beta"),
+        alpha = f("alpha"),
+        lambda = f("lambda_stab"),
+        lat_eps = f("lat_epsilon"),
+        lat_steps = u("lat_steps"),
+        q = f("q"),
+    ))
+    .expect("config");
+    let data = MethodData {
+        harmful: fixture["harmful"]
+            .as_array()
+            .expect("harmful")
+            .iter()
+            .map(|v| HarmfulExample {
+                harmful: example(v, "y_h", "y_h_mask"),
+                refusal: Some(example(v, "y_ref", "y_ref_mask")),
+                prompt: prompt(v),
+            })
+            .collect(),
+        harmless: fixture["harmless"]
+            .as_array()
+            .expect("harmless")
+            .iter()
+            .map(|v| HarmlessExample {
+                chosen: example(v, "y_c", "y_c_mask"),
+                rejected: example(v, "y_r", "y_r_mask"),
+                prompt: prompt(v),
+            })
+            .collect(),
+    };
+    let device = Default::default();
+    let tiny_cfg = LlamaConfig::tiny_test();
+    let student = tiny::random_model::<CpuAutodiff>(&tiny_cfg, 0, &device).expect("student");
+    let harmful_teacher = tiny::random_model::<Cpu>(&tiny_cfg, 1, &device).expect("teacher");
+    let benign_teacher = tiny::random_model::<Cpu>(&tiny_cfg, 0, &device).expect("teacher");
+    let cache = TeacherCache::compute(
+        String::new(),
+        &harmful_teacher,
+        &benign_teacher,
+        &benign_teacher,
+        &data,
+        &config,
+    )
+    .expect("teacher cache");
+    let mut method = Method::new(
+        student,
+        None,
+        None,
+        harmful_teacher,
+        benign_teacher,
+        cache,
+        data,
+        config,
+    )
+    .expect("method");
+    let mut steps: Vec<StepMetrics> = Vec::new();
+    let mut counts = Vec::new();
+    while let Some((_, outcome)) = method.advance().expect("event") {
+        match outcome {
+            Outcome::Step(m) => steps.push(*m),
+            Outcome::Canaries { set, .. } => counts.push(set.count()),
+            Outcome::Baseline => {}
+        }
+    }
+    let expected_counts: Vec<usize> = fixture["canaries"]
+        .as_array()
+        .expect("canaries")
+        .iter()
+        .map(|c| c["count"].as_u64().expect("count") as usize)
+        .collect();
+    assert_eq!(counts, expected_counts, "canaries per cycle");
+    let expected = fixture["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), expected.len());
+    for (ours, theirs) in steps.iter().zip(expected) {
+        let rel = if ours.step == 0 { 1e-4 } else { 2e-3 };
+        assert_eq!(ours.phase, theirs["phase"].as_str().expect("phase"));
+        let k = ours.step;
+        close("loss", k, Some(ours.loss), &theirs["loss"], rel);
+        close(
+            "grad_norm",
+            k,
+            Some(ours.grad_norm),
+            &theirs["grad_norm"],
+            rel,
+        );
+        close("lr", k, Some(ours.lr), &theirs["lr"], 1e-9);
+        close("forget", k, ours.forget, &theirs["forget"], rel);
+        close("kl_imm", k, ours.kl_imm, &theirs["kl_imm"], rel);
+        close(
+            "kl_cap_rate",
+            k,
+            ours.kl_cap_rate,
+            &theirs["kl_cap_rate"],
+            1e-9,
+        );
+        close("refusal", k, ours.refusal, &theirs["refusal"], rel);
+        close(
+            "harmful_logp",
+            k,
+            ours.harmful_logp,
+            &theirs["harmful_logp"],
+            rel,
+        );
+        close(
+            "lat_loss_start",
+            k,
+            ours.lat_loss_start,
+            &theirs["lat_loss_start"],
+            rel,
+        );
+        close(
+            "lat_loss_end",
+            k,
+            ours.lat_loss_end,
+            &theirs["lat_loss_end"],
+            rel,
+        );
+        close("pref", k, ours.pref, &theirs["pref"], rel);
+        close("kl_align", k, ours.kl_align, &theirs["kl_align"], rel);
+        close("stab", k, ours.stab, &theirs["stab"], rel);
+        close(
+            "chosen_logp",
+            k,
+            ours.chosen_logp,
+            &theirs["chosen_logp"],
+            rel,
+        );
+        close("dpo_margin", k, ours.dpo_margin, &theirs["dpo_margin"], rel);
+    }
+}

@@ -1,0 +1,339 @@
+"""Reference trajectory of the method's training loop on the tiny model (PyTorch eager).
+
+What it produces
+----------------
+``tests/reference/fixtures/method.json``: the data (token ids and response masks of 4
+harmful examples ``x ++ y_h`` / ``x ++ y_ref`` and 4 harmless ``x ++ y_c`` / ``x ++ y_r``),
+the settings, and for every optimizer step of the run the loss terms the Rust side records
+(``crates/antibody-schedule/tests/trajectory.rs`` compares them), plus the canary count of
+every cycle.
+
+The run, written as the method's authors would in PyTorch:
+
+* student = tiny model seed 0, harmful teacher = seed 1, benign teacher = seed 0 (frozen);
+* 2 cycles of: A_pre (mean activations of every layer's attention output and MLP hidden
+  activation over the harmful prompts' tokens) -> 2 harmful steps -> A_post, drift, canaries
+  = drift > quantile q, A_target on the harmless prompts -> 2 harmless steps;
+* harmful step: PGD LAT (2 steps, alpha = 2.5 eps / steps, per-token L2 ball of radius eps)
+  at the residual stream after layers 1 and 2, attack loss = CE of y_h; then under delta
+  L_adv = (1-g) NPO(s_H(y_h) vs s(y_h)) + g (-mean min(KL(pi_H||pi), cap)) + rho SFT(y_ref);
+* harmless step: L = (1-a) DPO(y_c > y_r, ref pi_B) + a KL(pi_B||pi) + lam MSE(canary means);
+* AdamW (PyTorch defaults: eps 1e-8, weight decay 0.01), global-norm clipping at 1.0
+  (scale max/(norm+1e-6)), lr with 1 warmup step then cosine to 0 over the run's 8 steps.
+
+Every batch is the whole set (batch size 4 = examples), so the order of rows does not matter
+(every loss is a mean over rows or counted tokens).
+
+How to run (from the repository root, venv from requirements.txt)
+----------------------------------------------------------------
+    HF_HUB_OFFLINE=1 python tests/reference/method.py
+
+Tolerances the Rust test uses: step 0 terms relative 1e-4; later steps relative 2e-3
+(float differences compound through AdamW updates); canary counts exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tiny import build_model, layer_output_tensor
+
+PAD = 2
+SETTINGS = dict(
+    cycles=2,
+    harmful_steps=2,
+    harmless_steps=2,
+    batch_size=4,
+    lr=2e-3,
+    warmup_steps=1,
+    max_grad_norm=1.0,
+    weight_decay=0.01,
+    eps_adam=1e-8,
+    betas=[0.9, 0.999],
+    npo_beta=0.1,
+    gamma=0.5,
+    kl_cap=0.3,
+    rho=0.5,
+    dpo_beta=0.1,
+    alpha=0.5,
+    lambda_stab=1.0,
+    lat_layers=[1, 2],
+    lat_epsilon=0.5,
+    lat_steps=2,
+    q=0.9,
+)
+
+
+def make_data():
+    rng = np.random.default_rng(20261123)
+
+    def seq(p, r):
+        prompt = [1] + rng.integers(3, 49152, size=p - 1).tolist()
+        resp = rng.integers(3, 49152, size=r).tolist()
+        return prompt, prompt + resp, [False] * p + [True] * r
+
+    harmful, harmless = [], []
+    for _ in range(4):
+        p = int(rng.integers(5, 8))
+        prompt, h, hm = seq(p, int(rng.integers(4, 7)))
+        ref = prompt + rng.integers(3, 49152, size=int(rng.integers(3, 6))).tolist()
+        harmful.append(dict(prompt=prompt, y_h=h, y_h_mask=hm, y_ref=ref,
+                            y_ref_mask=[False] * p + [True] * (len(ref) - p)))
+    for _ in range(4):
+        p = int(rng.integers(5, 8))
+        prompt, c, cm = seq(p, int(rng.integers(4, 7)))
+        r = prompt + rng.integers(3, 49152, size=int(rng.integers(3, 6))).tolist()
+        harmless.append(dict(prompt=prompt, y_c=c, y_c_mask=cm, y_r=r,
+                             y_r_mask=[False] * p + [True] * (len(r) - p)))
+    return harmful, harmless
+
+
+def batch(seqs, masks):
+    """Right-padded ids, attention mask, next-token targets and their response mask."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), PAD, dtype=torch.long)
+    att = torch.zeros((len(seqs), t), dtype=torch.long)
+    tgt = torch.full((len(seqs), t), PAD, dtype=torch.long)
+    m = torch.zeros((len(seqs), t))
+    for b, (s, sm) in enumerate(zip(seqs, masks)):
+        ids[b, : len(s)] = torch.tensor(s)
+        att[b, : len(s)] = 1
+        for i in range(1, len(s)):
+            tgt[b, i - 1] = s[i]
+            m[b, i - 1] = 1.0 if sm[i] else 0.0
+    return ids, att, tgt, m
+
+
+class Sites:
+    """Forward hooks: add deltas after decoder layers, capture attn/mlp activations."""
+
+    def __init__(self, model):
+        self.model = model
+        self.deltas = {}
+        self.captured = {}
+        self.capture = False
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_hook(self._resid(i))
+            layer.self_attn.o_proj.register_forward_hook(self._out(("attn", i)))
+            layer.mlp.down_proj.register_forward_pre_hook(self._pre(("mlp", i)))
+
+    def _resid(self, i):
+        def hook(_m, _inp, out):
+            if i in self.deltas:
+                h = layer_output_tensor(out) + self.deltas[i]
+                return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+            return None
+        return hook
+
+    def _out(self, key):
+        def hook(_m, _inp, out):
+            if self.capture:
+                self.captured[key] = out
+        return hook
+
+    def _pre(self, key):
+        def hook(_m, inp):
+            if self.capture:
+                self.captured[key] = inp[0]
+        return hook
+
+
+def logits_of(model, ids, att):
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=att, position_ids=pos).logits.float()
+
+
+def seq_logprob(logits, tgt, m):
+    lp = torch.log_softmax(logits, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return (lp * m).sum(-1)
+
+
+def kl_forward(teacher_logits, student_logits):
+    """KL(teacher || student) per position."""
+    lt = torch.log_softmax(teacher_logits, -1)
+    ls = torch.log_softmax(student_logits, -1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+def activations_mean(model, sites, prompts):
+    ids, att, _, _ = batch(prompts, [[False] * len(p) for p in prompts])
+    sites.capture = True
+    with torch.no_grad():
+        logits_of(model, ids, att)
+    sites.capture = False
+    w = att.unsqueeze(-1).double()
+    n = att.sum().double()
+    return {k: ((v.double() * w).sum((0, 1)) / n).float() for k, v in sites.captured.items()}
+
+
+def order_key(key):
+    kind, layer = key
+    return (layer, 0 if kind == "attn" else 1)
+
+
+def lr_at(step, total):
+    s = SETTINGS
+    if step < s["warmup_steps"]:
+        return s["lr"] * (step + 1) / s["warmup_steps"]
+    span = max(total - s["warmup_steps"], 1)
+    done = (step - s["warmup_steps"]) / max(span - 1, 1)
+    done = min(max(done, 0.0), 1.0)
+    return s["lr"] * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def main():
+    torch.set_num_threads(2)
+    s = SETTINGS
+    harmful, harmless = make_data()
+    student, _ = build_model(0)
+    harmful_teacher, _ = build_model(1)
+    benign_teacher, _ = build_model(0)
+    for t in (harmful_teacher, benign_teacher):
+        for p in t.parameters():
+            p.requires_grad_(False)
+    student.train(False)  # no dropout in Llama; eval mode keeps the attention path fixed
+    sites = Sites(student)
+
+    H = batch([e["y_h"] for e in harmful], [e["y_h_mask"] for e in harmful])
+    R = batch([e["y_ref"] for e in harmful], [e["y_ref_mask"] for e in harmful])
+    C = batch([e["y_c"] for e in harmless], [e["y_c_mask"] for e in harmless])
+    Rj = batch([e["y_r"] for e in harmless], [e["y_r_mask"] for e in harmless])
+    with torch.no_grad():
+        sh_H = seq_logprob(logits_of(harmful_teacher, H[0], H[1]), H[2], H[3])
+        sb_C = seq_logprob(logits_of(benign_teacher, C[0], C[1]), C[2], C[3])
+        sb_R = seq_logprob(logits_of(benign_teacher, Rj[0], Rj[1]), Rj[2], Rj[3])
+        th_logits = logits_of(harmful_teacher, H[0], H[1])
+        tb_logits = logits_of(benign_teacher, C[0], C[1])
+
+    params = list(student.parameters())
+    opt = torch.optim.AdamW(params, lr=s["lr"], betas=tuple(s["betas"]), eps=s["eps_adam"],
+                            weight_decay=s["weight_decay"])
+    total = s["cycles"] * (s["harmful_steps"] + s["harmless_steps"])
+    steps, canaries = [], []
+    step = 0
+    canary_idx, target = None, None
+
+    def finish(loss, row):
+        nonlocal step
+        opt.zero_grad()
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+        norm = float(norm)
+        if norm > s["max_grad_norm"]:
+            f = s["max_grad_norm"] / (norm + 1e-6)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(f)
+        lr = lr_at(step, total)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        row.update(step=step, loss=float(loss), grad_norm=norm, lr=lr)
+        steps.append(row)
+        step += 1
+
+    for cycle in range(s["cycles"]):
+        pre = activations_mean(student, sites, [e["prompt"] for e in harmful])
+        for _ in range(s["harmful_steps"]):
+            ids, att, tgt, m = H
+            positions = att.unsqueeze(-1).float()
+            eps, n_steps = s["lat_epsilon"], s["lat_steps"]
+            alpha = 2.5 * eps / n_steps
+            deltas = {l: torch.zeros(ids.shape[0], ids.shape[1], 64) for l in s["lat_layers"]}
+            lat_losses = []
+            for _ in range(n_steps):
+                leaves = {l: d.detach().requires_grad_(True) for l, d in deltas.items()}
+                sites.deltas = leaves
+                lg = logits_of(student, ids, att)
+                lp = torch.log_softmax(lg, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+                attack = -(lp * m).sum() / m.sum()
+                lat_losses.append(float(attack))
+                grads = torch.autograd.grad(attack, list(leaves.values()))
+                new = {}
+                for (l, leaf), g in zip(leaves.items(), grads):
+                    norm = g.norm(dim=-1, keepdim=True)
+                    unit = g / norm.clamp_min(1e-30) * (norm > 0).float()
+                    d = leaf.detach() - unit * alpha
+                    dn = d.norm(dim=-1, keepdim=True)
+                    d = d * (eps / dn.clamp_min(1e-30)).clamp(max=1.0)
+                    new[l] = d * positions
+                deltas = new
+            sites.deltas = {l: d.detach() for l, d in deltas.items()}
+            lg = logits_of(student, ids, att)
+            sites.deltas = {}
+            s_h = seq_logprob(lg, tgt, m)
+            npo = -F.logsigmoid(s["npo_beta"] * (sh_H - s_h)).mean()
+            kl = kl_forward(th_logits, lg)
+            counted = m > 0
+            capped = torch.where(kl > s["kl_cap"], torch.full_like(kl, s["kl_cap"]), kl)
+            # no gradient where the cap binds
+            capped = torch.where(kl > s["kl_cap"], capped.detach(), capped)
+            kl_imm = -(capped * m).sum() / m.sum()
+            cap_rate = float((kl[counted] > s["kl_cap"]).float().mean())
+            rids, ratt, rtgt, rm = R
+            s_ref = seq_logprob(logits_of(student, rids, ratt), rtgt, rm)
+            ref = -s_ref.sum() / rm.sum()
+            loss = (1 - s["gamma"]) * npo + s["gamma"] * kl_imm + s["rho"] * ref
+            finish(loss, dict(phase="harmful", cycle=cycle, forget=float(npo),
+                              kl_imm=float(kl_imm), kl_cap_rate=cap_rate, refusal=float(ref),
+                              harmful_logp=float(s_h.sum() / m.sum()),
+                              lat_loss_start=lat_losses[0], lat_loss_end=lat_losses[-1]))
+        post = activations_mean(student, sites, [e["prompt"] for e in harmful])
+        keys = sorted(pre, key=order_key)
+        drift = {k: (post[k] - pre[k]).abs() for k in keys}
+        all_d = torch.cat([drift[k] for k in keys]).double()
+        threshold = float(torch.quantile(all_d, s["q"]))
+        canary_idx = {k: torch.nonzero(drift[k].double() > threshold).flatten() for k in keys}
+        canary_idx = {k: v for k, v in canary_idx.items() if len(v) > 0}
+        tgt_acts = activations_mean(student, sites, [e["prompt"] for e in harmless])
+        target = torch.cat([tgt_acts[k][canary_idx[k]] for k in sorted(canary_idx, key=order_key)])
+        canaries.append(dict(cycle=cycle, count=int(sum(len(v) for v in canary_idx.values())),
+                             threshold=threshold))
+        for _ in range(s["harmless_steps"]):
+            ids, att, tgt, m = C
+            sites.capture = True
+            lg = logits_of(student, ids, att)
+            sites.capture = False
+            s_c = seq_logprob(lg, tgt, m)
+            rids, ratt, rtgt, rm = Rj
+            s_r = seq_logprob(logits_of(student, rids, ratt), rtgt, rm)
+            margin = (s_c - sb_C) - (s_r - sb_R)
+            dpo = -F.logsigmoid(s["dpo_beta"] * margin).mean()
+            kl_align = (kl_forward(tb_logits, lg) * m).sum() / m.sum()
+            w = att.unsqueeze(-1).float()
+            n = att.sum().float()
+            current = torch.cat([
+                (sites.captured[k] * w).sum((0, 1))[canary_idx[k]] / n
+                for k in sorted(canary_idx, key=order_key)
+            ])
+            stab = ((current - target) ** 2).mean()
+            loss = (1 - s["alpha"]) * dpo + s["alpha"] * kl_align + s["lambda_stab"] * stab
+            finish(loss, dict(phase="harmless", cycle=cycle, pref=float(dpo),
+                              kl_align=float(kl_align), stab=float(stab),
+                              chosen_logp=float(s_c.sum() / m.sum()),
+                              dpo_margin=float(margin.mean())))
+
+    out = dict(
+        generator="tests/reference/method.py",
+        torch=torch.__version__,
+        settings=SETTINGS,
+        harmful=harmful,
+        harmless=harmless,
+        steps=steps,
+        canaries=canaries,
+    )
+    path = Path(__file__).parent / "fixtures" / "method.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    for r in steps:
+        print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
+    print(canaries)
+
+
+if __name__ == "__main__":
+    main()
