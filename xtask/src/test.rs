@@ -98,8 +98,10 @@ fn steps(args: &Args) -> Vec<Step> {
                 "antibody-schedule",
                 "-p",
                 "antibody-teacher",
+                "-p",
+                "antibody-eval",
                 "--features",
-                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda,antibody-teacher/cuda",
+                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda,antibody-teacher/cuda,antibody-eval/cuda",
                 "--release",
             ]),
         });
@@ -286,7 +288,7 @@ mod tests {
                 "fmt --all -- --check",
                 "clippy --workspace --all-targets --release -- -D warnings",
                 "test --workspace --release",
-                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-schedule -p antibody-teacher --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda,antibody-teacher/cuda --release",
+                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-schedule -p antibody-teacher -p antibody-eval --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda,antibody-teacher/cuda,antibody-eval/cuda --release",
             ]
         );
     }

@@ -1,0 +1,223 @@
+//! The `[eval]` section: which models are compared, on which prompts, under which attacks.
+
+use std::path::{Path, PathBuf};
+
+use antibody_judge::KeywordJudgeConfig;
+use antibody_model::ModelSpec;
+use serde::{Deserialize, Serialize};
+
+/// One model of the comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// Its name in the report (`base`, `harmful_teacher`, `refusal_sft`, `hardened`).
+    pub name: String,
+    /// `patient`, `tiny[:SEED]` or a checkpoint path (relative to the configuration file).
+    pub model: String,
+}
+
+/// A harmful fine-tuning attack on a copy of each model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttackConfig {
+    /// Its name in the report.
+    pub name: String,
+    /// Learning rate.
+    pub lr: f64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per step.
+    #[serde(default = "four")]
+    pub batch_size: usize,
+    /// Share of harmful `(x, y_h)` examples; the rest are benign task examples (1 = a pure
+    /// harmful fine-tune, 0.1 = a benign fine-tune with 10% harmful data mixed in).
+    #[serde(default = "one")]
+    pub harmful_fraction: f64,
+}
+
+/// Benign fine-tuning on the downstream task, for fine-tune accuracy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskFinetune {
+    /// Optimizer steps (0 = evaluate without fine-tuning).
+    pub steps: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Examples per step.
+    #[serde(default = "four")]
+    pub batch_size: usize,
+    /// Test problems (0 = all).
+    #[serde(default)]
+    pub test_problems: usize,
+    /// New tokens per answer.
+    #[serde(default = "sixteen")]
+    pub max_new_tokens: usize,
+}
+
+/// The `[eval]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Where results and the report go (relative to the configuration file).
+    pub out_dir: PathBuf,
+    /// The models, side by side; the first is the reference of the DPO win rate.
+    pub models: Vec<ModelEntry>,
+    /// Source of the held-out harmful prompts (`harmbench`; empty = all of `harmful_eval`).
+    #[serde(default = "harmbench")]
+    pub harmful_source: String,
+    /// Harmful prompts (0 = all).
+    #[serde(default)]
+    pub harmful_prompts: usize,
+    /// Harmful prompts per post-attack HS (0 = as `harmful_prompts`).
+    #[serde(default)]
+    pub attack_prompts: usize,
+    /// Benign look-alike prompts (0 = all).
+    #[serde(default)]
+    pub lookalike_prompts: usize,
+    /// Plain harmless prompts (0 = all).
+    #[serde(default)]
+    pub harmless_prompts: usize,
+    /// New tokens per answer (greedy).
+    #[serde(default = "sixty_four")]
+    pub max_new_tokens: usize,
+    /// Prompts per generation batch.
+    #[serde(default = "sixteen")]
+    pub batch_size: usize,
+    /// The refusal judge.
+    #[serde(default)]
+    pub judge: KeywordJudgeConfig,
+    /// Attacks; post-attack HS is measured after each.
+    #[serde(default)]
+    pub attacks: Vec<AttackConfig>,
+    /// Fine-tune accuracy (absent = not measured).
+    #[serde(default)]
+    pub finetune: Option<TaskFinetune>,
+    /// Seeds the attacks' and the fine-tune's order.
+    #[serde(default)]
+    pub seed: u64,
+    /// Sample generations per model in the report.
+    #[serde(default = "six")]
+    pub samples: usize,
+    /// The training run whose metrics and canary reports the report plots (relative to the
+    /// configuration file; absent = none).
+    #[serde(default)]
+    pub train_run: Option<PathBuf>,
+}
+
+fn four() -> usize {
+    4
+}
+fn one() -> f64 {
+    1.0
+}
+fn sixteen() -> usize {
+    16
+}
+fn sixty_four() -> usize {
+    64
+}
+fn six() -> usize {
+    6
+}
+fn harmbench() -> String {
+    "harmbench".into()
+}
+
+/// A configuration error naming the file and key.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: `{key}`: {reason}", file.display())]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// The dotted key.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// A loaded `[eval]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Eval {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The section, defaults filled in.
+    pub config: EvalConfig,
+    /// `out_dir`, resolved.
+    pub out_dir: PathBuf,
+    /// The models, resolved.
+    pub models: Vec<(String, ModelSpec)>,
+    /// `train_run`, resolved.
+    pub train_run: Option<PathBuf>,
+}
+
+impl Eval {
+    /// Reads `[eval]` of `file` with `overrides` (`key=value`, keys relative to `[eval]`).
+    pub fn load(file: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            reason,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| err("(file)", e.to_string()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| err("(file)", format!("not valid TOML: {e}")))?;
+        let mut section = match table.remove("eval") {
+            Some(toml::Value::Table(t)) => t,
+            _ => return Err(err("eval", "missing section `[eval]`".into())),
+        };
+        for o in overrides {
+            let o = o.strip_prefix("eval.").unwrap_or(o);
+            antibody_schedule::config::apply_override(&mut section, o)
+                .map_err(|reason| err(&format!("--set {o}"), reason))?;
+        }
+        let config: EvalConfig = serde_path_to_error::deserialize(toml::Value::Table(section))
+            .map_err(|e| err(&format!("eval.{}", e.path()), e.into_inner().to_string()))?;
+        let dir = file.parent().unwrap_or(Path::new("."));
+        if config.models.is_empty() {
+            return Err(err("eval.models", "name at least one model".into()));
+        }
+        let mut models = Vec::new();
+        for (i, m) in config.models.iter().enumerate() {
+            if models.iter().any(|(n, _)| n == &m.name) {
+                return Err(err(
+                    &format!("eval.models[{i}].name"),
+                    format!("`{}` is used twice", m.name),
+                ));
+            }
+            let spec = m
+                .model
+                .parse::<ModelSpec>()
+                .map_err(|e| err(&format!("eval.models[{i}].model"), e.to_string()))?
+                .resolved_against(dir);
+            models.push((m.name.clone(), spec));
+        }
+        for (i, a) in config.attacks.iter().enumerate() {
+            if a.steps == 0 || a.batch_size == 0 || a.lr.is_nan() || a.lr <= 0.0 {
+                return Err(err(
+                    &format!("eval.attacks[{i}]"),
+                    "steps, batch_size and lr must be positive".into(),
+                ));
+            }
+            if !(0.0..=1.0).contains(&a.harmful_fraction) {
+                return Err(err(
+                    &format!("eval.attacks[{i}].harmful_fraction"),
+                    format!("must be in [0, 1], got {}", a.harmful_fraction),
+                ));
+            }
+        }
+        if config.batch_size == 0 || config.max_new_tokens == 0 {
+            return Err(err(
+                "eval.batch_size",
+                "batch_size and max_new_tokens must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            out_dir: dir.join(&config.out_dir),
+            train_run: config.train_run.as_ref().map(|p| dir.join(p)),
+            file: file.to_path_buf(),
+            models,
+            config,
+        })
+    }
+}
