@@ -13,7 +13,8 @@ The run, written as the method's authors would in PyTorch:
 * student = tiny model seed 0, harmful teacher = seed 1, benign teacher = seed 0 (frozen);
 * 2 cycles of: A_pre (mean activations of every layer's attention output and MLP hidden
   activation over the harmful prompts' tokens) -> 2 harmful steps -> A_post, drift, canaries
-  = drift > quantile q, A_target on the harmless prompts -> 2 harmless steps;
+  = drift > quantile q, A_target on the harmless x ++ y_c (the tokens A_current averages
+  over) -> 2 harmless steps;
 * harmful step: PGD LAT (2 steps, alpha = 2.5 eps / steps, per-token L2 ball of radius eps)
   at the residual stream after layers 1 and 2, attack loss = CE of y_h; then under delta
   L_adv = (1-g) NPO(s_H(y_h) vs s(y_h)) + g (-mean min(KL(pi_H||pi), cap)) + rho SFT(y_ref);
@@ -291,7 +292,7 @@ def main():
         threshold = float(torch.quantile(all_d, s["q"]))
         canary_idx = {k: torch.nonzero(drift[k].double() > threshold).flatten() for k in keys}
         canary_idx = {k: v for k, v in canary_idx.items() if len(v) > 0}
-        tgt_acts = activations_mean(student, sites, [e["prompt"] for e in harmless])
+        tgt_acts = activations_mean(student, sites, [e["y_c"] for e in harmless])
         target = torch.cat([tgt_acts[k][canary_idx[k]] for k in sorted(canary_idx, key=order_key)])
         canaries.append(dict(cycle=cycle, count=int(sum(len(v) for v in canary_idx.values())),
                              threshold=threshold))

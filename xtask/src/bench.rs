@@ -22,6 +22,9 @@ use crate::test::{cargo_command, target_dir};
 /// What to benchmark.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum What {
+    /// The method's two training steps (harmful: LAT + NPO + capped immunization KL;
+    /// harmless: DPO + alignment KL + canary MSE), tokens/s and peak memory per phase.
+    Method,
     /// The model: forward and generation throughput.
     Model,
     /// The KL loss: chunked vs unchunked, time and peak memory.
@@ -32,7 +35,7 @@ pub enum What {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// What to benchmark.
-    #[arg(value_enum, default_value = "model")]
+    #[arg(value_enum, default_value = "method")]
     pub what: What,
     /// cpu, cuda or cuda:N (cuda builds with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -51,6 +54,7 @@ pub struct Args {
 /// Runs `cargo xtask bench`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
+        What::Method => method(&args),
         What::Model => model(&args),
         What::Losses => losses(&args),
     }
@@ -119,6 +123,118 @@ fn losses(args: &Args) -> anyhow::Result<()> {
     }
     println!(
         "time ratio = peer seconds / ours (> 1: faster than PyTorch); memory ratio = our peak above inputs / the peer's (< 1: less memory)"
+    );
+    Ok(())
+}
+
+/// The method's steps on the patient's architecture (random weights), batch 4 × seq 128 on
+/// the CPU; batch 8 and 32 × seq 256 on CUDA. One process per implementation and phase.
+fn method(args: &Args) -> anyhow::Result<()> {
+    let cuda = args.device.starts_with("cuda");
+    let (target, _) = target_dir();
+    let mut build: Vec<String> = ["build", "--release", "-p", "antibody-schedule"]
+        .map(String::from)
+        .to_vec();
+    if cuda {
+        build.extend(["--features".into(), "antibody-schedule/cuda".into()]);
+    }
+    let status = cargo_command(&build, &target)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of antibody-schedule failed ({status})");
+    }
+    let binary = target.join("release").join("antibody-train");
+    let python = if args.skip_peer {
+        None
+    } else {
+        Some(python(args.python.as_deref())?)
+    };
+    let shapes: &[(usize, usize)] = if cuda {
+        &[(8, 256), (32, 256)]
+    } else {
+        &[(4, 128)]
+    };
+    let steps = args.repeats.max(1).to_string();
+    let mut rows = Vec::new();
+    for &(b, t) in shapes {
+        for phase in ["harmful", "harmless"] {
+            let (bs, ts) = (b.to_string(), t.to_string());
+            eprintln!("==> antibody, {phase}, {b} × {t}, {}", args.device);
+            let ours = run_json(
+                Command::new(&binary).args([
+                    "bench",
+                    "--phase",
+                    phase,
+                    "--batch",
+                    &bs,
+                    "--seq",
+                    &ts,
+                    "--steps",
+                    &steps,
+                    "--device",
+                    &args.device,
+                ]),
+                "antibody-train bench",
+            )?;
+            let peer = match &python {
+                Some(py) => {
+                    eprintln!("==> PyTorch peer, {phase}, {b} × {t}");
+                    Some(run_json(
+                        Command::new(py).args([
+                            "bench/method_peer.py",
+                            "--phase",
+                            phase,
+                            "--batch",
+                            &bs,
+                            "--seq",
+                            &ts,
+                            "--steps",
+                            &steps,
+                            "--device",
+                            &args.device,
+                        ]),
+                        "bench/method_peer.py",
+                    )?)
+                }
+                None => None,
+            };
+            rows.push((phase, b, t, ours, peer));
+        }
+    }
+    let num = |r: &serde_json::Value, k: &str| r.get(k).and_then(serde_json::Value::as_f64);
+    let gib = |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.2}", x / (1u64 << 30) as f64));
+    println!(
+        "\nbench method — the method's steps on SmolLM2-135M's architecture, fp32, {} (LAT at layers 8/16/24)",
+        args.device
+    );
+    println!(
+        "{:<9} {:>9} {:>12} {:>12} {:>11} {:>11} {:>11} {:>12}",
+        "phase", "shape", "ours tok/s", "peer tok/s", "speed ×", "ours GiB", "peer GiB", "memory ×"
+    );
+    for (phase, b, t, ours, peer) in &rows {
+        let (pt, pm) = (
+            peer.as_ref().and_then(|p| num(p, "tokens_per_s")),
+            peer.as_ref().and_then(|p| num(p, "peak_bytes")),
+        );
+        let ot = num(ours, "tokens_per_s");
+        let om = num(ours, "peak_bytes");
+        println!(
+            "{:<9} {:>9} {:>12} {:>12} {:>11} {:>11} {:>11} {:>12}",
+            phase,
+            format!("{b}×{t}"),
+            ot.map_or("-".into(), |x| format!("{x:.0}")),
+            pt.map_or("-".into(), |x| format!("{x:.0}")),
+            ot.zip(pt)
+                .map_or("-".into(), |(a, b)| format!("{:.2}×", a / b)),
+            gib(om),
+            gib(pm),
+            om.zip(pm)
+                .map_or("-".into(), |(a, b)| format!("{:.2}×", a / b)),
+        );
+    }
+    println!(
+        "speed × = our tokens/s / the peer's (goal ≥ 2); memory × = our peak / the peer's (goal ≤ 0.5); peaks are the process's VmHWM on the CPU (model weights included), max allocated on CUDA"
     );
     Ok(())
 }

@@ -8,6 +8,7 @@
 //!   harmful-prompt datasets); print paths and digests.
 //! - [`test`]: the project's one test command, used by CI.
 //! - [`bench`]: antibody beside its peer on the same work, as ratios.
+//! - [`pipeline`]: the whole job, stage by stage, skipping what is current.
 //!
 //! Source-tree checks (`tidy`) are tests of this crate: `cargo test -p xtask`.
 
@@ -18,6 +19,7 @@
 
 mod bench;
 mod fetch;
+mod pipeline;
 mod test;
 #[cfg(test)]
 mod tidy;
@@ -43,6 +45,8 @@ enum Task {
     Test(test::Args),
     /// Benchmark antibody beside its PyTorch/transformers peer on the same work.
     Bench(bench::Args),
+    /// The whole job: fetch, data, teachers, train, eval and report.
+    Pipeline(pipeline::Args),
 }
 
 /// The project root: the parent of xtask's manifest directory.
@@ -77,5 +81,6 @@ fn run() -> anyhow::Result<()> {
         Task::Fetch(args) => fetch::run(args),
         Task::Test(args) => test::run(args),
         Task::Bench(args) => bench::run(args),
+        Task::Pipeline(args) => pipeline::run(args),
     }
 }

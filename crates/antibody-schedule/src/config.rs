@@ -37,7 +37,8 @@ pub struct CanaryConfig {
     /// Harmful prompts (of `harmful_train`, a seeded sample) for `A_pre`/`A_post`.
     #[serde(default = "sample")]
     pub harmful_sample: usize,
-    /// Harmless prompts (of `harmless_train`) for `A_target`.
+    /// Harmless examples (of `harmless_train`) whose `x ++ y_c` give `A_target` (the token
+    /// population `A_current` is averaged over in harmless steps).
     #[serde(default = "sample")]
     pub harmless_sample: usize,
     /// Prompts per forward while measuring.

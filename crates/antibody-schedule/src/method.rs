@@ -9,8 +9,9 @@
 //!   configured residual sites; under it, `L_adv = (1 − γ)·L_forget + γ·L_KL_imm + ρ·L_ref`
 //!   (NPO against the cached `ŝ_H(y_h|x)`, the capped immunization KL against π_H's
 //!   per-token distributions, fused with the output head over vocabulary chunks);
-//! - **canaries**: `A_pre` before a harmful phase, `A_post` after it, drift, the quantile
-//!   threshold, `A_target` on harmless prompts with the just-updated student;
+//! - **canaries**: `A_pre` before a harmful phase, `A_post` after it (harmful prompts), drift,
+//!   the quantile threshold, `A_target` with the just-updated student on a harmless sample's
+//!   `x ++ y_c` (the tokens `A_current` is averaged over);
 //! - **harmless step**: `L_align = (1 − α)·L_DPO + α·KL(π_B ‖ π_θ) + λ_stab·L_stab`, the
 //!   canaries' means read from the same forward that computes the DPO term.
 //!
@@ -413,8 +414,10 @@ impl<B: AutodiffBackend> Method<B> {
             config.canary.harmful_sample,
             PROBE_SALT,
         );
+        // A_target is taken over the same token population as A_current (the real tokens of
+        // `x ++ y_c`), so the canary MSE can reach zero.
         let harmless_probe = probe(
-            data.harmless.iter().map(|e| e.prompt.clone()).collect(),
+            data.harmless.iter().map(|e| e.chosen.0.clone()).collect(),
             config.canary.harmless_sample,
             PROBE_SALT ^ 1,
         );

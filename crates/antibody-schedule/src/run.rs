@@ -251,11 +251,15 @@ pub struct RunSummary {
     pub student: PathBuf,
 }
 
-/// How far to go (tests stop early to simulate interruptions).
+/// How far to go (tests stop early to simulate interruptions), and what to do with a run
+/// directory started under another configuration.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
     /// Stop (without finishing) after this many events of this attempt.
     pub stop_after_events: Option<usize>,
+    /// When resuming finds a run started with another configuration, start afresh (the
+    /// pipeline's choice) instead of refusing.
+    pub restart_if_changed: bool,
 }
 
 fn load_inner<B: AutodiffBackend>(
@@ -283,8 +287,22 @@ pub fn run<B: AutodiffBackend>(
     )]))
     .map_err(|e| io(dir, e))?;
     let ckpt = dir.join("checkpoint");
-    let resuming = resume && checkpoint::exists(&ckpt);
     let config_path = dir.join("config.toml");
+    let mut resuming = resume && checkpoint::exists(&ckpt);
+    if resuming
+        && limits.restart_if_changed
+        && std::fs::read_to_string(&config_path).unwrap_or_default() != resolved
+    {
+        tracing::info!(
+            "{}: the configuration changed since this run started: starting afresh",
+            dir.display()
+        );
+        for sub in ["checkpoint", "student", "canaries", "teachers.json"] {
+            let p = dir.join(sub);
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+        resuming = false;
+    }
     if resuming {
         let before = std::fs::read_to_string(&config_path).unwrap_or_default();
         if before != resolved {

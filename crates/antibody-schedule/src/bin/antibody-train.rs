@@ -35,6 +35,182 @@ enum Command {
     Run(RunArgs),
     /// Supervised fine-tuning on one response of a built set.
     Sft(SftArgs),
+    /// Time the method's harmful or harmless step on random weights of the patient's
+    /// architecture (used by `cargo xtask bench method`); prints one JSON line.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// `harmful` (LAT + NPO + capped immunization KL) or `harmless` (DPO + alignment KL +
+    /// canary MSE).
+    #[arg(long)]
+    phase: String,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence (a quarter prompt, the rest response).
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// LAT layers.
+    #[arg(long, value_delimiter = ',', default_value = "8,16,24")]
+    lat_layers: Vec<usize>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+/// `VmHWM` (peak resident set) of this process, in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    use antibody_schedule::method::{
+        HarmfulExample, HarmlessExample, Method, MethodData, Outcome, TeacherCache,
+    };
+    let harmful = match args.phase.as_str() {
+        "harmful" => true,
+        "harmless" => false,
+        other => bail!("--phase: `{other}` is not harmful or harmless"),
+    };
+    let (b, t) = (args.batch, args.seq);
+    let prompt = (t / 4).max(1);
+    let seq = |row: usize, salt: u64| -> (Vec<u32>, Vec<bool>) {
+        let ids = (0..t)
+            .map(|i| {
+                let z = antibody_model::tiny::splitmix64(salt ^ ((row * t + i) as u64));
+                if i == 0 { 1 } else { 3 + (z % 49_000) as u32 }
+            })
+            .collect();
+        (ids, (0..t).map(|i| i >= prompt).collect())
+    };
+    let data = MethodData {
+        harmful: (0..b)
+            .map(|r| HarmfulExample {
+                harmful: seq(r, 11),
+                refusal: None,
+                prompt: seq(r, 11).0[..prompt].to_vec(),
+            })
+            .collect(),
+        harmless: (0..b)
+            .map(|r| HarmlessExample {
+                chosen: seq(r, 12),
+                rejected: seq(r, 13),
+                prompt: seq(r, 12).0[..prompt].to_vec(),
+            })
+            .collect(),
+    };
+    let steps = args.warmup + args.steps;
+    let layers: Vec<String> = args.lat_layers.iter().map(ToString::to_string).collect();
+    let config: antibody_schedule::config::TrainConfig = toml::from_str(&format!(
+        r#"
+        run_dir = "unused"
+        student = "random"
+        harmful_teacher = "random"
+        benign_teacher = "random"
+        cycles = 1
+        harmful_steps = {hs}
+        harmless_steps = {ls}
+        batch_size = {b}
+        [optim]
+        lr = 1e-5
+        max_grad_norm = 1.0
+        [adv]
+        forget = "npo"
+        gamma = 0.5
+        kl_cap = 10.0
+        [align]
+        pref = "dpo"
+        alpha = 0.5
+        lambda_stab = 1.0
+        [lat]
+        layers = [{layers}]
+        epsilon = 1.0
+        steps = 1
+        [canary]
+        enabled = {canary}
+        q = 0.99
+        harmful_sample = {b}
+        harmless_sample = {b}
+        batch_size = {b}
+        "#,
+        hs = if harmful { steps } else { 1 },
+        ls = if harmful { 0 } else { steps },
+        layers = layers.join(", "),
+        canary = !harmful,
+    ))?;
+    let arch = antibody_model::LlamaConfig::smollm2_135m();
+    let name = args.device.to_string();
+    with_backend!(args.device, autodiff, |B, device| {
+        type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        let student = antibody_model::tiny::random_model::<B>(&arch, 1, &device)?;
+        let harmful_teacher = antibody_model::tiny::random_model::<I>(&arch, 2, &device)?;
+        let benign_teacher = antibody_model::tiny::random_model::<I>(&arch, 1, &device)?;
+        let cache = TeacherCache::compute(
+            String::new(),
+            &harmful_teacher,
+            &benign_teacher,
+            &benign_teacher,
+            &data,
+            &config,
+        )?;
+        let mut method = Method::new(
+            student,
+            None,
+            None,
+            harmful_teacher,
+            benign_teacher,
+            cache,
+            data,
+            config,
+        )?;
+        let phase = if harmful { "harmful" } else { "harmless" };
+        let (mut seconds, mut timed, mut seen) = (0.0, 0usize, 0usize);
+        let mut reset = false;
+        while let Some((event, outcome)) = method.advance()? {
+            // Peak memory from the first step of the measured phase on.
+            if !reset && method.next_event().is_some_and(|e| e.phase() == phase) {
+                reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+            }
+            if let Outcome::Step(m) = outcome
+                && event.phase() == phase
+            {
+                seen += 1;
+                if seen > args.warmup {
+                    seconds += m.seconds;
+                    timed += 1;
+                }
+            }
+        }
+        let tokens = (timed * b * t) as f64;
+        let line = serde_json::json!({
+            "impl": "antibody",
+            "phase": phase,
+            "device": name,
+            "batch": b,
+            "seq": t,
+            "steps": timed,
+            "seconds_per_step": seconds / timed.max(1) as f64,
+            "tokens_per_s": tokens / seconds.max(1e-9),
+            "peak_bytes": peak_rss(),
+            "peak_reset": reset,
+        });
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{line}");
+        }
+        Ok::<_, anyhow::Error>(())
+    })
 }
 
 #[derive(clap::Args, Debug)]
@@ -54,6 +230,10 @@ struct RunArgs {
     /// Continue from the run directory's last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// With `--resume`: a run started under another configuration starts afresh instead of
+    /// being refused.
+    #[arg(long)]
+    restart_if_changed: bool,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -78,7 +258,10 @@ fn run(args: RunArgs) -> Result<()> {
             &device,
             &name,
             args.resume,
-            antibody_schedule::run::Limits::default(),
+            antibody_schedule::run::Limits {
+                restart_if_changed: args.restart_if_changed,
+                ..Default::default()
+            },
         )?;
         Ok::<_, anyhow::Error>(())
     })
@@ -245,6 +428,10 @@ fn main() -> Result<()> {
         Command::Sft(args) => {
             antibody_fetch::init_logging();
             sft(args)
+        }
+        Command::Bench(args) => {
+            antibody_fetch::init_logging();
+            bench(args)
         }
     }
 }
