@@ -177,11 +177,14 @@ fn bench(args: BenchArgs) -> Result<()> {
         let phase = if harmful { "harmful" } else { "harmless" };
         let (mut seconds, mut timed, mut seen) = (0.0, 0usize, 0usize);
         let mut reset = false;
-        while let Some((event, outcome)) = method.advance()? {
+        loop {
             // Peak memory from the first step of the measured phase on.
             if !reset && method.next_event().is_some_and(|e| e.phase() == phase) {
                 reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
             }
+            let Some((event, outcome)) = method.advance()? else {
+                break;
+            };
             if let Outcome::Step(m) = outcome
                 && event.phase() == phase
             {
