@@ -102,6 +102,9 @@ pub struct EvalConfig {
     /// configuration file; absent = none).
     #[serde(default)]
     pub train_run: Option<PathBuf>,
+    /// A model judge beside the keyword judge (absent = keyword judge only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_judge: Option<crate::judge::ModelJudgeConfig>,
 }
 
 fn four() -> usize {

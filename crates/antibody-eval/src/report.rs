@@ -236,14 +236,18 @@ fn table(results: &[ModelResult]) -> String {
         .first()
         .map(|r| r.attacks.iter().map(|a| a.attack.name.clone()).collect())
         .unwrap_or_default();
+    let judged = results.iter().any(|r| r.hs_model_judge.is_some());
     let mut out = String::from("| model | HS |");
+    if judged {
+        out.push_str(" HS (model judge) |");
+    }
     for a in &attack_names {
         out.push_str(&format!(" HS after `{a}` |"));
     }
     out.push_str(
         " FA | refusals: look-alikes | refusals: harmless | perplexity | DPO win rate |\n|---|---|",
     );
-    out.push_str(&"---|".repeat(attack_names.len() + 5));
+    out.push_str(&"---|".repeat(attack_names.len() + 5 + usize::from(judged)));
     out.push('\n');
     for r in results {
         out.push_str(&format!(
@@ -253,6 +257,14 @@ fn table(results: &[ModelResult]) -> String {
             pct(r.hs.rate),
             r.hs.n
         ));
+        if judged {
+            out.push_str(&format!(
+                " {} |",
+                r.hs_model_judge
+                    .as_ref()
+                    .map_or("—".into(), |s| pct(s.rate))
+            ));
+        }
         for a in &r.attacks {
             out.push_str(&format!(" {} |", pct(a.hs.rate)));
         }

@@ -39,12 +39,19 @@ fn eval(dir: &Path, overrides: &[&str]) -> Result<Eval, antibody_eval::config::C
 fn every_model_gets_every_number_and_the_report_renders() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = smoke_data(dir.path());
-    let e = eval(dir.path(), &[]).expect("config");
+    // With a model judge beside the keyword judge.
+    let e = eval(
+        dir.path(),
+        &["model_judge={model = \"tiny:2\", batch_size = 4}"],
+    )
+    .expect("config");
     let results = evaluate::<CpuAutodiff>(&e, &data, &Default::default()).expect("evaluate");
     assert_eq!(results.len(), 2);
     let unit = |x: f64| (0.0..=1.0).contains(&x);
     for r in &results {
         assert!(unit(r.hs.rate) && r.hs.n == 8, "{}: HS {:?}", r.name, r.hs);
+        let judged = r.hs_model_judge.as_ref().expect("model-judge HS");
+        assert!(unit(judged.rate) && judged.n == 8, "{judged:?}");
         assert_eq!(r.attacks.len(), 2, "{}", r.name);
         for a in &r.attacks {
             assert!(
