@@ -27,6 +27,9 @@ pub enum What {
     Method,
     /// The model: forward and generation throughput.
     Model,
+    /// HS evaluation's work: greedy answers to 64 prompts × 64 new tokens (one batch, KV
+    /// cache), wall time beside transformers' `generate` on the same prompts.
+    Eval,
     /// The KL loss: chunked vs unchunked, time and peak memory.
     Losses,
 }
@@ -55,7 +58,8 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Method => method(&args),
-        What::Model => model(&args),
+        What::Model => model(&args).map(|_| ()),
+        What::Eval => eval(&args),
         What::Losses => losses(&args),
     }
 }
@@ -280,7 +284,33 @@ fn print_losses_table(title: &str, rows: &[serde_json::Value]) {
     }
 }
 
-fn model(args: &Args) -> anyhow::Result<()> {
+/// HS-evaluation wall time: the generation part of `bench model` (64 prompts × 64 new
+/// tokens; judging them takes microseconds), as seconds.
+fn eval(args: &Args) -> anyhow::Result<()> {
+    let (ours, peer) = model(args)?;
+    let secs = |r: &serde_json::Value| {
+        r.get("generate_tok_s")
+            .and_then(serde_json::Value::as_f64)
+            .filter(|&t| t > 0.0)
+            .map(|t| 64.0 * 64.0 / t)
+    };
+    let (a, p) = (secs(&ours), peer.as_ref().and_then(secs));
+    println!(
+        "\nbench eval — HS evaluation of 64 prompts × 64 new tokens (greedy, one batch), device {}",
+        args.device
+    );
+    println!(
+        "wall time: antibody {} s, transformers {} s, speed ratio {} (goal ≥ 3×)",
+        a.map_or("-".into(), |x| format!("{x:.1}")),
+        p.map_or("-".into(), |x| format!("{x:.1}")),
+        a.zip(p)
+            .map_or("-".into(), |(a, p)| format!("{:.2}×", p / a))
+    );
+    Ok(())
+}
+
+/// Returns our JSON line and the peer's.
+fn model(args: &Args) -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
     let cuda = args.device.starts_with("cuda");
     let (target, _) = target_dir();
     let mut build = vec!["build", "--release", "-p", "antibody-model"];
@@ -356,7 +386,7 @@ fn model(args: &Args) -> anyhow::Result<()> {
         };
         println!("{label:<42} {:>12} {:>12} {ratio:>8}", fmt(a), fmt(p));
     }
-    Ok(())
+    Ok((ours, peer))
 }
 
 /// Runs `command` and parses the last line of its stdout as a JSON object.
