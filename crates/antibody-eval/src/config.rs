@@ -126,17 +126,7 @@ fn harmbench() -> String {
     "harmbench".into()
 }
 
-/// A configuration error naming the file and key.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: `{key}`: {reason}", file.display())]
-pub struct ConfigError {
-    /// The file.
-    pub file: PathBuf,
-    /// The dotted key.
-    pub key: String,
-    /// What is wrong.
-    pub reason: String,
-}
+pub use antibody_schedule::config::ConfigError;
 
 /// A loaded `[eval]` section.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,21 +151,7 @@ impl Eval {
             key: key.into(),
             reason,
         };
-        let text = std::fs::read_to_string(file).map_err(|e| err("(file)", e.to_string()))?;
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e| err("(file)", format!("not valid TOML: {e}")))?;
-        let mut section = match table.remove("eval") {
-            Some(toml::Value::Table(t)) => t,
-            _ => return Err(err("eval", "missing section `[eval]`".into())),
-        };
-        for o in overrides {
-            let o = o.strip_prefix("eval.").unwrap_or(o);
-            antibody_schedule::config::apply_override(&mut section, o)
-                .map_err(|reason| err(&format!("--set {o}"), reason))?;
-        }
-        let config: EvalConfig = serde_path_to_error::deserialize(toml::Value::Table(section))
-            .map_err(|e| err(&format!("eval.{}", e.path()), e.into_inner().to_string()))?;
+        let config: EvalConfig = antibody_schedule::config::load_section(file, "eval", overrides)?;
         let dir = file.parent().unwrap_or(Path::new("."));
         if config.models.is_empty() {
             return Err(err("eval.models", "name at least one model".into()));

@@ -178,39 +178,7 @@ impl Train {
     /// Reads the `[train]` section of `file`, with `overrides` (`key=value`, TOML values,
     /// keys relative to `[train]` or starting with `train.`) applied first.
     pub fn load(file: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let err = |key: &str, reason: String| ConfigError {
-            file: file.to_path_buf(),
-            key: key.to_owned(),
-            reason,
-        };
-        let text = std::fs::read_to_string(file).map_err(|e| err("(file)", e.to_string()))?;
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e| err("(file)", format!("not valid TOML: {e}")))?;
-        let mut section = match table.remove("train") {
-            Some(toml::Value::Table(t)) => t,
-            Some(_) => return Err(err("train", "must be a table".into())),
-            None => return Err(err("train", "missing section `[train]`".into())),
-        };
-        for o in overrides {
-            apply_override(&mut section, o).map_err(|reason| ConfigError {
-                file: file.to_path_buf(),
-                key: format!("--set {o}"),
-                reason,
-            })?;
-        }
-        let config: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(section))
-            .map_err(|e| {
-                let path = e.path().to_string();
-                err(
-                    &if path == "." {
-                        "train".into()
-                    } else {
-                        format!("train.{path}")
-                    },
-                    e.into_inner().to_string(),
-                )
-            })?;
+        let config = load_section(file, "train", overrides)?;
         Self::from_config(file, config)
     }
 
@@ -312,13 +280,50 @@ impl Train {
     }
 }
 
+/// Reads section `name` of the TOML file `file` into `T`, with `overrides` (`key=value`, TOML
+/// values, keys relative to the section or starting with `name.`) applied first. Errors name
+/// the file and the dotted key (`name.a.b`).
+pub fn load_section<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    name: &str,
+    overrides: &[String],
+) -> Result<T, ConfigError> {
+    let err = |key: &str, reason: String| ConfigError {
+        file: file.to_path_buf(),
+        key: key.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| err("(file)", e.to_string()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e| err("(file)", format!("not valid TOML: {e}")))?;
+    let mut section = match table.remove(name) {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => return Err(err(name, "must be a table".into())),
+        None => return Err(err(name, format!("missing section `[{name}]`"))),
+    };
+    let prefix = format!("{name}.");
+    for o in overrides {
+        let o = o.strip_prefix(&prefix).unwrap_or(o);
+        apply_override(&mut section, o).map_err(|reason| err(&format!("--set {o}"), reason))?;
+    }
+    serde_path_to_error::deserialize(toml::Value::Table(section)).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." {
+            name.to_owned()
+        } else {
+            format!("{name}.{path}")
+        };
+        err(&key, e.into_inner().to_string())
+    })
+}
+
 /// Sets `a.b.c = value` in `table` (`value` parsed as TOML, else taken as a string).
 pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
     let (key, value) = assignment
         .split_once('=')
         .ok_or_else(|| "expected KEY=VALUE".to_owned())?;
     let key = key.trim();
-    let key = key.strip_prefix("train.").unwrap_or(key);
     let value = value.trim();
     let parsed: toml::Value = format!("v = {value}")
         .parse::<toml::Table>()
@@ -347,7 +352,7 @@ mod tests {
     fn overrides_set_nested_keys_with_toml_values() {
         let mut t: toml::Table = "a = 1\n[lat]\nepsilon = 1.0\n".parse().expect("toml");
         apply_override(&mut t, "lat.epsilon=2.5").expect("set");
-        apply_override(&mut t, "train.student=patient").expect("set");
+        apply_override(&mut t, "student=patient").expect("set");
         apply_override(&mut t, "lat.layers=[1, 2]").expect("set");
         assert_eq!(t["lat"]["epsilon"].as_float(), Some(2.5));
         assert_eq!(t["student"].as_str(), Some("patient"));
