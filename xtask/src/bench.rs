@@ -64,26 +64,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-fn build_release(package: &str) -> anyhow::Result<PathBuf> {
+/// Builds `package` in release mode (with `features`, if any); returns the release dir.
+fn build_release(package: &str, features: Option<&str>) -> anyhow::Result<PathBuf> {
     let (target, _) = target_dir();
-    let build: Vec<String> = ["build", "--release", "-p", package]
+    let mut build: Vec<String> = ["build", "--release", "-p", package]
         .into_iter()
         .map(String::from)
         .collect();
+    if let Some(f) = features {
+        build.extend(["--features".to_owned(), f.to_owned()]);
+    }
     let status = cargo_command(&build, &target)
         .status()
         .context("running cargo build")?;
     if !status.success() {
         bail!("cargo build of {package} failed ({status})");
     }
-    Ok(target.join("release").join(package))
+    Ok(target.join("release"))
 }
 
 fn losses(args: &Args) -> anyhow::Result<()> {
     if args.device != "cpu" {
         bail!("bench losses runs on the CPU only");
     }
-    let binary = build_release("antibody-losses")?;
+    let binary = build_release("antibody-losses", None)?.join("antibody-losses");
     let repeats = args.repeats.max(1).to_string();
     let python = if args.skip_peer {
         None
@@ -135,20 +139,11 @@ fn losses(args: &Args) -> anyhow::Result<()> {
 /// the CPU; batch 8 and 32 × seq 256 on CUDA. One process per implementation and phase.
 fn method(args: &Args) -> anyhow::Result<()> {
     let cuda = args.device.starts_with("cuda");
-    let (target, _) = target_dir();
-    let mut build: Vec<String> = ["build", "--release", "-p", "antibody-schedule"]
-        .map(String::from)
-        .to_vec();
-    if cuda {
-        build.extend(["--features".into(), "antibody-schedule/cuda".into()]);
-    }
-    let status = cargo_command(&build, &target)
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build of antibody-schedule failed ({status})");
-    }
-    let binary = target.join("release").join("antibody-train");
+    let binary = build_release(
+        "antibody-schedule",
+        cuda.then_some("antibody-schedule/cuda"),
+    )?
+    .join("antibody-train");
     let python = if args.skip_peer {
         None
     } else {
@@ -312,23 +307,12 @@ fn eval(args: &Args) -> anyhow::Result<()> {
 /// Returns our JSON line and the peer's.
 fn model(args: &Args) -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
     let cuda = args.device.starts_with("cuda");
-    let (target, _) = target_dir();
-    let mut build = vec!["build", "--release", "-p", "antibody-model"];
-    if cuda {
-        build.extend(["--features", "cuda"]);
-    }
-    let build: Vec<String> = build.into_iter().map(String::from).collect();
-    let status = cargo_command(&build, &target)
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build of antibody-model failed ({status})");
-    }
+    let release = build_release("antibody-model", cuda.then_some("cuda"))?;
     let gguf = antibody_fetch::fetch(&antibody_fetch::patient())?;
     let prompts = Path::new("bench/prompts.txt");
     let repeats = args.repeats.to_string();
     let gguf_s = gguf.display().to_string();
-    let binary = target.join("release").join("antibody-model");
+    let binary = release.join("antibody-model");
     eprintln!("==> antibody ({})", args.device);
     let ours = run_json(
         Command::new(&binary).args([

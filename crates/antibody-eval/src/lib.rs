@@ -30,8 +30,7 @@ use std::time::Instant;
 use antibody_data::{Manifest, Record, SetKind, read_set};
 use antibody_fetch::progress::Progress;
 use antibody_judge::KeywordJudge;
-use antibody_losses::{HeadLogprobValues, NextTokenTargets};
-use antibody_model::{GenerationConfig, Hooks, Llama, ModelSpec, TokenBatch, Tokenizer, generate};
+use antibody_model::{GenerationConfig, Llama, ModelSpec, Tokenizer, generate};
 use antibody_schedule::optim::OptimConfig;
 use antibody_schedule::sft::{Example, FinetuneConfig, finetune};
 use burn::module::AutodiffModule;
@@ -282,34 +281,20 @@ pub fn refusal_share(answers: &[String], judge: &KeywordJudge) -> Share {
     }
 }
 
-/// `ŝ(y|x)` per sequence and the counted tokens, without an autodiff graph.
+/// `ŝ(y|x)` per sequence ([`antibody_schedule::method::sequence_logprobs`]) and the counted
+/// response tokens.
 pub fn sequence_logprobs<B: Backend>(
     model: &Llama<B>,
     seqs: &[Example],
     batch: usize,
 ) -> Result<(Vec<f32>, usize), EvalError> {
-    let pad = model.config.pad_token_id;
-    let device = model.device();
-    let head = model.head_weight();
-    let (mut out, mut count) = (Vec::with_capacity(seqs.len()), 0usize);
-    for part in seqs.chunks(batch.max(1)) {
-        let t = NextTokenTargets::new(part, pad);
-        count += t.mask.iter().filter(|&&m| m > 0.0).count();
-        let ids: Vec<Vec<u32>> = part.iter().map(|e| e.0.clone()).collect();
-        let hidden = model
-            .forward_hidden(&TokenBatch::right_padded(&ids, pad), &Hooks::none())?
-            .hidden;
-        let v = HeadLogprobValues::new(
-            hidden,
-            head.clone(),
-            t.targets_tensor(&device),
-            t.mask_tensor(&device),
-            8192,
-        )
-        .values();
-        out.extend(v.into_data().to_vec::<f32>().unwrap_or_default());
-    }
-    Ok((out, count))
+    let values = antibody_schedule::method::sequence_logprobs(model, seqs, batch, 8192)?;
+    // A response token counts when it has a predecessor (as in `NextTokenTargets`).
+    let count = seqs
+        .iter()
+        .map(|(_, m)| m.iter().skip(1).filter(|&&x| x).count())
+        .sum();
+    Ok((values, count))
 }
 
 /// Examples of an attack: `steps × batch_size` draws of which `harmful_fraction` are

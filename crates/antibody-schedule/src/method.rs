@@ -124,12 +124,14 @@ pub struct TeacherCache {
     pub initial_h: Vec<f32>,
 }
 
-fn logprobs<I: Backend>(
+/// `ŝ(y|x)` per sequence on any backend, `batch_size` sequences per forward, without an
+/// autodiff graph (teachers here, every model in evaluation).
+pub fn sequence_logprobs<I: Backend>(
     model: &Llama<I>,
     seqs: &[Example],
     batch_size: usize,
     chunk: usize,
-) -> Result<Vec<f32>, TrainError> {
+) -> Result<Vec<f32>, antibody_model::ModelError> {
     let pad = model.config.pad_token_id;
     let device = model.device();
     let head = model.head_weight();
@@ -176,7 +178,7 @@ impl TeacherCache {
         let needs_benign_h = adv.rho > 0.0 && adv.refusal == RefusalLoss::Dpo;
         let needs_ref = adv.rho > 0.0;
         let ref_values = if needs_ref {
-            logprobs(benign_teacher, &refs, bs, chunk)?
+            sequence_logprobs(benign_teacher, &refs, bs, chunk)?
         } else {
             Vec::new()
         };
@@ -195,25 +197,25 @@ impl TeacherCache {
         let align_pref = config.align.pref == PrefLoss::Dpo && config.align.alpha < 1.0;
         Ok(Self {
             key,
-            harmful_h: logprobs(harmful_teacher, &h, bs, chunk)?,
+            harmful_h: sequence_logprobs(harmful_teacher, &h, bs, chunk)?,
             benign_h: if needs_benign_h {
-                logprobs(benign_teacher, &h, bs, chunk)?
+                sequence_logprobs(benign_teacher, &h, bs, chunk)?
             } else {
                 Vec::new()
             },
             benign_ref,
             benign_c: if align_pref {
-                logprobs(benign_teacher, &c, bs, chunk)?
+                sequence_logprobs(benign_teacher, &c, bs, chunk)?
             } else {
                 Vec::new()
             },
             benign_r: if align_pref {
-                logprobs(benign_teacher, &r, bs, chunk)?
+                sequence_logprobs(benign_teacher, &r, bs, chunk)?
             } else {
                 Vec::new()
             },
             initial_h: if adv.npo_reference == NpoReference::Initial {
-                logprobs(student, &h, bs, chunk)?
+                sequence_logprobs(student, &h, bs, chunk)?
             } else {
                 Vec::new()
             },
