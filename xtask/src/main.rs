@@ -9,6 +9,7 @@
 //! - [`test`]: the project's one test command, used by CI.
 //! - [`bench`]: antibody beside its peer on the same work, as ratios.
 //! - [`pipeline`]: the whole job, stage by stage, skipping what is current.
+//! - [`sweep`]: the pipeline once per setting of a search, and one results table.
 //!
 //! Source-tree checks (`tidy`) are tests of this crate: `cargo test -p xtask`.
 
@@ -20,6 +21,7 @@
 mod bench;
 mod fetch;
 mod pipeline;
+mod sweep;
 mod test;
 #[cfg(test)]
 mod tidy;
@@ -47,6 +49,8 @@ enum Task {
     Bench(bench::Args),
     /// The whole job: fetch, data, teachers, train, eval and report.
     Pipeline(pipeline::Args),
+    /// The pipeline once per setting of a search (a sweep file), and one results table.
+    Sweep(sweep::Args),
 }
 
 /// The project root: the parent of xtask's manifest directory.
@@ -82,5 +86,6 @@ fn run() -> anyhow::Result<()> {
         Task::Test(args) => test::run(args),
         Task::Bench(args) => bench::run(args),
         Task::Pipeline(args) => pipeline::run(args),
+        Task::Sweep(args) => sweep::run(args),
     }
 }

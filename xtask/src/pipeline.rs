@@ -29,19 +29,19 @@ use crate::test::{cargo_command, target_dir};
 pub struct Args {
     /// The configuration.
     #[arg(long, default_value = "configs/default.toml")]
-    config: PathBuf,
+    pub(crate) config: PathBuf,
     /// Override a key: `--set train.lat.epsilon=4.0` (sections train, eval, teacher).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    overrides: Vec<String>,
+    pub(crate) overrides: Vec<String>,
     /// Device for every stage: cpu, cuda or cuda:N (cuda builds with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Run only this stage (fetch, data, teachers, train, eval).
     #[arg(long)]
-    stage: Option<String>,
+    pub(crate) stage: Option<String>,
     /// Continue the training run in this directory instead of the configured one.
     #[arg(long)]
-    resume: Option<PathBuf>,
+    pub(crate) resume: Option<PathBuf>,
 }
 
 /// The `[teacher]` section: how the pipeline makes and checks the teachers.
@@ -121,7 +121,10 @@ fn digest(parts: &[&str]) -> String {
 
 struct Pipeline {
     config: PathBuf,
+    /// Stamps of this training run's stages (beside `train.run_dir`).
     dir: PathBuf,
+    /// Stamps of the stages every run over the same data shares (beside `data.out_dir`).
+    shared: PathBuf,
     table: toml::Table,
     bin: PathBuf,
     device: String,
@@ -130,28 +133,24 @@ struct Pipeline {
 
 impl Pipeline {
     fn section(&self, name: &str) -> String {
-        let mut t = self
+        // `table` has the overrides applied already.
+        let t = self
             .table
             .get(name)
             .cloned()
             .unwrap_or(toml::Value::Table(Default::default()));
-        for o in &self.overrides {
-            if let Some(rest) = o.strip_prefix(&format!("{name}."))
-                && let (Some((k, v)), Some(table)) = (rest.split_once('='), t.as_table_mut())
-            {
-                let parsed: toml::Value = format!("v = {v}")
-                    .parse::<toml::Table>()
-                    .ok()
-                    .and_then(|mut x| x.remove("v"))
-                    .unwrap_or_else(|| toml::Value::String(v.into()));
-                let _ = set_key(table, k, parsed);
-            }
-        }
         toml::to_string(&t).unwrap_or_default()
     }
 
     fn stamp_path(&self, stage: &str) -> PathBuf {
-        self.dir.join("stages").join(format!("{stage}.json"))
+        // The teachers depend on the data and the student only: their stamp lives beside the
+        // data build, so the runs of a sweep (each its own training directory) share them.
+        let dir = if stage == "teachers" {
+            &self.shared
+        } else {
+            &self.dir
+        };
+        dir.join("stages").join(format!("{stage}.json"))
     }
 
     fn current(&self, stage: &str, inputs: &str) -> bool {
@@ -232,9 +231,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let table: toml::Table = text
+    let mut table: toml::Table = text
         .parse()
         .with_context(|| format!("{}: not valid TOML", args.config.display()))?;
+    // Every stage reads the configuration with the overrides applied (the stage binaries get
+    // them as `--set` too), so an overridden `train.run_dir` or `eval.out_dir` moves the run.
+    for o in &args.overrides {
+        if let Some((k, v)) = o.split_once('=') {
+            let parsed: toml::Value = format!("v = {v}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut x| x.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(v.into()));
+            set_key(&mut table, k, parsed)
+                .with_context(|| format!("--set {o}: `{k}` is not inside a table"))?;
+        }
+    }
     for section in ["data", "teacher", "train", "eval"] {
         if !table.contains_key(section) {
             bail!(
@@ -287,6 +299,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .parent()
             .unwrap_or(Path::new("."))
             .join(dir_of("train", "run_dir")?)
+            .parent()
+            .map(|d| d.join("pipeline"))
+            .unwrap_or_else(|| PathBuf::from("pipeline")),
+        shared: args
+            .config
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(dir_of("data", "out_dir")?)
             .parent()
             .map(|d| d.join("pipeline"))
             .unwrap_or_else(|| PathBuf::from("pipeline")),

@@ -332,23 +332,36 @@ fn ft_config(lr: f64, steps: usize, batch_size: usize, seed: u64) -> FinetuneCon
     }
 }
 
-/// The key a model's result is current for.
-pub fn result_key(spec: &ModelSpec, data: &EvalData, c: &EvalConfig) -> Result<String, EvalError> {
+/// The key a model's result is current for: the model's content, the reference model's (the
+/// DPO win rate is measured against it; `None` for the reference itself), the data and every
+/// setting that changes a number.
+pub fn result_key(
+    spec: &ModelSpec,
+    reference: Option<&ModelSpec>,
+    data: &EvalData,
+    c: &EvalConfig,
+) -> Result<String, EvalError> {
     let mut settings = c.clone();
     settings.models.clear();
     settings.samples = 0;
     settings.train_run = None;
     let mut h = Sha256::new();
     h.update(spec.identity()?.as_bytes());
+    if let Some(r) = reference {
+        h.update(b"|reference:");
+        h.update(r.identity()?.as_bytes());
+    }
     h.update(data.inputs_hash.as_bytes());
     h.update(serde_json::to_vec(&settings).map_err(|e| io(Path::new("."), e))?);
     Ok(format!("{:x}", h.finalize()))
 }
 
 /// Evaluates one model.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_model<B: AutodiffBackend>(
     name: &str,
     spec: &ModelSpec,
+    key: String,
     data: &EvalData,
     c: &EvalConfig,
     reference: Option<&(Vec<f32>, Vec<f32>)>,
@@ -527,7 +540,7 @@ pub fn evaluate_model<B: AutodiffBackend>(
     Ok(ModelResult {
         name: name.into(),
         model: spec.to_string(),
-        key: result_key(spec, data, c)?,
+        key,
         hs,
         hs_model_judge,
         attacks,
@@ -570,44 +583,70 @@ pub fn evaluate<B: AutodiffBackend>(
         }
         None => None,
     };
+    let shared = antibody_fetch::cache_root().join("eval");
+    let reference_spec = eval.models.first().map(|(_, s)| s.clone());
     let mut results: Vec<ModelResult> = Vec::new();
-    for (name, spec) in &eval.models {
+    for (i, (name, spec)) in eval.models.iter().enumerate() {
         let path = dir.join(format!("{name}.json"));
-        let key = result_key(spec, &data, c)?;
-        let current = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<ModelResult>(&b).ok())
-            .filter(|r| r.key == key);
-        let result = match current {
-            Some(r) => {
-                tracing::info!("{name}: result is current ({}), skipped", path.display());
-                r
+        let reference = if i == 0 {
+            None
+        } else {
+            reference_spec.as_ref()
+        };
+        let key = result_key(spec, reference, &data, c)?;
+        let shared_path = shared.join(format!("{key}.json"));
+        let read = |p: &Path| {
+            std::fs::read(p)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ModelResult>(&b).ok())
+                .filter(|r| r.key == key)
+        };
+        let write = |p: &Path, r: &ModelResult| -> Result<(), EvalError> {
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
             }
-            None => {
-                let reference = results.first().map(|r| r.pair_logps.clone());
-                let r = evaluate_model::<B>(
-                    name,
-                    spec,
-                    &data,
-                    c,
-                    reference.as_ref(),
-                    model_judge.as_ref(),
-                    device,
-                )?;
-                let bytes = serde_json::to_vec_pretty(&r).map_err(|e| io(&path, e))?;
-                antibody_fetch::atomic::write_with::<std::io::Error>(&path, |tmp| {
-                    std::fs::write(tmp, &bytes)
-                })
-                .map_err(|e| io(&path, e))?;
-                tracing::info!(
-                    "{name}: HS {:.3}, look-alike refusals {:.3}, perplexity {:.2} ({:.0} s)",
-                    r.hs.rate,
-                    r.over_refusal_lookalike.rate,
-                    r.perplexity,
-                    r.seconds
-                );
-                r
-            }
+            let bytes = serde_json::to_vec_pretty(r).map_err(|e| io(p, e))?;
+            antibody_fetch::atomic::write_with::<std::io::Error>(p, |tmp| {
+                std::fs::write(tmp, &bytes)
+            })
+            .map_err(|e| io(p, e))
+        };
+        let result = if let Some(r) = read(&path) {
+            tracing::info!("{name}: result is current ({}), skipped", path.display());
+            r
+        } else if let Some(mut r) = read(&shared_path) {
+            // The same weights under the same data and settings were evaluated before
+            // (another run of a sweep): the numbers are reused, the names are this run's.
+            tracing::info!(
+                "{name}: the same model was evaluated under the same settings ({}), reused",
+                shared_path.display()
+            );
+            r.name = name.clone();
+            r.model = spec.to_string();
+            write(&path, &r)?;
+            r
+        } else {
+            let reference = results.first().map(|r| r.pair_logps.clone());
+            let r = evaluate_model::<B>(
+                name,
+                spec,
+                key.clone(),
+                &data,
+                c,
+                reference.as_ref(),
+                model_judge.as_ref(),
+                device,
+            )?;
+            write(&path, &r)?;
+            write(&shared_path, &r)?;
+            tracing::info!(
+                "{name}: HS {:.3}, look-alike refusals {:.3}, perplexity {:.2} ({:.0} s)",
+                r.hs.rate,
+                r.over_refusal_lookalike.rate,
+                r.perplexity,
+                r.seconds
+            );
+            r
         };
         results.push(result);
     }

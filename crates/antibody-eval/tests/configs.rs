@@ -24,3 +24,45 @@ fn every_config_in_configs_parses() {
     }
     assert!(checked >= 2, "default.toml and smoke.toml at least");
 }
+
+/// Every sweep in `configs/sweeps/` names a base configuration, and each of its runs'
+/// overrides applies to it and parses (so a sweep does not fail an hour in).
+#[test]
+fn every_sweep_run_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sweeps");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("configs/sweeps/") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        let sweep: toml::Table = text
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let base = path.parent().expect("dir").join(
+            sweep["config"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: `config`", path.display())),
+        );
+        for (i, run) in sweep["run"].as_array().expect("[[run]]").iter().enumerate() {
+            let sets: Vec<&str> = run
+                .get("set")
+                .and_then(toml::Value::as_array)
+                .map(|a| a.iter().filter_map(toml::Value::as_str).collect())
+                .unwrap_or_default();
+            let section = |name: &str| -> Vec<String> {
+                sets.iter()
+                    .filter_map(|s| s.strip_prefix(&format!("{name}.")))
+                    .map(str::to_owned)
+                    .collect()
+            };
+            antibody_schedule::config::Train::load(&base, &section("train"))
+                .unwrap_or_else(|e| panic!("{}: run[{i}]: [train]: {e}", path.display()));
+            antibody_eval::Eval::load(&base, &section("eval"))
+                .unwrap_or_else(|e| panic!("{}: run[{i}]: [eval]: {e}", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "configs/sweeps/cpu.toml has runs");
+}

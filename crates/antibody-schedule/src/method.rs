@@ -155,8 +155,53 @@ pub fn sequence_logprobs<I: Backend>(
     Ok(out)
 }
 
+/// The examples a run's plan reads: (harmful, harmless) indices, each flagged `true` when used.
+pub fn used_examples(config: &TrainConfig, data: &MethodData) -> (Vec<bool>, Vec<bool>) {
+    let (nh, nl) = counts(&plan(config));
+    let bs = config.batch_size;
+    let mark = |n: usize, salt: u64, len: usize| {
+        let mut used = vec![false; n];
+        for i in order(n, config.seed ^ salt, len) {
+            used[i] = true;
+        }
+        used
+    };
+    (
+        mark(data.harmful.len(), HARMFUL_SALT, nh * bs),
+        mark(data.harmless.len(), HARMLESS_SALT, nl * bs),
+    )
+}
+
+/// `sequence_logprobs` of the flagged sequences only; `NaN` for the others.
+fn logprobs_where<I: Backend>(
+    model: &Llama<I>,
+    seqs: &[Example],
+    used: &[bool],
+    batch_size: usize,
+    chunk: usize,
+) -> Result<Vec<f32>, antibody_model::ModelError> {
+    let picked: Vec<Example> = seqs
+        .iter()
+        .zip(used)
+        .filter(|(_, u)| **u)
+        .map(|(s, _)| s.clone())
+        .collect();
+    let mut values = sequence_logprobs(model, &picked, batch_size, chunk)?.into_iter();
+    Ok(used
+        .iter()
+        .map(|&u| {
+            if u {
+                values.next().unwrap_or(f32::NAN)
+            } else {
+                f32::NAN
+            }
+        })
+        .collect())
+}
+
 impl TeacherCache {
-    /// Computes every cached value (no autodiff graph: the models are on the inner backend).
+    /// Computes every cached value for the examples the plan reads (`NaN` for the others, which
+    /// no step reads); no autodiff graph: the models are on the inner backend.
     pub fn compute<I: Backend>(
         key: String,
         harmful_teacher: &Llama<I>,
@@ -166,56 +211,51 @@ impl TeacherCache {
         config: &TrainConfig,
     ) -> Result<Self, TrainError> {
         let (bs, chunk) = (config.canary.batch_size, config.vocab_chunk);
+        let (used_h, used_l) = used_examples(config, data);
         let h: Vec<Example> = data.harmful.iter().map(|e| e.harmful.clone()).collect();
-        let refs: Vec<Example> = data
-            .harmful
-            .iter()
-            .filter_map(|e| e.refusal.clone())
-            .collect();
         let c: Vec<Example> = data.harmless.iter().map(|e| e.chosen.clone()).collect();
         let r: Vec<Example> = data.harmless.iter().map(|e| e.rejected.clone()).collect();
         let adv = &config.adv;
         let needs_benign_h = adv.rho > 0.0 && adv.refusal == RefusalLoss::Dpo;
-        let needs_ref = adv.rho > 0.0;
-        let ref_values = if needs_ref {
-            sequence_logprobs(benign_teacher, &refs, bs, chunk)?
+        let benign_ref = if adv.rho > 0.0 {
+            // An example without y_ref scores NaN (Method::new refuses rho > 0 then).
+            let refs: Vec<Example> = data
+                .harmful
+                .iter()
+                .map(|e| e.refusal.clone().unwrap_or_default())
+                .collect();
+            let has: Vec<bool> = data
+                .harmful
+                .iter()
+                .zip(&used_h)
+                .map(|(e, &u)| u && e.refusal.is_some())
+                .collect();
+            logprobs_where(benign_teacher, &refs, &has, bs, chunk)?
         } else {
-            Vec::new()
+            vec![f32::NAN; data.harmful.len()]
         };
-        let mut it = ref_values.into_iter();
-        let benign_ref = data
-            .harmful
-            .iter()
-            .map(|e| {
-                if needs_ref && e.refusal.is_some() {
-                    it.next().unwrap_or(f32::NAN)
-                } else {
-                    f32::NAN
-                }
-            })
-            .collect();
         let align_pref = config.align.pref == PrefLoss::Dpo && config.align.alpha < 1.0;
         Ok(Self {
             key,
-            harmful_h: sequence_logprobs(harmful_teacher, &h, bs, chunk)?,
+            harmful_h: logprobs_where(harmful_teacher, &h, &used_h, bs, chunk)?,
             benign_h: if needs_benign_h {
-                sequence_logprobs(benign_teacher, &h, bs, chunk)?
+                logprobs_where(benign_teacher, &h, &used_h, bs, chunk)?
             } else {
                 Vec::new()
             },
             benign_ref,
             benign_c: if align_pref {
-                sequence_logprobs(benign_teacher, &c, bs, chunk)?
+                logprobs_where(benign_teacher, &c, &used_l, bs, chunk)?
             } else {
                 Vec::new()
             },
             benign_r: if align_pref {
-                sequence_logprobs(benign_teacher, &r, bs, chunk)?
+                logprobs_where(benign_teacher, &r, &used_l, bs, chunk)?
             } else {
                 Vec::new()
             },
             initial_h: if adv.npo_reference == NpoReference::Initial {
-                sequence_logprobs(student, &h, bs, chunk)?
+                logprobs_where(student, &h, &used_h, bs, chunk)?
             } else {
                 Vec::new()
             },

@@ -390,8 +390,9 @@ pub fn run<B: AutodiffBackend>(
     }
 
     // Teacher log-probabilities: computed once, kept beside the run.
+    // The cache holds the examples the plan reads, so the plan's draw is part of the key.
     let key = format!(
-        "{}|{}|{}|{}|{:?}|{}",
+        "{}|{}|{}|{}|{:?}|{}|{:?}",
         train.harmful_teacher.identity()?,
         train.benign_teacher.identity()?,
         train.student.identity()?,
@@ -403,24 +404,54 @@ pub fn run<B: AutodiffBackend>(
             cfg.align.pref
         ),
         cfg.vocab_chunk,
+        (
+            cfg.seed,
+            cfg.batch_size,
+            crate::plan::counts(&crate::plan::plan(cfg))
+        ),
     );
+    // Beside the run, and content-addressed in the cache so that the runs of a sweep over
+    // the method's settings (same teachers, student and data) compute them once.
     let cache_path = dir.join("teachers.json");
-    let cached: Option<TeacherCache> = std::fs::read(&cache_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|c: &TeacherCache| c.key == key);
-    let cache = match cached {
+    let shared_path = antibody_fetch::cache_root()
+        .join("teachers")
+        .join(format!("{:x}.json", Sha256::digest(key.as_bytes())));
+    let read = |p: &Path| -> Option<TeacherCache> {
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(|c: &TeacherCache| c.key == key)
+    };
+    let cache = match read(&cache_path) {
         Some(c) => c,
         None => {
-            tracing::info!("teachers: sequence log-probabilities of every training example");
-            let c = TeacherCache::compute(
-                key,
-                &harmful_teacher,
-                &benign_teacher,
-                &student.valid(),
-                &data,
-                cfg,
-            )?;
+            let c = match read(&shared_path) {
+                Some(c) => {
+                    tracing::info!("teachers: reused {}", shared_path.display());
+                    c
+                }
+                None => {
+                    tracing::info!(
+                        "teachers: sequence log-probabilities of every training example"
+                    );
+                    let c = TeacherCache::compute(
+                        key.clone(),
+                        &harmful_teacher,
+                        &benign_teacher,
+                        &student.valid(),
+                        &data,
+                        cfg,
+                    )?;
+                    if let Some(parent) = shared_path.parent() {
+                        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+                    }
+                    write_atomic(
+                        &shared_path,
+                        &serde_json::to_vec(&c).map_err(|e| io(&shared_path, e))?,
+                    )?;
+                    c
+                }
+            };
             write_atomic(
                 &cache_path,
                 &serde_json::to_vec(&c).map_err(|e| io(&cache_path, e))?,
