@@ -17,7 +17,7 @@
 //! are shared (their stamps live beside the data), the teachers' log-probabilities and the
 //! evaluations of unchanged models are reused from the cache, so a run costs its training
 //! and the evaluation of its student. A run that fails is recorded with its error and the
-//! sweep goes on. After every run `<out_dir>/results.{md,json}` is rewritten (atomically)
+//! sweep goes on (and exits with an error naming the failed runs at the end). After every run `<out_dir>/results.{md,json}` is rewritten (atomically)
 //! from the runs' `report.json`: every run, failures included, beside the reference models.
 
 use std::path::{Path, PathBuf};
@@ -212,6 +212,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let out = crate::project_root().join(normalize(&base.join(&sweep.out_dir)));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut failed = Vec::new();
     if !args.table_only {
         for r in &sweep.run {
             if !args.only.is_empty() && !args.only.contains(&r.name) {
@@ -237,6 +238,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             if let Some(e) = &status.error {
                 tracing::error!("sweep run `{}` failed: {e}", r.name);
+                failed.push(r.name.clone());
             }
             std::fs::create_dir_all(&dir)?;
             write(
@@ -248,6 +250,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     table(&args.sweep, &config, &sweep, &out)?;
     println!("results: {}", out.join("results.md").display());
+    if !failed.is_empty() {
+        bail!(
+            "{} run(s) failed: {} (recorded in {})",
+            failed.len(),
+            failed.join(", "),
+            out.join("results.md").display()
+        );
+    }
     Ok(())
 }
 

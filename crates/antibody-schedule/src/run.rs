@@ -432,7 +432,7 @@ pub fn run<B: AutodiffBackend>(
                 }
                 None => {
                     tracing::info!(
-                        "teachers: sequence log-probabilities of every training example"
+                        "teachers: sequence log-probabilities of the training examples the plan reads"
                     );
                     let c = TeacherCache::compute(
                         key.clone(),

@@ -1,0 +1,87 @@
+//! The smoke sweep: `cargo xtask sweep` over the tiny model's smoke configuration runs each
+//! named override set through the pipeline into its own directories, records a run that
+//! fails (and goes on), and writes one table with the reference models and every run.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn a_smoke_sweep_tables_every_run_failures_included() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let configs = dir.path().join("configs");
+    std::fs::create_dir_all(configs.join("sweeps")).expect("configs dir");
+    for f in ["smoke.toml", "sources.toml"] {
+        std::fs::copy(root.join("configs").join(f), configs.join(f)).expect("copy config");
+    }
+    std::os::unix::fs::symlink(root.join("datasets"), dir.path().join("datasets"))
+        .expect("datasets link");
+    let sweep = configs.join("sweeps/smoke.toml");
+    std::fs::write(
+        &sweep,
+        r#"config = "../smoke.toml"
+out_dir = "../../runs/smoke-sweep"
+
+[[run]]
+name = "fast"
+set = ["train.optim.lr=2e-3", "train.cycles=1"]
+note = "a higher learning rate, one cycle"
+
+[[run]]
+name = "bad-layers"
+set = ["train.lat.layers=[99]"]
+note = "fails: the tiny model has 2 layers"
+"#,
+    )
+    .expect("sweep file");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["sweep", "--sweep"])
+        .arg(&sweep)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("spawn xtask");
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a failed run fails the sweep:\n{log}"
+    );
+    assert!(log.contains("1 run(s) failed: bad-layers"), "{log}");
+
+    let results = dir.path().join("runs/smoke-sweep");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(results.join("results.json")).expect("json"))
+            .expect("results.json parses");
+    let runs = json["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{json}");
+    let fast = &runs[0];
+    assert_eq!(fast["name"], "fast");
+    assert_eq!(fast["status"]["ok"], true, "{fast}");
+    // The run's own student was evaluated (not the configuration's).
+    let model = fast["result"]["model"].as_str().expect("model");
+    assert!(
+        model.ends_with("runs/smoke-sweep/fast/train/student"),
+        "{model}"
+    );
+    let hs = fast["result"]["hs"]["rate"].as_f64().expect("hs");
+    assert!((0.0..=1.0).contains(&hs), "{hs}");
+    assert!(results.join("fast/train/metrics.parquet").is_file());
+    assert!(results.join("fast/eval/report.md").is_file());
+    let bad = &runs[1];
+    assert_eq!(bad["status"]["ok"], false, "{bad}");
+    let error = bad["status"]["error"].as_str().expect("error");
+    assert!(error.contains("antibody-train"), "{error}");
+    let refs: Vec<&str> = json["references"]
+        .as_array()
+        .expect("references")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(refs, ["base", "harmful_teacher", "refusal_sft"]);
+
+    let md = std::fs::read_to_string(results.join("results.md")).expect("results.md");
+    for needle in ["*base*", "| fast |", "| bad-layers |", "failed:"] {
+        assert!(md.contains(needle), "{needle} missing:\n{md}");
+    }
+}
