@@ -293,23 +293,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .resume
         .clone()
         .unwrap_or_else(|| PathBuf::from(dir_of("train", "run_dir").unwrap_or_default()));
+    // Stamps live in `pipeline/` beside the directory named by `section.key`.
+    let stamps_beside = |section: &str, key: &str| -> anyhow::Result<PathBuf> {
+        Ok(args
+            .config
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(dir_of(section, key)?)
+            .parent()
+            .map_or_else(|| PathBuf::from("pipeline"), |d| d.join("pipeline")))
+    };
     let p = Pipeline {
-        dir: args
-            .config
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(dir_of("train", "run_dir")?)
-            .parent()
-            .map(|d| d.join("pipeline"))
-            .unwrap_or_else(|| PathBuf::from("pipeline")),
-        shared: args
-            .config
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(dir_of("data", "out_dir")?)
-            .parent()
-            .map(|d| d.join("pipeline"))
-            .unwrap_or_else(|| PathBuf::from("pipeline")),
+        dir: stamps_beside("train", "run_dir")?,
+        shared: stamps_beside("data", "out_dir")?,
         config: args.config.clone(),
         table: table.clone(),
         bin: target.join("release"),
