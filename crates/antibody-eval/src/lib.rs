@@ -24,7 +24,7 @@ pub mod config;
 pub mod judge;
 pub mod report;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use antibody_data::{Manifest, Record, SetKind, read_set};
@@ -334,7 +334,8 @@ fn ft_config(lr: f64, steps: usize, batch_size: usize, seed: u64) -> FinetuneCon
 
 /// The key a model's result is current for: the model's content, the reference model's (the
 /// DPO win rate is measured against it; `None` for the reference itself), the data and every
-/// setting that changes a number.
+/// setting that changes a number — never where the results are written or which other models
+/// share the table, so a sweep's runs share their reference models' results.
 pub fn result_key(
     spec: &ModelSpec,
     reference: Option<&ModelSpec>,
@@ -342,6 +343,7 @@ pub fn result_key(
     c: &EvalConfig,
 ) -> Result<String, EvalError> {
     let mut settings = c.clone();
+    settings.out_dir = PathBuf::new();
     settings.models.clear();
     settings.samples = 0;
     settings.train_run = None;
@@ -651,4 +653,45 @@ pub fn evaluate<B: AutodiffBackend>(
         results.push(result);
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> EvalData {
+        EvalData {
+            harmful: Vec::new(),
+            lookalike: Vec::new(),
+            harmless: Vec::new(),
+            attack: Vec::new(),
+            task_train: Vec::new(),
+            task_test: Vec::new(),
+            inputs_hash: "inputs".into(),
+        }
+    }
+
+    fn config(extra: &str) -> EvalConfig {
+        toml::from_str(&format!("out_dir = \"runs/a\"\nmodels = []\n{extra}"))
+            .expect("a minimal section")
+    }
+
+    #[test]
+    fn result_key_ignores_where_results_go_but_not_what_is_measured() {
+        let spec = ModelSpec::Tiny { seed: 0 };
+        let key = |c: &EvalConfig| result_key(&spec, None, &data(), c).expect("a key");
+        let a = config("");
+        let mut moved = a.clone();
+        moved.out_dir = PathBuf::from("runs/search/other/eval");
+        moved.train_run = Some(PathBuf::from("runs/search/other/train"));
+        moved.samples += 3;
+        assert_eq!(key(&a), key(&moved), "the output place is not part of the key");
+        assert_ne!(key(&a), key(&config("max_new_tokens = 7")));
+        let other = ModelSpec::Tiny { seed: 1 };
+        assert_ne!(
+            key(&a),
+            result_key(&spec, Some(&other), &data(), &a).expect("a key"),
+            "the reference model is part of the key"
+        );
+    }
 }
