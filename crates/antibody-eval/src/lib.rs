@@ -685,7 +685,11 @@ mod tests {
         moved.out_dir = PathBuf::from("runs/search/other/eval");
         moved.train_run = Some(PathBuf::from("runs/search/other/train"));
         moved.samples += 3;
-        assert_eq!(key(&a), key(&moved), "the output place is not part of the key");
+        assert_eq!(
+            key(&a),
+            key(&moved),
+            "the output place is not part of the key"
+        );
         assert_ne!(key(&a), key(&config("max_new_tokens = 7")));
         let other = ModelSpec::Tiny { seed: 1 };
         assert_ne!(
