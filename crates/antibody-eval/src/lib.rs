@@ -603,10 +603,8 @@ pub fn evaluate<B: AutodiffBackend>(
                 .and_then(|b| serde_json::from_slice::<ModelResult>(&b).ok())
                 .filter(|r| r.key == key)
         };
+        // `write_with` creates the parent directories.
         let write = |p: &Path, r: &ModelResult| -> Result<(), EvalError> {
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-            }
             let bytes = serde_json::to_vec_pretty(r).map_err(|e| io(p, e))?;
             antibody_fetch::atomic::write_with::<std::io::Error>(p, |tmp| {
                 std::fs::write(tmp, &bytes)

@@ -1,17 +1,25 @@
 //! Every configuration in `configs/` parses with the loaders the stages use (`[data]` with
 //! its sources table, `[train]`, `[eval]`), with unknown keys refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The `.toml` files directly in `dir` (relative to the repository root).
+fn toml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(dir);
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("entry").path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
+        .collect()
+}
 
 #[test]
 fn every_config_in_configs_parses() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).expect("configs/") {
-        let path = entry.expect("entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("toml")
-            || path.file_name().and_then(|n| n.to_str()) == Some("sources.toml")
-        {
+    for path in toml_files("configs") {
+        if path.file_name().and_then(|n| n.to_str()) == Some("sources.toml") {
             continue;
         }
         antibody_data::Config::load(&path)
@@ -29,13 +37,8 @@ fn every_config_in_configs_parses() {
 /// overrides applies to it and parses (so a sweep does not fail an hour in).
 #[test]
 fn every_sweep_run_parses() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sweeps");
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).expect("configs/sweeps/") {
-        let path = entry.expect("entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
-            continue;
-        }
+    for path in toml_files("configs/sweeps") {
         let text = std::fs::read_to_string(&path).expect("read");
         let sweep: toml::Table = text
             .parse()

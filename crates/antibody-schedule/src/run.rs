@@ -442,9 +442,6 @@ pub fn run<B: AutodiffBackend>(
                         &data,
                         cfg,
                     )?;
-                    if let Some(parent) = shared_path.parent() {
-                        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-                    }
                     write_atomic(
                         &shared_path,
                         &serde_json::to_vec(&c).map_err(|e| io(&shared_path, e))?,
