@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use antibody_fetch::Cache;
 use antibody_judge::KeywordJudge;
-use antibody_model::{ChatMessage, Generated, GenerationConfig, Llama, Tokenizer, generate};
+use antibody_model::{
+    ChatMessage, Generated, GenerationConfig, Llama, Tokenizer, balanced_batch_size, generate,
+};
 use burn::tensor::backend::Backend;
 use sha2::{Digest, Sha256};
 
@@ -627,7 +629,9 @@ impl Ctx<'_> {
             .collect();
         self.gen_stats.from_cache += prompts.len() - todo.len();
         todo.sort_by_key(|&i| prompts[i].1.prompt_ids.len());
-        let batches: Vec<&[usize]> = todo.chunks(self.batch_size).collect();
+        let batches: Vec<&[usize]> = todo
+            .chunks(balanced_batch_size(todo.len(), self.batch_size))
+            .collect();
         let started = Instant::now();
         let mut tokens = 0usize;
         for (b, batch) in batches.iter().enumerate() {

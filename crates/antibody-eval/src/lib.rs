@@ -30,7 +30,9 @@ use std::time::Instant;
 use antibody_data::{Manifest, Record, SetKind, read_set};
 use antibody_fetch::progress::Progress;
 use antibody_judge::KeywordJudge;
-use antibody_model::{GenerationConfig, Llama, ModelSpec, Tokenizer, generate};
+use antibody_model::{
+    GenerationConfig, Llama, ModelSpec, Tokenizer, balanced_batch_size, generate,
+};
 use antibody_schedule::optim::OptimConfig;
 use antibody_schedule::sft::{Example, FinetuneConfig, finetune};
 use burn::module::AutodiffModule;
@@ -235,17 +237,22 @@ pub fn answer<B: Backend>(
     label: &str,
 ) -> Result<Answers, EvalError> {
     let started = Instant::now();
-    let mut texts = Vec::with_capacity(prompts.len());
+    // Prompts of similar length share a batch (less left padding); answers keep the
+    // prompts' order.
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let mut texts = vec![String::new(); prompts.len()];
     let mut tokens = 0;
     let mut progress = Progress::new(label, 0, prompts.len());
-    for chunk in prompts.chunks(batch.max(1)) {
+    for chunk in order.chunks(balanced_batch_size(prompts.len(), batch)) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
         let out = generate(
             model,
-            chunk,
+            &ids,
             tokenizer.stop_ids(),
             &GenerationConfig::greedy(max_new_tokens),
         )?;
-        for g in out {
+        for (&i, g) in chunk.iter().zip(out) {
             tokens += g.tokens.len();
             let ids: Vec<u32> = g
                 .tokens
@@ -253,7 +260,7 @@ pub fn answer<B: Backend>(
                 .copied()
                 .filter(|t| !tokenizer.stop_ids().contains(t))
                 .collect();
-            texts.push(tokenizer.decode(&ids)?);
+            texts[i] = tokenizer.decode(&ids)?;
         }
         progress.inc(chunk.len(), "");
     }

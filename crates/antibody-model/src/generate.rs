@@ -109,10 +109,14 @@ pub fn generate<B: Backend>(
         Sampling::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
         Sampling::Greedy => None,
     };
+    // `active[i]` is the prompt whose sequence is row i of the cache: finished sequences
+    // leave the batch (see `compaction_due`), so later steps only compute the running ones.
+    let mut active: Vec<usize> = (0..b).collect();
     for step in 0..config.max_new_tokens {
+        let rows = active.len();
         let mut logits = model
             .logits(hidden.unsqueeze_dim(1))
-            .reshape([b, c.vocab_size]);
+            .reshape([rows, c.vocab_size]);
         if step < config.min_new_tokens
             && let Some(mask) = &suppress_stops
         {
@@ -137,18 +141,45 @@ pub fn generate<B: Backend>(
                 .map(|i| i as u32)
                 .collect(),
         };
-        for (g, &tok) in out.iter_mut().zip(&next) {
+        for (&prompt, &tok) in active.iter().zip(&next) {
+            let g = &mut out[prompt];
             if !g.stopped {
                 g.tokens.push(tok);
                 g.stopped = stop_ids.contains(&tok);
             }
         }
-        if out.iter().all(|g| g.stopped) || step + 1 == config.max_new_tokens {
+        let running: Vec<usize> = (0..rows).filter(|&r| !out[active[r]].stopped).collect();
+        if running.is_empty() || step + 1 == config.max_new_tokens {
             break;
         }
-        hidden = model.forward_cached(&next, &vec![true; b], 1, &mut cache)?;
+        let next = if compaction_due(running.len(), rows) {
+            cache.retain(&running);
+            active = running.iter().map(|&r| active[r]).collect();
+            running.iter().map(|&r| next[r]).collect()
+        } else {
+            next
+        };
+        hidden = model.forward_cached(&next, &vec![true; next.len()], 1, &mut cache)?;
     }
     Ok(out)
+}
+
+/// The batch size that splits `n` prompts into the fewest batches of at most `max`, as
+/// evenly as possible: 200 prompts at most 64 at a time are 4 batches of 50, not 64, 64, 64
+/// and 8 (a small last batch runs at a small batch's lower throughput).
+pub fn balanced_batch_size(n: usize, max: usize) -> usize {
+    let max = max.max(1);
+    if n == 0 {
+        return max;
+    }
+    n.div_ceil(n.div_ceil(max))
+}
+
+/// Whether to drop finished sequences from a batch of `rows` of which `running` still
+/// decode. Dropping copies the whole cache once, so it waits until a quarter of the batch has
+/// finished (decoding a row costs about as much as its share of that copy over a few steps).
+fn compaction_due(running: usize, rows: usize) -> bool {
+    running * 4 <= rows * 3
 }
 
 /// Draws one token from a row of logits with temperature and nucleus (top-p) filtering.
@@ -184,6 +215,16 @@ fn sample_row(row: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) -> u3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balanced_batches_are_as_few_and_as_even_as_possible() {
+        assert_eq!(balanced_batch_size(200, 64), 50);
+        assert_eq!(balanced_batch_size(64, 64), 64);
+        assert_eq!(balanced_batch_size(65, 64), 33);
+        assert_eq!(balanced_batch_size(10, 64), 10);
+        assert_eq!(balanced_batch_size(0, 64), 64);
+        assert_eq!(balanced_batch_size(5, 0), 1);
+    }
 
     #[test]
     fn nucleus_sampling_keeps_only_the_top_mass() {

@@ -166,6 +166,48 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
+    /// Sequences in the cache.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Keeps only the sequences at `rows` (indices into the current batch, in the order
+    /// given) and drops the rest, so that decoding stops paying for sequences that have
+    /// finished. The kept sequences' keys, values, validity and positions are unchanged.
+    ///
+    /// # Panics
+    /// When a row is out of range.
+    pub fn retain(&mut self, rows: &[usize]) {
+        assert!(
+            rows.iter().all(|&r| r < self.batch),
+            "retain: a row is outside the batch of {}",
+            self.batch
+        );
+        if rows.len() == self.batch && rows.iter().enumerate().all(|(i, &r)| i == r) {
+            return;
+        }
+        let keep = |slot: &mut Option<Tensor<B, 4>>| {
+            let t = slot.take().expect("cache slot is always refilled");
+            let idx = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(
+                    rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                    [rows.len()],
+                ),
+                &t.device(),
+            );
+            *slot = Some(t.select(0, idx));
+        };
+        self.keys.iter_mut().for_each(&keep);
+        self.values.iter_mut().for_each(&keep);
+        let cap = self.capacity;
+        self.key_valid = rows
+            .iter()
+            .flat_map(|&r| self.key_valid[r * cap..(r + 1) * cap].to_vec())
+            .collect();
+        self.next_position = rows.iter().map(|&r| self.next_position[r]).collect();
+        self.batch = rows.len();
+    }
+
     fn store(
         &mut self,
         layer: usize,

@@ -266,6 +266,38 @@ fn sampling_is_seeded_and_greedy_is_deterministic() {
 }
 
 #[test]
+fn finished_sequences_leave_the_batch_without_changing_the_others() {
+    use antibody_model::{GenerationConfig, generate};
+    let device = Default::default();
+    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| (0..3 + i).map(|j| 1 + (i * 37 + j * 101) % 500).collect())
+        .collect();
+    let greedy = GenerationConfig::greedy(10);
+    // Stop on the second token of the first four sequences: those finish after at most two
+    // steps, which drops them from the batch (half of it) while the others keep decoding.
+    let free = generate(&model, &prompts, &[], &greedy).expect("greedy");
+    let stops: Vec<u32> = free[..4].iter().map(|g| g.tokens[1]).collect();
+    let batched = generate(&model, &prompts, &stops, &greedy).expect("batched");
+    let early = batched
+        .iter()
+        .filter(|g| g.stopped && g.tokens.len() <= 2)
+        .count();
+    assert!(
+        early >= 4,
+        "{early} sequences stopped early: the batch was not compacted"
+    );
+    assert!(
+        batched.iter().any(|g| g.tokens.len() == 10),
+        "some sequences run to the limit after the others left"
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = generate(&model, std::slice::from_ref(p), &stops, &greedy).expect("alone");
+        assert_eq!(batched[i], alone[0], "prompt {i}: batched and alone differ");
+    }
+}
+
+#[test]
 fn untied_lm_head_matches_transformers_and_survives_a_save() {
     let f = fixture();
     let u = &f["untied"];
