@@ -15,6 +15,9 @@
 //! stamp matches and whose outputs exist is skipped, so an interrupted pipeline continues where
 //! it stopped. `--set section.key=value` overrides a key of the `[train]`, `[eval]` or
 //! `[teacher]` section for this invocation (and so changes that stage's hash).
+//!
+//! At the end it prints each stage's wall time and writes them to
+//! `<pipeline.dir>/timings.json` (the stages this invocation ran, skipped ones included).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -316,20 +319,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let only = |s: &str| args.stage.as_deref().is_none_or(|x| x == s);
     let data_dir = p.resolve(&dir_of("data", "out_dir")?);
     let started = std::time::Instant::now();
+    let mut timings: Vec<(&str, f64)> = Vec::new();
 
     if only("fetch") {
         tracing::info!("== fetch");
+        let t0 = std::time::Instant::now();
         crate::fetch::fetch_all()?;
+        timings.push(("fetch", t0.elapsed().as_secs_f64()));
     }
     if only("data") {
         tracing::info!("== data");
+        let t0 = std::time::Instant::now();
         p.run(
             "antibody-data",
             &["build".into(), "--config".into(), config.clone()],
         )?;
+        timings.push(("data", t0.elapsed().as_secs_f64()));
     }
     if only("teachers") {
         tracing::info!("== teachers");
+        let t0 = std::time::Instant::now();
         let section = p.section("teacher");
         let t: TeacherSection =
             toml::from_str(&section).with_context(|| format!("{config}: `[teacher]`"))?;
@@ -388,9 +397,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             p.run("antibody-teacher", &a)?;
             p.finish("teachers", &inputs)?;
         }
+        timings.push(("teachers", t0.elapsed().as_secs_f64()));
     }
     if only("train") {
         tracing::info!("== train");
+        let t0 = std::time::Instant::now();
         let teachers = std::fs::read_to_string(p.stamp_path("teachers")).unwrap_or_default();
         let inputs = digest(&[
             "train",
@@ -420,17 +431,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             p.run("antibody-train", &a)?;
             p.finish("train", &inputs)?;
         }
+        timings.push(("train", t0.elapsed().as_secs_f64()));
     }
     if only("eval") {
         tracing::info!("== eval");
+        let t0 = std::time::Instant::now();
         let mut a: Vec<String> = vec!["run".into(), "--config".into(), config.clone()];
         a.extend(p.sets("eval"));
         a.extend(["--device".into(), p.device.clone()]);
         p.run("antibody-eval", &a)?;
+        timings.push(("eval", t0.elapsed().as_secs_f64()));
     }
+    let total = started.elapsed().as_secs_f64();
+    for (stage, secs) in &timings {
+        println!("  {stage:<9} {:>6.1} min", secs / 60.0);
+    }
+    let record = serde_json::json!({
+        "total_s": total,
+        "stages": timings.iter().map(|(s, t)| serde_json::json!({"stage": s, "seconds": t})).collect::<Vec<_>>(),
+        "device": p.device,
+        "overrides": p.overrides,
+    });
+    let path = p.dir.join("timings.json");
+    antibody_fetch::atomic::write_with::<std::io::Error>(&path, |tmp| {
+        std::fs::write(tmp, serde_json::to_vec_pretty(&record).unwrap_or_default())
+    })
+    .with_context(|| format!("writing {}", path.display()))?;
     println!(
-        "pipeline done in {:.1} min; report: {}",
-        started.elapsed().as_secs_f64() / 60.0,
+        "pipeline done in {:.1} min (stage times: {}); report: {}",
+        total / 60.0,
+        path.display(),
         p.resolve(&dir_of("eval", "out_dir")?)
             .join("report.md")
             .display()

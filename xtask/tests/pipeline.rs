@@ -71,6 +71,21 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
     assert!(md.contains("hardened: HS"), "{md}");
     let train = dir.path().join("runs/smoke/train");
     assert!(train.join("metrics.parquet").is_file() && train.join("student/config.json").is_file());
+    let timings: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("runs/smoke/pipeline/timings.json")).expect("timings.json"),
+    )
+    .expect("timings.json parses");
+    let stages: Vec<&str> = timings["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .filter_map(|s| s["stage"].as_str())
+        .collect();
+    assert_eq!(stages, ["fetch", "data", "teachers", "train", "eval"]);
+    assert!(
+        timings["total_s"].as_f64().is_some_and(|t| t > 0.0),
+        "{timings}"
+    );
 
     let (ok, log) = pipeline(&config);
     assert!(ok, "the second run failed:\n{log}");
