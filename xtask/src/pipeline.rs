@@ -164,14 +164,12 @@ impl Pipeline {
     }
 
     fn finish(&self, stage: &str, inputs: &str) -> anyhow::Result<()> {
-        let path = self.stamp_path(stage);
-        let bytes = serde_json::to_vec_pretty(&Stamp {
-            inputs: inputs.into(),
-        })?;
-        antibody_fetch::atomic::write_with::<std::io::Error>(&path, |tmp| {
-            std::fs::write(tmp, &bytes)
-        })
-        .with_context(|| format!("writing {}", path.display()))
+        write_json(
+            &self.stamp_path(stage),
+            &Stamp {
+                inputs: inputs.into(),
+            },
+        )
     }
 
     fn run(&self, bin: &str, args: &[String]) -> anyhow::Result<()> {
@@ -204,6 +202,13 @@ impl Pipeline {
             path.to_path_buf()
         }
     }
+}
+
+/// Writes `value` as pretty JSON to `path`, atomically (parent directories created).
+fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)?;
+    antibody_fetch::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, &bytes))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn data_hash(data_dir: &Path) -> anyhow::Result<String> {
@@ -453,10 +458,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "overrides": p.overrides,
     });
     let path = p.dir.join("timings.json");
-    antibody_fetch::atomic::write_with::<std::io::Error>(&path, |tmp| {
-        std::fs::write(tmp, serde_json::to_vec_pretty(&record).unwrap_or_default())
-    })
-    .with_context(|| format!("writing {}", path.display()))?;
+    write_json(&path, &record)?;
     println!(
         "pipeline done in {:.1} min (stage times: {}); report: {}",
         total / 60.0,

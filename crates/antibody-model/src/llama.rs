@@ -166,11 +166,6 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
-    /// Sequences in the cache.
-    pub fn batch(&self) -> usize {
-        self.batch
-    }
-
     /// Keeps only the sequences at `rows` (indices into the current batch, in the order
     /// given) and drops the rest, so that decoding stops paying for sequences that have
     /// finished. The kept sequences' keys, values, validity and positions are unchanged.
