@@ -5,7 +5,7 @@ What it produces
 ``tests/reference/fixtures/method.json``: the data (token ids and response masks of 4
 harmful examples ``x ++ y_h`` / ``x ++ y_ref`` and 4 harmless ``x ++ y_c`` / ``x ++ y_r``),
 the settings, and for every optimizer step of the run the loss terms the Rust side records
-(``crates/antibody-schedule/tests/trajectory.rs`` compares them), plus the canary count of
+(``crates/antibody-train/tests/trajectory.rs`` compares them), plus the canary count of
 every cycle.
 
 The run, written as the method's authors would in PyTorch:

@@ -139,11 +139,8 @@ fn losses(args: &Args) -> anyhow::Result<()> {
 /// the CPU; batch 8 and 32 × seq 256 on CUDA. One process per implementation and phase.
 fn method(args: &Args) -> anyhow::Result<()> {
     let cuda = args.device.starts_with("cuda");
-    let binary = build_release(
-        "antibody-schedule",
-        cuda.then_some("antibody-schedule/cuda"),
-    )?
-    .join("antibody-train");
+    let binary = build_release("antibody-train", cuda.then_some("antibody-train/cuda"))?
+        .join("antibody-train");
     let python = if args.skip_peer {
         None
     } else {
@@ -400,7 +397,7 @@ fn python(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("ANTIBODY_PYTHON").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let venv = antibody_fetch::cache_root().join("bench-venv");
+    let venv = antibody_base::cache_root().join("bench-venv");
     let python = venv.join("bin").join("python");
     let stamp = venv.join(".requirements");
     let wanted = std::fs::read_to_string("tests/reference/requirements.txt")

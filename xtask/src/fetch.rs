@@ -38,10 +38,9 @@ struct SourcesFile {
 /// The enabled fetched sources of `configs/sources.toml`.
 pub fn data_assets() -> anyhow::Result<Vec<Asset>> {
     let path = crate::project_root().join("configs/sources.toml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let table = antibody_base::config::read_table(&path)?;
     let file: SourcesFile =
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        antibody_base::config::deserialize(&path, "", toml::Value::Table(table))?;
     Ok(file
         .sources
         .into_iter()

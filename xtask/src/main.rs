@@ -79,7 +79,7 @@ fn run() -> anyhow::Result<()> {
     std::env::set_current_dir(&root)
         .with_context(|| format!("changing directory to the project root {}", root.display()))?;
 
-    antibody_fetch::init_logging();
+    antibody_base::logging::init();
 
     match Cli::parse().task {
         Task::Fetch(args) => fetch::run(args),

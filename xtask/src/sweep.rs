@@ -81,9 +81,8 @@ struct Status {
 }
 
 fn load_sweep(path: &Path) -> anyhow::Result<SweepFile> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let sweep: SweepFile = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let table = antibody_base::config::read_table(path)?;
+    let sweep: SweepFile = antibody_base::config::deserialize(path, "", toml::Value::Table(table))?;
     let mut seen = std::collections::BTreeSet::new();
     for (i, r) in sweep.run.iter().enumerate() {
         let ok = !r.name.is_empty()
@@ -120,11 +119,7 @@ fn load_sweep(path: &Path) -> anyhow::Result<SweepFile> {
 /// The overrides that move a run into its own directories and evaluate its student in place
 /// of the configuration's.
 fn placement(config: &Path, run_dir: &Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("{}: not valid TOML", config.display()))?;
+    let table = antibody_base::config::read_table(config)?;
     let base = config.parent().unwrap_or(Path::new("."));
     let train_dir = table
         .get("train")
@@ -262,7 +257,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    antibody_fetch::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, bytes))
+    antibody_base::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, bytes))
         .with_context(|| format!("writing {}", path.display()))
 }
 

@@ -95,13 +95,15 @@ fn steps(args: &Args) -> Vec<Step> {
                 "-p",
                 "antibody-canary",
                 "-p",
-                "antibody-schedule",
+                "antibody-finetune",
+                "-p",
+                "antibody-train",
                 "-p",
                 "antibody-teacher",
                 "-p",
                 "antibody-eval",
                 "--features",
-                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda,antibody-teacher/cuda,antibody-eval/cuda",
+                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda",
                 "--release",
             ]),
         });
@@ -115,7 +117,7 @@ pub(crate) fn target_dir() -> (PathBuf, &'static str) {
     match std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => (PathBuf::from(dir), "from CARGO_TARGET_DIR"),
         None => (
-            antibody_fetch::cache_root().join("target"),
+            antibody_base::cache_root().join("target"),
             "<cache root>/target; set CARGO_TARGET_DIR to change",
         ),
     }
@@ -288,7 +290,7 @@ mod tests {
                 "fmt --all -- --check",
                 "clippy --workspace --all-targets --release -- -D warnings",
                 "test --workspace --release",
-                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-schedule -p antibody-teacher -p antibody-eval --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-schedule/cuda,antibody-teacher/cuda,antibody-eval/cuda --release",
+                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-finetune -p antibody-train -p antibody-teacher -p antibody-eval --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda --release",
             ]
         );
     }

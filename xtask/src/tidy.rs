@@ -78,3 +78,243 @@ fn module_doc_detection() {
     assert!(!starts_with_module_doc("/// item doc"));
     assert!(!starts_with_module_doc(""));
 }
+
+// ---------------------------------------------------------------------------------------
+// The invariants of ARCHITECTURE.md that a newcomer relies on, checked on the real graph
+// (`cargo metadata`) and the real sources.
+
+/// The workspace's packages and their dependencies, from `cargo metadata`.
+struct Graph {
+    /// Package name → (normal dependencies, dev-dependencies), workspace members only.
+    members: std::collections::BTreeMap<String, (Vec<String>, Vec<String>)>,
+    /// Package name → every package it needs to build (normal dependencies, transitively).
+    closure: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Package name → its binary targets.
+    bins: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+fn graph() -> Graph {
+    use std::collections::{BTreeMap, BTreeSet};
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version", "1"])
+        .current_dir(crate::project_root())
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata is JSON");
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let names: BTreeMap<String, String> = v["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| (str_of(&p["id"]), str_of(&p["name"])))
+        .collect();
+    let workspace: BTreeSet<String> = v["workspace_members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(&str_of)
+        .collect();
+    let mut members = BTreeMap::new();
+    let mut bins = BTreeMap::new();
+    for p in v["packages"].as_array().expect("packages") {
+        if !workspace.contains(&str_of(&p["id"])) {
+            continue;
+        }
+        let (mut normal, mut dev) = (Vec::new(), Vec::new());
+        for d in p["dependencies"].as_array().expect("dependencies") {
+            match d["kind"].as_str() {
+                None => normal.push(str_of(&d["name"])),
+                Some("dev") => dev.push(str_of(&d["name"])),
+                Some(_) => {}
+            }
+        }
+        members.insert(str_of(&p["name"]), (normal, dev));
+        let b: Vec<String> = p["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .filter(|t| {
+                t["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == "bin"))
+            })
+            .map(|t| str_of(&t["name"]))
+            .collect();
+        bins.insert(str_of(&p["name"]), b);
+    }
+    // Normal edges of the resolved graph (every package, not only members).
+    let mut edges: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for node in v["resolve"]["nodes"].as_array().expect("resolve") {
+        let from = names[&str_of(&node["id"])].clone();
+        for d in node["deps"].as_array().expect("deps") {
+            let normal = d["dep_kinds"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k["kind"].is_null()));
+            if normal {
+                edges
+                    .entry(from.clone())
+                    .or_default()
+                    .push(names[&str_of(&d["pkg"])].clone());
+            }
+        }
+    }
+    let mut closure = BTreeMap::new();
+    for m in members.keys() {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![m.clone()];
+        while let Some(n) = todo.pop() {
+            for d in edges.get(&n).into_iter().flatten() {
+                if seen.insert(d.clone()) {
+                    todo.push(d.clone());
+                }
+            }
+        }
+        closure.insert(m.clone(), seen);
+    }
+    Graph {
+        members,
+        closure,
+        bins,
+    }
+}
+
+/// The source files of `crates/*/src` and `xtask/src`, as (path relative to the root, text).
+fn sources() -> Vec<(String, String)> {
+    let root = crate::project_root();
+    let mut files = Vec::new();
+    for dir in source_dirs(&root).expect("source dirs") {
+        rust_files(&dir, &mut files).expect("sources");
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(&f).expect("read");
+            let rel = f.strip_prefix(&root).unwrap_or(&f).display().to_string();
+            (rel, text)
+        })
+        .collect()
+}
+
+#[test]
+fn the_crate_graph_keeps_its_floors() {
+    let g = graph();
+    for light in ["xtask", "antibody-base"] {
+        let heavy: Vec<&String> = g.closure[light]
+            .iter()
+            .filter(|d| d.starts_with("burn") || d.starts_with("cubecl"))
+            .collect();
+        assert!(
+            heavy.is_empty(),
+            "{light} must build without burn, but needs {heavy:?}"
+        );
+    }
+    // The generic fine-tuning, the teachers and the evaluation never need the method.
+    for below in ["antibody-finetune", "antibody-teacher", "antibody-eval"] {
+        assert!(
+            !g.closure[below].contains("antibody-train"),
+            "{below} depends on antibody-train"
+        );
+    }
+    // Nothing depends on the top floor (report), on xtask, or (outside dev-dependencies) on
+    // the test kit.
+    for (name, (normal, dev)) in &g.members {
+        for top in ["antibody-report", "xtask"] {
+            assert!(
+                !normal.contains(&top.to_owned()) && !dev.contains(&top.to_owned()),
+                "{name} depends on {top}"
+            );
+        }
+        assert!(
+            !normal.contains(&"antibody-testkit".to_owned()),
+            "{name}: antibody-testkit is a dev-dependency only"
+        );
+    }
+}
+
+#[test]
+fn each_stage_shares_its_name_across_crate_binary_and_section() {
+    let g = graph();
+    for section in ["data", "teacher", "train", "eval"] {
+        let package = format!("antibody-{section}");
+        let bins = g
+            .bins
+            .get(&package)
+            .unwrap_or_else(|| panic!("no crate {package}"));
+        assert!(
+            bins.contains(&package),
+            "{package} has no binary `{package}` ({bins:?})"
+        );
+        // The crate reads its own section.
+        let needle = format!("\"{section}\"");
+        let reads = sources().iter().any(|(f, text)| {
+            f.starts_with(&format!("crates/{package}/src")) && text.contains(&needle)
+        });
+        assert!(reads, "{package} never names its section `[{section}]`");
+    }
+}
+
+#[test]
+fn only_the_model_crate_names_checkpoint_tensors() {
+    let names = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "embed_tokens",
+        "token_embd",
+        "input_layernorm",
+        "attn_norm",
+        "ffn_gate",
+    ];
+    let mut offenders = Vec::new();
+    for (file, text) in sources() {
+        if file.starts_with("crates/antibody-model/") || file.ends_with("tidy.rs") {
+            continue;
+        }
+        for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            // A tensor name in a string literal.
+            let literal = line.split('"').skip(1).step_by(2);
+            for s in literal {
+                if names.iter().any(|n| s.contains(n)) {
+                    offenders.push(format!("{file}: {s}"));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "checkpoint tensor names outside antibody-model:\n  {}",
+        offenders.join("\n  ")
+    );
+}
+
+#[test]
+fn one_configuration_reader_and_one_set_parser() {
+    let mut offenders = Vec::new();
+    for (file, text) in sources() {
+        if file == "crates/antibody-base/src/config.rs" || file.ends_with("tidy.rs") {
+            continue;
+        }
+        for (n, line) in text.lines().enumerate() {
+            let parses_value = line.contains("\"v = {");
+            let reads_file =
+                line.contains("parse::<toml::Table>()") || line.contains(": toml::Table = text");
+            if parses_value || reads_file {
+                offenders.push(format!("{file}:{}: {}", n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "configuration files and `--set` go through antibody_base::config only:\n  {}",
+        offenders.join("\n  ")
+    );
+}

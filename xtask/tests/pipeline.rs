@@ -1,5 +1,5 @@
 //! The end-to-end smoke pipeline: `cargo xtask pipeline --config smoke.toml` on the tiny
-//! model runs every stage (fetch, data, teachers, train, eval) to a report whose numbers exist
+//! model runs every stage (fetch, data, teachers, train, eval, report) to a report whose numbers exist
 //! and are sane; a second invocation finds every stage current and skips the work.
 
 use std::path::Path;
@@ -81,7 +81,10 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
         .iter()
         .filter_map(|s| s["stage"].as_str())
         .collect();
-    assert_eq!(stages, ["fetch", "data", "teachers", "train", "eval"]);
+    assert_eq!(
+        stages,
+        ["fetch", "data", "teachers", "train", "eval", "report"]
+    );
     assert!(
         timings["total_s"].as_f64().is_some_and(|t| t > 0.0),
         "{timings}"

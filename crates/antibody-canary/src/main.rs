@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use antibody_canary::{drift, mean_activations, monitored_sites, report, select};
-use antibody_model::{ChatMessage, DeviceSpec, ModelSpec, TokenBatch, with_backend};
+use antibody_model::{
+    ChatMessage, DeviceSpec, ModelSpec, ModelSpecExt as _, TokenBatch, with_backend,
+};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -97,7 +99,7 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
 
 #[allow(clippy::print_stdout)]
 fn main() -> Result<()> {
-    antibody_fetch::init_logging();
+    antibody_base::logging::init();
     let Command::Diff {
         before,
         after,

@@ -155,7 +155,7 @@ fn persist(
     write: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<()>,
 ) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
-    antibody_fetch::atomic::write_with::<anyhow::Error>(&path, |tmp| {
+    antibody_base::atomic::write_with::<anyhow::Error>(&path, |tmp| {
         let mut w = BufWriter::new(File::create(tmp)?);
         write(&mut w)?;
         std::io::Write::flush(&mut w)?;

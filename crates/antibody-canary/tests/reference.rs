@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use antibody_canary::{Activations, canary_means, drift, mean_activations, select, stab_loss};
 use antibody_model::device::{Cpu, CpuAutodiff};
 use antibody_model::{LlamaConfig, Site, TokenBatch, tiny};
+use antibody_testkit::max_abs_diff;
 use burn::tensor::{Tensor, TensorData};
 use serde_json::Value;
 
@@ -23,14 +24,6 @@ fn floats(v: &Value) -> Vec<f32> {
         Value::Number(n) => vec![n.as_f64().expect("float") as f32],
         _ => panic!("not floats: {v}"),
     }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

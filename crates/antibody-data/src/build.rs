@@ -8,7 +8,8 @@ use std::time::Instant;
 use antibody_fetch::Cache;
 use antibody_judge::KeywordJudge;
 use antibody_model::{
-    ChatMessage, Generated, GenerationConfig, Llama, Tokenizer, balanced_batch_size, generate,
+    ChatMessage, Generated, GenerationConfig, Llama, ModelSpecExt as _, Tokenizer,
+    balanced_batch_size, generate,
 };
 use burn::tensor::backend::Backend;
 use sha2::{Digest, Sha256};
@@ -20,7 +21,7 @@ use crate::manifest::{
     GenerationRecord, Manifest, ModelRecord, PhrasingRecord, SetRecord, SourceRecord,
 };
 use crate::source::{Row, locate, read_rows};
-use crate::split::{cap, normalize, pick, split};
+use crate::split::{Pools, cap, normalize, pick, split};
 use crate::store::{Dataset, Record, Response, SetKind};
 use crate::task;
 
@@ -140,7 +141,11 @@ fn current(out_dir: &Path, inputs: &str) -> Option<Manifest> {
     Some(manifest)
 }
 
-/// Builds the sets `config` describes into `config.out_dir` with models on `device`.
+/// Builds the sets `config` describes into `config.out_dir` with models on `device`: the
+/// sources are read ([`load_sources`]), the refusal phrasings filtered ([`phrasings`]), the
+/// prompts split and capped ([`pools`]), the responses generated and written
+/// ([`answer_sets`], [`task_sets`]), every set checked, and the build staged and swapped in
+/// whole ([`write_build`]).
 pub fn build<B: Backend>(
     config: &Config,
     options: &BuildOptions,
@@ -175,11 +180,112 @@ pub fn build<B: Backend>(
         );
         return Ok(Outcome::UpToDate(manifest));
     }
-
-    // Response phrasings, kept only where the judge recognizes them as refusals: a target
-    // the evaluation judge would call compliance would teach nothing it can measure.
     let judge = KeywordJudge::from_config(&d.judge);
-    let mut phrasings: BTreeMap<SourceKind, (Vec<String>, PhrasingRecord)> = BTreeMap::new();
+    let mut phrasings = phrasings(&sources, &judge)?;
+    let (pools, source_records) = pools(config, &sources, records);
+
+    // Models: one load when both roles name the same model.
+    let harmful = config.harmful_model.load::<B>(device)?;
+    let helpful = if config.helpful_model == config.harmful_model {
+        None
+    } else {
+        Some(config.helpful_model.load::<B>(device)?)
+    };
+    let tok = &harmful.tokenizer;
+    if let Some(h) = &helpful
+        && h.tokenizer.vocab_size() != tok.vocab_size()
+    {
+        return Err(DataError::config(
+            &config.file,
+            "data.generation.helpful_model",
+            format!(
+                "its vocabulary ({} tokens) differs from the harmful model's ({}): both must share one tokenizer",
+                h.tokenizer.vocab_size(),
+                tok.vocab_size()
+            ),
+        ));
+    }
+    let generators = Generators {
+        harmful: &harmful.model,
+        helpful: helpful.as_ref().map_or(&harmful.model, |h| &h.model),
+        harmful_key: gen_key(
+            &models["harmful"].identity,
+            &GenerationConfig::greedy(d.generation.max_new_tokens),
+            tok,
+        )?,
+        helpful_key: gen_key(
+            &models["helpful"].identity,
+            &GenerationConfig::greedy(d.generation.max_new_tokens),
+            tok,
+        )?,
+    };
+    let mut ctx = Ctx {
+        tok,
+        decoding: GenerationConfig::greedy(d.generation.max_new_tokens),
+        batch_size: d.generation.batch_size,
+        max_len: d.max_len,
+        gen_stats: GenerationRecord::default(),
+        dropped: BTreeMap::new(),
+    };
+    let (refusals, refusal_rec) = phrasings.remove(&SourceKind::Refusal).unwrap_or_default();
+    let (unneeded, unneeded_rec) = phrasings
+        .remove(&SourceKind::UnnecessaryRefusal)
+        .unwrap_or_default();
+    let written = Written {
+        refusals: &refusals,
+        unneeded: &unneeded,
+    };
+    let mut sets = answer_sets(
+        &mut ctx,
+        pools,
+        &generators,
+        written,
+        &judge,
+        options,
+        d.seed,
+    )?;
+    sets.extend(task_sets(&mut ctx, d.seed, d.task.train, d.task.test)?);
+    check_no_leak(&sets)?;
+    for kind in SetKind::ALL {
+        let rows = sets.get(&kind).map_or(0, Vec::len);
+        if rows == 0 {
+            let dropped = ctx.dropped.get(&kind).cloned().unwrap_or_default();
+            return Err(DataError::EmptySet {
+                set: kind.name().into(),
+                why: format!(
+                    "0 rows kept; dropped: {dropped:?} (check the sources, limits, split fractions and max_len)"
+                ),
+            });
+        }
+    }
+    let manifest = Manifest {
+        format: Manifest::FORMAT,
+        antibody_data_version: env!("CARGO_PKG_VERSION").into(),
+        config_file: config.file.display().to_string(),
+        config_hash,
+        inputs_hash: inputs,
+        seed: d.seed,
+        max_len: d.max_len,
+        models,
+        sources: source_records,
+        refusal_phrasings: refusal_rec,
+        unnecessary_refusal_phrasings: unneeded_rec,
+        judge_markers: judge.markers().len(),
+        sets: BTreeMap::new(),
+        generation: std::mem::take(&mut ctx.gen_stats),
+        wall_time_s: 0.0,
+    };
+    write_build(&config.out_dir, sets, &mut ctx.dropped, manifest, started).map(Outcome::Built)
+}
+
+/// The response phrasings of each written kind, kept only where the judge recognizes them as
+/// refusals: a target the evaluation judge would call compliance would teach nothing it can
+/// measure.
+fn phrasings(
+    sources: &[(crate::config::SourceConfig, Loaded)],
+    judge: &KeywordJudge,
+) -> Result<BTreeMap<SourceKind, (Vec<String>, PhrasingRecord)>> {
+    let mut phrasings = BTreeMap::new();
     for kind in [SourceKind::Refusal, SourceKind::UnnecessaryRefusal] {
         let mut kept = Vec::new();
         let mut rec = PhrasingRecord::default();
@@ -208,130 +314,97 @@ pub fn build<B: Backend>(
         }
         phrasings.insert(kind, (kept, rec));
     }
+    Ok(phrasings)
+}
 
-    // Split and deduplicate the prompts.
+/// The prompts split and deduplicated across sources (evaluation first), each set capped
+/// by a seeded sample; the source records get their duplicate counts.
+fn pools(
+    config: &Config,
+    sources: &[(crate::config::SourceConfig, Loaded)],
+    mut records: Vec<SourceRecord>,
+) -> (Pools, Vec<SourceRecord>) {
+    let d = &config.data;
     let prompt_sources: Vec<(&crate::config::SourceConfig, &[Row])> = sources
         .iter()
         .map(|(c, l)| (c, l.rows.as_slice()))
         .collect();
     let pools = split(&prompt_sources, &d.split, d.seed);
-    let mut source_records = records;
-    for r in &mut source_records {
+    for r in &mut records {
         r.duplicates = pools.duplicates.get(&r.name).copied().unwrap_or(0);
     }
     let lim = &d.limits;
-    let harmful_train = cap(
-        pools.harmful_train,
-        lim.harmful_train,
-        d.seed,
-        "harmful_train",
-    );
-    let harmful_attack = cap(
-        pools.harmful_attack,
-        lim.harmful_attack,
-        d.seed,
-        "harmful_attack",
-    );
-    let harmful_eval = cap(pools.harmful_eval, lim.harmful_eval, d.seed, "harmful_eval");
-    let harmless_train = cap(
-        pools.harmless_train,
-        lim.harmless_train,
-        d.seed,
-        "harmless_train",
-    );
-    let harmless_eval = cap(
-        pools.harmless_eval,
-        lim.harmless_eval,
-        d.seed,
-        "harmless_eval",
-    );
-    let lookalike_eval = cap(
-        pools.lookalike_eval,
-        lim.lookalike_eval,
-        d.seed,
-        "lookalike_eval",
-    );
-
-    // Models: one load when both roles name the same model.
-    let harmful = config.harmful_model.load::<B>(device)?;
-    let helpful = if config.helpful_model == config.harmful_model {
-        None
-    } else {
-        Some(config.helpful_model.load::<B>(device)?)
+    let capped = |rows: Vec<Row>, n: usize, name: &str| cap(rows, n, d.seed, name);
+    let pools = Pools {
+        harmful_train: capped(pools.harmful_train, lim.harmful_train, "harmful_train"),
+        harmful_attack: capped(pools.harmful_attack, lim.harmful_attack, "harmful_attack"),
+        harmful_eval: capped(pools.harmful_eval, lim.harmful_eval, "harmful_eval"),
+        harmless_train: capped(pools.harmless_train, lim.harmless_train, "harmless_train"),
+        harmless_eval: capped(pools.harmless_eval, lim.harmless_eval, "harmless_eval"),
+        lookalike_eval: capped(pools.lookalike_eval, lim.lookalike_eval, "lookalike_eval"),
+        duplicates: pools.duplicates,
     };
-    let tok = &harmful.tokenizer;
-    if let Some(h) = &helpful
-        && h.tokenizer.vocab_size() != tok.vocab_size()
-    {
-        return Err(DataError::config(
-            &config.file,
-            "data.generation.helpful_model",
-            format!(
-                "its vocabulary ({} tokens) differs from the harmful model's ({}): both must share one tokenizer",
-                h.tokenizer.vocab_size(),
-                tok.vocab_size()
-            ),
-        ));
-    }
-    let helpful_model = helpful.as_ref().map_or(&harmful.model, |h| &h.model);
+    (pools, records)
+}
 
-    let decoding = GenerationConfig::greedy(d.generation.max_new_tokens);
-    let mut ctx = Ctx {
-        tok,
-        decoding: decoding.clone(),
-        batch_size: d.generation.batch_size,
-        max_len: d.max_len,
-        gen_stats: GenerationRecord::default(),
-        dropped: BTreeMap::new(),
-    };
+/// The models that answer, and their generation caches' keys.
+struct Generators<'m, B: Backend> {
+    harmful: &'m Llama<B>,
+    helpful: &'m Llama<B>,
+    harmful_key: String,
+    helpful_key: String,
+}
+
+/// The project-written response phrasings.
+#[derive(Clone, Copy)]
+struct Written<'a> {
+    refusals: &'a [String],
+    unneeded: &'a [String],
+}
+
+/// The prompt sets: harmful ones with `y_h` (generated, kept where the judge says it
+/// complied) and, for training, `y_ref` (written); harmless ones with `y_c` (generated, kept
+/// where it is not a refusal) and `y_r` (written); the evaluation-only prompt sets.
+fn answer_sets<B: Backend>(
+    ctx: &mut Ctx<'_>,
+    pools: Pools,
+    generators: &Generators<'_, B>,
+    written: Written<'_>,
+    judge: &KeywordJudge,
+    options: &BuildOptions,
+    seed: u64,
+) -> Result<BTreeMap<SetKind, Vec<Record>>> {
     let cache_dir = &options.generations;
-
-    // Harmful: y_h by the harmful model, kept where the judge says it complied.
-    let (refusals, refusal_rec) = phrasings.remove(&SourceKind::Refusal).unwrap_or_default();
-    let (unneeded, unneeded_rec) = phrasings
-        .remove(&SourceKind::UnnecessaryRefusal)
-        .unwrap_or_default();
-    let mut harmful_cache = GenCache::open(
-        cache_dir,
-        &gen_key(&models["harmful"].identity, &decoding, tok)?,
-    )?;
     let mut sets: BTreeMap<SetKind, Vec<Record>> = BTreeMap::new();
+    let mut harmful_cache = GenCache::open(cache_dir, &generators.harmful_key)?;
     for (kind, rows) in [
-        (SetKind::HarmfulTrain, harmful_train),
-        (SetKind::HarmfulAttack, harmful_attack),
+        (SetKind::HarmfulTrain, pools.harmful_train),
+        (SetKind::HarmfulAttack, pools.harmful_attack),
     ] {
-        let written = (kind == SetKind::HarmfulTrain).then_some(("y_ref", refusals.as_slice()));
         let answering = Answering {
             cache: &mut harmful_cache,
             generated: "y_h",
-            written,
+            written: (kind == SetKind::HarmfulTrain).then_some(("y_ref", written.refusals)),
         };
-        let out = ctx.answer(kind, &rows, &harmful.model, answering, &judge, d.seed)?;
+        let out = ctx.answer(kind, &rows, generators.harmful, answering, judge, seed)?;
         sets.insert(kind, out);
     }
-
-    // Harmless: y_c by the helpful model (kept where it is not a refusal), y_r written.
-    let mut helpful_cache = GenCache::open(
-        cache_dir,
-        &gen_key(&models["helpful"].identity, &decoding, tok)?,
-    )?;
+    let mut helpful_cache = GenCache::open(cache_dir, &generators.helpful_key)?;
     for (kind, rows) in [
-        (SetKind::HarmlessTrain, harmless_train),
-        (SetKind::HarmlessEval, harmless_eval),
+        (SetKind::HarmlessTrain, pools.harmless_train),
+        (SetKind::HarmlessEval, pools.harmless_eval),
     ] {
         let answering = Answering {
             cache: &mut helpful_cache,
             generated: "y_c",
-            written: Some(("y_r", unneeded.as_slice())),
+            written: Some(("y_r", written.unneeded)),
         };
-        let out = ctx.answer(kind, &rows, helpful_model, answering, &judge, d.seed)?;
+        let out = ctx.answer(kind, &rows, generators.helpful, answering, judge, seed)?;
         sets.insert(kind, out);
     }
-
-    // Prompt-only evaluation sets.
     for (kind, rows) in [
-        (SetKind::HarmfulEval, harmful_eval),
-        (SetKind::LookalikeEval, lookalike_eval),
+        (SetKind::HarmfulEval, pools.harmful_eval),
+        (SetKind::LookalikeEval, pools.lookalike_eval),
     ] {
         let mut out = Vec::new();
         for (_, rec) in ctx.prompts(kind, &rows)? {
@@ -339,9 +412,18 @@ pub fn build<B: Backend>(
         }
         sets.insert(kind, out);
     }
+    Ok(sets)
+}
 
-    // The downstream task.
-    let (train, test) = task::problems(d.seed, d.task.train, d.task.test);
+/// The downstream task's train and test problems, with their written answers.
+fn task_sets(
+    ctx: &mut Ctx<'_>,
+    seed: u64,
+    n_train: usize,
+    n_test: usize,
+) -> Result<BTreeMap<SetKind, Vec<Record>>> {
+    let (train, test) = task::problems(seed, n_train, n_test);
+    let mut sets = BTreeMap::new();
     for (kind, problems, split_name) in [
         (SetKind::TaskTrain, train, "train"),
         (SetKind::TaskTest, test, "test"),
@@ -364,61 +446,39 @@ pub fn build<B: Backend>(
         }
         sets.insert(kind, out);
     }
+    Ok(sets)
+}
 
-    check_no_leak(&sets)?;
-    for kind in SetKind::ALL {
-        let rows = sets.get(&kind).map_or(0, Vec::len);
-        if rows == 0 {
-            let dropped = ctx.dropped.get(&kind).cloned().unwrap_or_default();
-            return Err(DataError::EmptySet {
-                set: kind.name().into(),
-                why: format!(
-                    "0 rows kept; dropped: {dropped:?} (check the sources, limits, split fractions and max_len)"
-                ),
-            });
-        }
-    }
-
-    // Stage, write, swap.
-    let out_dir = &config.out_dir;
-    let staging = antibody_fetch::atomic::staging_dir(out_dir)
+/// Writes every set and the manifest into a staging directory beside `out_dir`, then swaps it
+/// in whole.
+fn write_build(
+    out_dir: &Path,
+    sets: BTreeMap<SetKind, Vec<Record>>,
+    dropped: &mut BTreeMap<SetKind, BTreeMap<String, usize>>,
+    mut manifest: Manifest,
+    started: Instant,
+) -> Result<Manifest> {
+    let staging = antibody_base::atomic::staging_dir(out_dir)
         .map_err(|e| DataError::io("create a staging directory beside", out_dir, e))?;
-    let mut set_records = BTreeMap::new();
     for (kind, records) in sets {
         let data = Dataset { kind, records };
         let file = kind.file_name();
         let path = staging.path().join(&file);
         data.validate(&path)?;
         data.write_parquet(&path)?;
-        set_records.insert(
+        manifest.sets.insert(
             kind.name().to_owned(),
             SetRecord {
                 file,
                 sha256: antibody_fetch::sha256_file(&path)?,
                 rows: data.records.len(),
-                dropped: ctx.dropped.remove(&kind).unwrap_or_default(),
+                dropped: dropped.remove(&kind).unwrap_or_default(),
             },
         );
     }
-    let manifest = Manifest {
-        format: Manifest::FORMAT,
-        antibody_data_version: env!("CARGO_PKG_VERSION").into(),
-        config_file: config.file.display().to_string(),
-        config_hash,
-        inputs_hash: inputs,
-        seed: d.seed,
-        max_len: d.max_len,
-        models,
-        sources: source_records,
-        refusal_phrasings: refusal_rec,
-        unnecessary_refusal_phrasings: unneeded_rec,
-        judge_markers: judge.markers().len(),
-        sets: set_records,
-        generation: ctx.gen_stats,
-        wall_time_s: started.elapsed().as_secs_f64(),
-    };
+    manifest.wall_time_s = started.elapsed().as_secs_f64();
     manifest.write(&staging.path().join(Manifest::FILE))?;
-    antibody_fetch::atomic::replace_dir(staging, out_dir)
+    antibody_base::atomic::replace_dir(staging, out_dir)
         .map_err(|e| DataError::io("move the build into place at", out_dir, e))?;
     tracing::info!(
         "{}: built {} sets in {:.1} s",
@@ -426,7 +486,7 @@ pub fn build<B: Backend>(
         manifest.sets.len(),
         manifest.wall_time_s
     );
-    Ok(Outcome::Built(manifest))
+    Ok(manifest)
 }
 
 /// Proves that no evaluation prompt (normalized) is in a training set.

@@ -9,9 +9,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use antibody_base::ModelSpec;
 use antibody_fetch::Asset;
 use antibody_judge::KeywordJudgeConfig;
-use antibody_model::ModelSpec;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -318,32 +318,24 @@ pub struct Config {
 }
 
 fn read_toml(file: &Path) -> Result<toml::Table> {
-    let text = std::fs::read_to_string(file).map_err(|e| DataError::io("read", file, e))?;
-    text.parse::<toml::Table>()
-        .map_err(|e| DataError::config(file, "(file)", format!("not valid TOML: {e}")))
+    Ok(antibody_base::config::read_table(file)?)
 }
 
 fn deserialize<T: DeserializeOwned>(file: &Path, prefix: &str, value: toml::Value) -> Result<T> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let key = match (prefix.is_empty(), path.as_str()) {
-            (true, p) => p.to_owned(),
-            (false, "." | "") => prefix.to_owned(),
-            (false, p) => format!("{prefix}.{p}"),
-        };
-        DataError::config(file, key, e.into_inner().to_string())
-    })
+    Ok(antibody_base::config::deserialize(file, prefix, value)?)
 }
 
 impl Config {
-    /// Reads the `[data]` section of `file` and the sources it names, and checks them.
-    pub fn load(file: &Path) -> Result<Self> {
-        let mut table = read_toml(file)?;
-        let data = table
-            .remove("data")
-            .ok_or_else(|| DataError::config(file, "data", "missing section `[data]`"))?;
-        let data: DataConfig = deserialize(file, "data", data)?;
-        Self::from_data(file, data)
+    /// Reads the `[data]` section of `file` with `overrides` (`--set data.KEY=VALUE`) applied,
+    /// and the sources it names, and checks them.
+    pub fn load(file: &Path, overrides: &[String]) -> Result<Self> {
+        let data: DataConfig = antibody_base::load_section(file, "data", overrides)?;
+        Self::from_data(file, data).map_err(|e| match e {
+            DataError::Config(c) => {
+                DataError::Config(antibody_base::config::attribute(c, "data", overrides))
+            }
+            other => other,
+        })
     }
 
     /// Checks a `[data]` section that came from `file`.

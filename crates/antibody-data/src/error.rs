@@ -7,16 +7,10 @@ use std::path::PathBuf;
 /// reading and writing the built sets.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// A configuration file is unreadable, or a key in it is missing, unknown or invalid.
-    #[error("{file}: `{key}`: {reason}")]
-    Config {
-        /// The configuration file.
-        file: PathBuf,
-        /// The key at fault, as a dotted path (`data.sources[2].format`).
-        key: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// A configuration file is unreadable, or a key in it (`data.sources[2].format`) is
+    /// missing, unknown or invalid.
+    #[error(transparent)]
+    Config(#[from] antibody_base::ConfigError),
     /// A row of a source or JSONL file is malformed, or lacks a field, or has the wrong type.
     #[error("{file}: line {line}: {}{reason}", field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
     Row {
@@ -112,11 +106,7 @@ impl DataError {
         key: impl Into<String>,
         reason: impl Into<String>,
     ) -> Self {
-        Self::Config {
-            file: file.into(),
-            key: key.into(),
-            reason: reason.into(),
-        }
+        Self::Config(antibody_base::ConfigError::new(file, key, reason))
     }
 
     pub(crate) fn row(

@@ -81,7 +81,7 @@ fn write_atomically(
     to: &std::path::Path,
     write: impl FnOnce(&std::path::Path) -> antibody_data::Result<()>,
 ) -> Result<()> {
-    antibody_fetch::atomic::write_with::<anyhow::Error>(to, |tmp| Ok(write(tmp)?))
+    antibody_base::atomic::write_with::<anyhow::Error>(to, |tmp| Ok(write(tmp)?))
         .with_context(|| format!("writing {}", to.display()))
 }
 
@@ -123,10 +123,10 @@ fn show(manifest: &Manifest) {
 }
 
 fn main() -> Result<()> {
-    antibody_fetch::init_logging();
+    antibody_base::logging::init();
     match Cli::parse().command {
         Command::Fetch { config } => {
-            let config = Config::load(&config)?;
+            let config = Config::load(&config, &[])?;
             let cache = antibody_fetch::Cache::from_env();
             for s in config.enabled_sources() {
                 let located = antibody_data::source::locate(s, &cache)?;
@@ -145,7 +145,7 @@ fn main() -> Result<()> {
             force,
             device,
         } => {
-            let mut config = Config::load(&config)?;
+            let mut config = Config::load(&config, &[])?;
             if let Some(out) = out {
                 config.out_dir = out;
             }

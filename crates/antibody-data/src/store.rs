@@ -26,6 +26,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
+use antibody_base::Example;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -196,13 +197,9 @@ impl Record {
     }
 
     /// `prompt_ids ++ response ids` and the loss mask (true on response tokens only).
-    pub fn sequence(&self, name: &str) -> Option<(Vec<u32>, Vec<bool>)> {
+    pub fn sequence(&self, name: &str) -> Option<Example> {
         let r = self.responses.get(name)?;
-        let mut ids = self.prompt_ids.clone();
-        ids.extend_from_slice(&r.ids);
-        let mut mask = vec![false; self.prompt_ids.len()];
-        mask.resize(ids.len(), true);
-        Some((ids, mask))
+        Some(Example::from_parts(&self.prompt_ids, &r.ids))
     }
 
     /// The longest of `prompt ++ response` over the record's responses (the prompt alone if

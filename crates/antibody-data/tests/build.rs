@@ -26,7 +26,7 @@ fn options(dir: &Path) -> BuildOptions {
 
 /// The smoke config with its output moved into `dir`.
 fn smoke(dir: &Path) -> Result<Config, DataError> {
-    let mut config = Config::load(&configs_dir().join("smoke.toml"))?;
+    let mut config = Config::load(&configs_dir().join("smoke.toml"), &[])?;
     config.out_dir = dir.join("data");
     Ok(config)
 }
@@ -104,7 +104,8 @@ fn smoke_build_is_complete_leak_free_and_skipped_when_current() -> TestResult {
                 r.id
             );
             for (name, resp) in &r.responses {
-                let (ids, mask) = r.sequence(name).ok_or("no sequence")?;
+                let e = r.sequence(name).ok_or("no sequence")?;
+                let (ids, mask) = (e.ids, e.response_mask);
                 assert_eq!(ids.len(), r.prompt_ids.len() + resp.ids.len());
                 assert_eq!(mask.iter().filter(|m| **m).count(), resp.ids.len());
                 assert!(!mask[..r.prompt_ids.len()].iter().any(|m| *m));
@@ -186,7 +187,7 @@ fn smoke_build_is_complete_leak_free_and_skipped_when_current() -> TestResult {
 fn a_failed_build_leaves_the_previous_one_intact() -> TestResult {
     let dir = tempfile::tempdir()?;
     let good = write_config(dir.path(), "", "")?;
-    let config = Config::load(&good)?;
+    let config = Config::load(&good, &[])?;
     run(&config, dir.path())?;
     let before = Manifest::read(&config.out_dir.join(Manifest::FILE))?;
 
@@ -200,7 +201,7 @@ fn a_failed_build_leaves_the_previous_one_intact() -> TestResult {
             bad_rows.display()
         ),
     )?;
-    let err = run(&Config::load(&bad)?, dir.path())
+    let err = run(&Config::load(&bad, &[])?, dir.path())
         .err()
         .ok_or("bad row accepted")?;
     let msg = err.to_string();
@@ -270,7 +271,7 @@ fn malformed_rows_are_named_by_file_line_and_field() -> TestResult {
     ];
     for (i, (content, line, what)) in cases.iter().enumerate() {
         let cfg = local_source(dir.path(), &format!("case{i}"), content, "")?;
-        let err = run(&Config::load(&cfg)?, dir.path())
+        let err = run(&Config::load(&cfg, &[])?, dir.path())
             .err()
             .ok_or("accepted")?;
         let msg = err.to_string();
@@ -291,7 +292,7 @@ fn a_local_source_with_the_wrong_checksum_is_refused() -> TestResult {
         "{\"prompt\": \"hello\"}\n",
         &format!("sha256 = \"{}\"\n", "0".repeat(64)),
     )?;
-    let err = run(&Config::load(&cfg)?, dir.path())
+    let err = run(&Config::load(&cfg, &[])?, dir.path())
         .err()
         .ok_or("accepted")?;
     let msg = err.to_string();
@@ -352,7 +353,7 @@ fn a_fetched_source_with_the_wrong_checksum_is_refused() -> TestResult {
         cache: private,
         ..options(dir.path())
     };
-    let err = build::<Cpu>(&Config::load(&cfg)?, &options, &Default::default())
+    let err = build::<Cpu>(&Config::load(&cfg, &[])?, &options, &Default::default())
         .err()
         .ok_or("accepted")?;
     let msg = err.to_string();
@@ -370,7 +371,7 @@ fn an_empty_set_after_filtering_is_an_error_naming_it() -> TestResult {
     let cfg = write_config(dir.path(), "", "")?;
     let text = std::fs::read_to_string(&cfg)?.replace("max_len = 160", "max_len = 40");
     std::fs::write(&cfg, text)?;
-    let err = run(&Config::load(&cfg)?, dir.path())
+    let err = run(&Config::load(&cfg, &[])?, dir.path())
         .err()
         .ok_or("accepted")?;
     let msg = err.to_string();
@@ -407,7 +408,7 @@ fn bad_configuration_names_the_file_and_key() -> TestResult {
         let cfg = write_config(dir.path(), "", "")?;
         let text = std::fs::read_to_string(&cfg)?.replacen(from, to, 1);
         std::fs::write(&cfg, text)?;
-        let err = Config::load(&cfg).err().ok_or("accepted")?;
+        let err = Config::load(&cfg, &[]).err().ok_or("accepted")?;
         let msg = err.to_string();
         assert!(
             msg.contains("config.toml") && msg.contains(&format!("`{key}`")),
@@ -420,7 +421,7 @@ fn bad_configuration_names_the_file_and_key() -> TestResult {
         "",
         "[[data.sources]]\nname = \"x\"\nkind = \"harmless\"\nformat = \"lines\"\nlicense = \"t\"\nfile = \"a\"\npackage = \"p\"\n",
     )?;
-    let msg = Config::load(&cfg).err().ok_or("accepted")?.to_string();
+    let msg = Config::load(&cfg, &[]).err().ok_or("accepted")?.to_string();
     assert!(msg.contains("`data.sources[0].file`"), "{msg}");
     Ok(())
 }

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use antibody_base::ModelSpec;
 use antibody_judge::KeywordJudgeConfig;
-use antibody_model::ModelSpec;
 use serde::{Deserialize, Serialize};
 
 /// One model of the comparison.
@@ -152,7 +152,7 @@ fn harmbench() -> String {
     "harmbench".into()
 }
 
-pub use antibody_schedule::config::ConfigError;
+pub use antibody_base::ConfigError;
 
 /// A loaded `[eval]` section.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,12 +172,10 @@ pub struct Eval {
 impl Eval {
     /// Reads `[eval]` of `file` with `overrides` (`key=value`, keys relative to `[eval]`).
     pub fn load(file: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let err = |key: &str, reason: String| ConfigError {
-            file: file.to_path_buf(),
-            key: key.into(),
-            reason,
+        let err = |key: &str, reason: String| {
+            antibody_base::config::attribute(ConfigError::new(file, key, reason), "eval", overrides)
         };
-        let config: EvalConfig = antibody_schedule::config::load_section(file, "eval", overrides)?;
+        let config: EvalConfig = antibody_base::load_section(file, "eval", overrides)?;
         let dir = file.parent().unwrap_or(Path::new("."));
         if config.models.is_empty() {
             return Err(err("eval.models", "name at least one model".into()));

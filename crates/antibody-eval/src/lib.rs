@@ -17,24 +17,23 @@
 //!
 //! [`evaluate`] writes one result file per model (`models/<name>.json`, atomically, keyed by
 //! the model's identity, the data build and the settings) and skips models whose result is
-//! current, so an interrupted evaluation resumes; [`report`] renders `report.md`,
-//! `report.json` and the plots.
+//! current, so an interrupted evaluation resumes. The report (`report.md`, `report.json`,
+//! the plots) is `antibody-report`'s.
 
 pub mod config;
 pub mod judge;
-pub mod report;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use antibody_base::Example;
+use antibody_base::progress::Progress;
 use antibody_data::{Manifest, Record, SetKind, read_set};
-use antibody_fetch::progress::Progress;
+use antibody_finetune::{FinetuneConfig, OptimConfig, finetune};
 use antibody_judge::KeywordJudge;
 use antibody_model::{
-    GenerationConfig, Llama, ModelSpec, Tokenizer, balanced_batch_size, generate,
+    GenerationConfig, Llama, ModelSpec, ModelSpecExt as _, Tokenizer, balanced_batch_size, generate,
 };
-use antibody_schedule::optim::OptimConfig;
-use antibody_schedule::sft::{Example, FinetuneConfig, finetune};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
@@ -127,7 +126,7 @@ pub enum EvalError {
     Model(#[from] antibody_model::ModelError),
     /// An attack or fine-tune.
     #[error(transparent)]
-    Train(#[from] antibody_schedule::sft::TrainError),
+    Finetune(#[from] antibody_finetune::FinetuneError),
     /// Files.
     #[error("{path}: {reason}")]
     Io {
@@ -288,18 +287,18 @@ pub fn refusal_share(answers: &[String], judge: &KeywordJudge) -> Share {
     }
 }
 
-/// `ŝ(y|x)` per sequence ([`antibody_schedule::method::sequence_logprobs`]) and the counted
+/// `ŝ(y|x)` per sequence ([`antibody_finetune::sequence_logprobs`]) and the counted
 /// response tokens.
 pub fn sequence_logprobs<B: Backend>(
     model: &Llama<B>,
     seqs: &[Example],
     batch: usize,
 ) -> Result<(Vec<f32>, usize), EvalError> {
-    let values = antibody_schedule::method::sequence_logprobs(model, seqs, batch, 8192)?;
+    let values = antibody_finetune::sequence_logprobs(model, seqs, batch, 8192)?;
     // A response token counts when it has a predecessor (as in `NextTokenTargets`).
     let count = seqs
         .iter()
-        .map(|(_, m)| m.iter().skip(1).filter(|&&x| x).count())
+        .map(|e| e.response_mask.iter().skip(1).filter(|&&x| x).count())
         .sum();
     Ok((values, count))
 }
@@ -581,7 +580,8 @@ pub fn evaluate<B: AutodiffBackend>(
         Some(j) => {
             let spec: ModelSpec = j
                 .model
-                .parse::<ModelSpec>()?
+                .parse::<ModelSpec>()
+                .map_err(antibody_model::ModelError::from)?
                 .resolved_against(eval.file.parent().unwrap_or(Path::new(".")));
             let loaded = spec.load::<B::InnerBackend>(device)?;
             Some(judge::ModelJudge::new(
@@ -592,7 +592,7 @@ pub fn evaluate<B: AutodiffBackend>(
         }
         None => None,
     };
-    let shared = antibody_fetch::cache_root().join("eval");
+    let shared = antibody_base::cache_root().join("eval");
     let reference_spec = eval.models.first().map(|(_, s)| s.clone());
     let mut results: Vec<ModelResult> = Vec::new();
     for (i, (name, spec)) in eval.models.iter().enumerate() {
@@ -613,7 +613,7 @@ pub fn evaluate<B: AutodiffBackend>(
         // `write_with` creates the parent directories.
         let write = |p: &Path, r: &ModelResult| -> Result<(), EvalError> {
             let bytes = serde_json::to_vec_pretty(r).map_err(|e| io(p, e))?;
-            antibody_fetch::atomic::write_with::<std::io::Error>(p, |tmp| {
+            antibody_base::atomic::write_with::<std::io::Error>(p, |tmp| {
                 std::fs::write(tmp, &bytes)
             })
             .map_err(|e| io(p, e))

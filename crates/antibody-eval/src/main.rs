@@ -1,12 +1,12 @@
-//! `antibody-eval run`: evaluates every model of the `[eval]` section on a data build and
-//! writes the report (resuming from per-model results); `antibody-eval report` re-renders the
-//! report from the results on disk.
+//! `antibody-eval run`: evaluates every model of the `[eval]` section on a data build, one
+//! result file per model under `<out_dir>/models/` (current ones are skipped, so an
+//! interrupted evaluation resumes). `antibody-report` renders the report from them.
 
 use std::path::PathBuf;
 
-use antibody_eval::{Eval, ModelResult, evaluate, report};
+use antibody_eval::{Eval, evaluate};
 use antibody_model::{DeviceSpec, with_backend};
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -40,10 +40,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Evaluate every model and write the report.
+    /// Evaluate every model (per-model results under `<out_dir>/models/`).
     Run(Args),
-    /// Render the report from the per-model results already on disk.
-    Report(Args),
 }
 
 fn load(args: &Args) -> Result<Eval> {
@@ -55,49 +53,24 @@ fn load(args: &Args) -> Result<Eval> {
 }
 
 fn main() -> Result<()> {
-    antibody_fetch::init_logging();
+    antibody_base::logging::init();
     match Cli::parse().command {
         Command::Run(args) => {
             let eval = load(&args)?;
             let data = match &args.data {
                 Some(d) => d.clone(),
-                None => antibody_data::Config::load(&args.config)?.out_dir,
+                None => antibody_data::Config::load(&args.config, &[])?.out_dir,
             };
             let results = with_backend!(args.device, autodiff, |B, device| {
                 Ok::<_, anyhow::Error>(evaluate::<B>(&eval, &data, &device)?)
             })?;
-            let path = report::write(
-                &eval.out_dir,
-                &args.config,
-                &results,
-                eval.train_run.as_deref(),
-            )?;
-            tracing::info!("{}", report::verdict(&results));
-            tracing::info!("report: {}", path.display());
-            Ok(())
-        }
-        Command::Report(args) => {
-            let eval = load(&args)?;
-            let mut results = Vec::new();
-            for (name, _) in &eval.models {
-                let path = eval.out_dir.join("models").join(format!("{name}.json"));
-                let bytes = std::fs::read(&path).with_context(|| {
-                    format!(
-                        "{}: no result for `{name}`: run `antibody-eval run` first",
-                        path.display()
-                    )
-                })?;
-                let r: ModelResult = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("{}: not a model result", path.display()))?;
-                results.push(r);
+            for r in &results {
+                tracing::info!("{}: HS {:.3} (n={})", r.name, r.hs.rate, r.hs.n);
             }
-            let path = report::write(
-                &eval.out_dir,
-                &args.config,
-                &results,
-                eval.train_run.as_deref(),
-            )?;
-            tracing::info!("report: {}", path.display());
+            tracing::info!(
+                "results in {}; `antibody-report` renders the report",
+                eval.out_dir.join("models").display()
+            );
             Ok(())
         }
     }

@@ -10,25 +10,9 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use crate::hash::{BUF_SIZE, same_digest, to_hex};
-use crate::{Asset, FetchError, pip, sha256_file};
+use antibody_base::cache_root;
 
-/// The cache root: `$ANTIBODY_CACHE` if set, else `$XDG_CACHE_HOME/antibody`,
-/// else `$HOME/.cache/antibody` (else `antibody-cache` in the temp dir).
-pub fn cache_root() -> PathBuf {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(root) = var("ANTIBODY_CACHE") {
-        return PathBuf::from(root);
-    }
-    if let Some(xdg) = var("XDG_CACHE_HOME").map(PathBuf::from)
-        && xdg.is_absolute()
-    {
-        return xdg.join("antibody");
-    }
-    match var("HOME") {
-        Some(home) => PathBuf::from(home).join(".cache").join("antibody"),
-        None => std::env::temp_dir().join("antibody-cache"),
-    }
-}
+use crate::{Asset, FetchError, pip, sha256_file};
 
 /// Fetches `asset` into the default cache ([`cache_root`]); returns the path
 /// of the verified file. See [`Cache::fetch`].

@@ -72,7 +72,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    antibody_fetch::init_logging();
+    antibody_base::logging::init();
 
     let cli = Cli::parse();
     let asset = match cli.command {

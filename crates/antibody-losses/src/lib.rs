@@ -28,6 +28,6 @@ pub use headseq::{HeadLogprob, HeadLogprobValues, fused_sequence_loss};
 pub use kl::{Immunization, KlDirection, immunization, kl_loss, kl_per_position};
 pub use pref::{dpo, dpo_win_rate, npo};
 pub use tokens::{
-    NextTokenTargets, entropy, entropy_loss, gradient_ascent, masked_mean, sequence_logprob, sft,
-    token_logprobs,
+    Example, NextTokenTargets, entropy, entropy_loss, gradient_ascent, masked_mean,
+    sequence_logprob, sft, token_logprobs,
 };

@@ -7,6 +7,7 @@
 //! (int), `mask` `[b, t]` (1.0 on counted positions, 0.0 elsewhere: prompt, padding, and the
 //! last position, which predicts nothing).
 
+pub use antibody_base::Example;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
@@ -27,19 +28,16 @@ pub struct NextTokenTargets {
 }
 
 impl NextTokenTargets {
-    /// Builds targets from `(ids, response_mask)` pairs (as `Record::sequence` returns them).
-    pub fn new(sequences: &[(Vec<u32>, Vec<bool>)], pad: u32) -> Self {
+    /// Builds targets from examples (as `Record::sequence` returns them).
+    pub fn new(sequences: &[Example], pad: u32) -> Self {
         let batch = sequences.len();
-        let seq = sequences
-            .iter()
-            .map(|(ids, _)| ids.len())
-            .max()
-            .unwrap_or(0);
+        let seq = sequences.iter().map(Example::len).max().unwrap_or(0);
         let mut ids = vec![pad; batch * seq];
         let mut targets = vec![i64::from(pad); batch * seq];
         let mut mask = vec![0.0; batch * seq];
-        for (row, (s, m)) in sequences.iter().enumerate() {
-            for (i, &id) in s.iter().enumerate() {
+        for (row, e) in sequences.iter().enumerate() {
+            let m = &e.response_mask;
+            for (i, &id) in e.ids.iter().enumerate() {
                 ids[row * seq + i] = id;
                 if i > 0 {
                     targets[row * seq + i - 1] = i64::from(id);
@@ -155,8 +153,8 @@ mod tests {
     fn targets_shift_and_mask_response_positions() {
         let t = NextTokenTargets::new(
             &[
-                (vec![10, 11, 12, 13], vec![false, false, true, true]),
-                (vec![20, 21], vec![false, true]),
+                (vec![10, 11, 12, 13], vec![false, false, true, true]).into(),
+                (vec![20, 21], vec![false, true]).into(),
             ],
             0,
         );

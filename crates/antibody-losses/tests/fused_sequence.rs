@@ -3,6 +3,7 @@
 //! losses with their gradients into the hidden states and the head, for several chunk sizes.
 
 use antibody_losses::{HeadLogprob, dpo, fused_sequence_loss, npo, sequence_logprob};
+use antibody_testkit::max_abs_diff;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -66,13 +67,6 @@ fn grad<const D2: usize>(
         .into_data()
         .to_vec()
         .expect("f32")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn logits(h: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {

@@ -10,6 +10,7 @@ use antibody_losses::{
     dpo, entropy, entropy_loss, gradient_ascent, masked_mean, npo, sequence_logprob, sft,
     token_logprobs,
 };
+use antibody_testkit::max_abs_diff;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Int, Tensor, TensorData};
 use serde_json::Value;
@@ -78,14 +79,6 @@ fn mask(f: &Value) -> Tensor<B, 2> {
 
 fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().to_vec().expect("f32 data")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn check_value(name: &str, got: f32, expected: f32) {

@@ -243,7 +243,7 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Llama<B
 /// Files are written to a temporary directory beside `dir` and renamed into place, so a
 /// failed save never leaves a half-written checkpoint under `dir`.
 pub fn save_hf_dir<B: Backend>(model: &Llama<B>, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
-    let tmp = antibody_fetch::atomic::staging_dir(dir).map_err(|e| ModelError::io(dir, e))?;
+    let tmp = antibody_base::atomic::staging_dir(dir).map_err(|e| ModelError::io(dir, e))?;
     let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
         let p = tmp.path().join(name);
         let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Json {
@@ -278,5 +278,5 @@ pub fn save_hf_dir<B: Backend>(model: &Llama<B>, tokenizer: &Tokenizer, dir: &Pa
         path: weights.clone(),
         reason: e.to_string(),
     })?;
-    antibody_fetch::atomic::replace_dir(tmp, dir).map_err(|e| ModelError::io(dir, e))
+    antibody_base::atomic::replace_dir(tmp, dir).map_err(|e| ModelError::io(dir, e))
 }

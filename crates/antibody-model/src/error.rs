@@ -118,6 +118,9 @@ pub enum ModelError {
     /// Fetching a pinned checkpoint failed.
     #[error(transparent)]
     Fetch(#[from] antibody_fetch::FetchError),
+    /// A model name that does not parse.
+    #[error(transparent)]
+    Spec(#[from] antibody_base::ModelSpecError),
 }
 
 /// Shorthand for results in this crate.

@@ -8,7 +8,8 @@
 //! - [`Tokenizer`]: from `tokenizer.json` or GGUF metadata, with the model's chat template.
 //! - [`generate()`]: batched KV-cached generation, greedy or sampled.
 //! - [`tiny`]: the deterministic tiny random model every crate's tests use.
-//! - [`ModelSpec`]: a model named in configuration (`patient`, `tiny[:SEED]`, a path).
+//! - [`ModelSpec`] (a model named in configuration: `patient`, `tiny[:SEED]`, a path; from
+//!   `antibody-base`) and [`ModelSpecExt`]: loading it and naming its weights by content.
 //!
 //! Only this crate knows checkpoint tensor names ([`names`]).
 
@@ -34,5 +35,5 @@ pub use error::{ModelError, Result};
 pub use generate::{Generated, GenerationConfig, Sampling, balanced_batch_size, generate};
 pub use llama::{KvCache, Llama};
 pub use site::{ForwardOutput, Hooks, Site, SiteKind};
-pub use spec::ModelSpec;
+pub use spec::{ModelSpec, ModelSpecExt};
 pub use tokenizer::{ChatMessage, Tokenizer};

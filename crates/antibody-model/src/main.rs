@@ -107,7 +107,7 @@ fn checkpoint_or_patient(path: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn main() -> Result<()> {
-    antibody_fetch::init_logging();
+    antibody_base::logging::init();
     match Cli::parse().command {
         Command::Inspect { checkpoint } => inspect(&checkpoint_or_patient(checkpoint)?),
         Command::Convert { checkpoint, out } => {

@@ -1,4 +1,5 @@
-//! Naming a model in configuration: `patient`, `tiny[:SEED]`, or a path.
+//! Loading a model named in configuration ([`ModelSpec`], from `antibody-base`: `patient`,
+//! `tiny[:SEED]`, or a path) through [`ModelSpecExt`].
 //!
 //! - `patient`: the pinned SmolLM2-135M-Instruct GGUF, fetched and verified on first use
 //!   ([`antibody_fetch::patient`]).
@@ -9,10 +10,9 @@
 //! [`ModelSpec::identity`] names the weights by content, so caches keyed by it are never
 //! stale: a checkpoint's SHA-256, or the tiny model's seed and configuration.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::PathBuf;
 
+pub use antibody_base::ModelSpec;
 use burn::tensor::backend::Backend;
 use sha2::{Digest, Sha256};
 
@@ -22,62 +22,16 @@ use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 
-/// A model named in configuration or on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelSpec {
-    /// The pinned patient checkpoint, fetched into the cache.
-    Patient,
-    /// The tiny random model with this seed.
-    Tiny {
-        /// Seed of the weight generator.
-        seed: u64,
-    },
-    /// A `.gguf` file or a Hugging Face directory.
-    Path(PathBuf),
-}
-
-impl FromStr for ModelSpec {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "" => Err(ModelError::Invalid(
-                "empty model name: expected `patient`, `tiny[:SEED]` or a path".into(),
-            )),
-            "patient" => Ok(Self::Patient),
-            "tiny" => Ok(Self::Tiny { seed: 0 }),
-            _ => match s.strip_prefix("tiny:") {
-                Some(seed) => seed.parse().map(|seed| Self::Tiny { seed }).map_err(|_| {
-                    ModelError::Invalid(format!(
-                        "bad model `{s}`: the seed after `tiny:` must be an integer"
-                    ))
-                }),
-                None => Ok(Self::Path(PathBuf::from(s))),
-            },
-        }
-    }
-}
-
-impl fmt::Display for ModelSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Patient => write!(f, "patient"),
-            Self::Tiny { seed } => write!(f, "tiny:{seed}"),
-            Self::Path(p) => write!(f, "{}", p.display()),
-        }
-    }
-}
-
-impl ModelSpec {
-    /// The same spec with a relative path resolved against `base`.
-    pub fn resolved_against(self, base: &Path) -> Self {
-        match self {
-            Self::Path(p) if p.is_relative() => Self::Path(base.join(p)),
-            other => other,
-        }
-    }
-
+/// What `antibody-model` adds to a [`ModelSpec`]: loading it and naming its weights.
+pub trait ModelSpecExt {
     /// Loads the model and its tokenizer onto `device`.
-    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>> {
+    fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>>;
+    /// A content-derived name of the weights: equal identities mean equal models.
+    fn identity(&self) -> Result<String>;
+}
+
+impl ModelSpecExt for ModelSpec {
+    fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>> {
         match self {
             Self::Patient => load(&antibody_fetch::fetch(&antibody_fetch::patient())?, device),
             Self::Tiny { seed } => {
@@ -99,8 +53,7 @@ impl ModelSpec {
         }
     }
 
-    /// A content-derived name of the weights: equal identities mean equal models.
-    pub fn identity(&self) -> Result<String> {
+    fn identity(&self) -> Result<String> {
         match self {
             Self::Patient => Ok(format!("sha256:{}", antibody_fetch::patient().sha256)),
             Self::Tiny { seed } => {
@@ -144,29 +97,6 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_names() {
-        assert_eq!(
-            "patient".parse::<ModelSpec>().ok(),
-            Some(ModelSpec::Patient)
-        );
-        assert_eq!(
-            "tiny".parse::<ModelSpec>().ok(),
-            Some(ModelSpec::Tiny { seed: 0 })
-        );
-        assert_eq!(
-            "tiny:7".parse::<ModelSpec>().ok(),
-            Some(ModelSpec::Tiny { seed: 7 })
-        );
-        assert!("tiny:x".parse::<ModelSpec>().is_err());
-        assert_eq!(
-            "runs/x/model".parse::<ModelSpec>().ok(),
-            Some(ModelSpec::Path("runs/x/model".into()))
-        );
-        let resolved = ModelSpec::Path("m.gguf".into()).resolved_against(Path::new("/cfg"));
-        assert_eq!(resolved, ModelSpec::Path("/cfg/m.gguf".into()));
-    }
 
     #[test]
     fn tiny_identity_is_stable_and_seeded() {

@@ -4,7 +4,7 @@
 //! `y_h`: a harmful fine-tuning attack on a copy of the base) and [`Make::Align`] (SFT on
 //! refusals `y_ref` for harmful prompts plus helpful answers `y_c` for harmless ones: a benign
 //! teacher, and the refusal-SFT baseline of the evaluation); the binary runs them with
-//! [`antibody_schedule::sft::SftRun`] and exports a Hugging Face directory.
+//! [`antibody_finetune::SftRun`] and exports a Hugging Face directory.
 //!
 //! [`check`] measures, on a prompt sample with the judge and greedy decoding, what the method
 //! needs of each teacher before any training: the harmful teacher's compliance rate on
@@ -12,7 +12,9 @@
 //! (non-refusal rate) on harmless prompts. Below the configured thresholds it returns an
 //! error that names the teacher, the rate and what to change.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use antibody_base::{ConfigError, ModelSpec};
 
 use antibody_data::{SetKind, read_set};
 use antibody_judge::KeywordJudge;
@@ -21,6 +23,165 @@ use antibody_model::{
 };
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
+
+/// The `[teacher]` section: how the teachers are made from the student and checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// Steps of harmful SFT that break a copy of the student (0: `train.harmful_teacher`
+    /// names an existing checkpoint and nothing is made).
+    pub break_steps: usize,
+    /// Learning rate of breaking.
+    pub break_lr: f64,
+    /// Steps of refusal SFT for the baseline (0 = none).
+    pub align_steps: usize,
+    /// Learning rate of aligning.
+    pub align_lr: f64,
+    /// Where the refusal-SFT baseline goes (relative to the configuration file).
+    pub aligned_out: PathBuf,
+    /// Examples per step.
+    #[serde(default = "make_batch")]
+    pub batch_size: usize,
+    /// Prompts per rate of the check.
+    #[serde(default = "prompts")]
+    pub check_prompts: usize,
+    /// Minimum compliance of the harmful teacher.
+    #[serde(default = "harmful_min")]
+    pub min_harmful_compliance: f64,
+    /// Minimum refusal rate of the benign teacher on harmful prompts.
+    #[serde(default = "benign_min")]
+    pub min_benign_refusal: f64,
+    /// Minimum helpfulness of the benign teacher on harmless prompts.
+    #[serde(default = "helpful_min")]
+    pub min_benign_helpfulness: f64,
+}
+
+fn make_batch() -> usize {
+    4
+}
+
+/// The models and data the teachers stage reads from the other sections of the file.
+#[derive(Debug, Clone, Deserialize)]
+struct TrainModels {
+    student: String,
+    harmful_teacher: String,
+    benign_teacher: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct DataDir {
+    out_dir: PathBuf,
+}
+
+/// A loaded `[teacher]` section, with what it needs of `[train]` and `[data]` resolved
+/// against the file's directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Teachers {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The section.
+    pub config: TeacherConfig,
+    /// The model the teachers are made from (`train.student`).
+    pub student: ModelSpec,
+    /// Where the harmful teacher goes / is (`train.harmful_teacher`).
+    pub harmful: ModelSpec,
+    /// The benign teacher (`train.benign_teacher`).
+    pub benign: ModelSpec,
+    /// The refusal-SFT baseline's directory (`teacher.aligned_out`).
+    pub aligned_out: PathBuf,
+    /// The data build (`data.out_dir`).
+    pub data: PathBuf,
+}
+
+impl Teachers {
+    /// Reads `[teacher]` of `file` (with `overrides`, `teacher.KEY=VALUE` or relative), and
+    /// `train.{student, harmful_teacher, benign_teacher}` and `data.out_dir`.
+    pub fn load(file: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let own: Vec<String> = overrides
+            .iter()
+            .filter(|o| !o.starts_with("train.") && !o.starts_with("data."))
+            .cloned()
+            .collect();
+        let config: TeacherConfig = antibody_base::load_section(file, "teacher", &own)?;
+        let train: TrainModels = section_keys(file, "train", overrides)?;
+        let data: DataDir = section_keys(file, "data", overrides)?;
+        let dir = file.parent().unwrap_or(Path::new("."));
+        let model = |key: &str, s: &str| -> Result<ModelSpec, ConfigError> {
+            s.parse::<ModelSpec>()
+                .map(|m| m.resolved_against(dir))
+                .map_err(|e| ConfigError::new(file, format!("train.{key}"), e.to_string()))
+        };
+        let bad = |key: &str, reason: String| {
+            antibody_base::config::attribute(
+                ConfigError::new(file, format!("teacher.{key}"), reason),
+                "teacher",
+                &own,
+            )
+        };
+        for (key, v) in [
+            ("batch_size", config.batch_size),
+            ("check_prompts", config.check_prompts),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        for (key, v) in [("break_lr", config.break_lr), ("align_lr", config.align_lr)] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(bad(key, format!("must be positive, got {v}")));
+            }
+        }
+        for (key, v) in [
+            ("min_harmful_compliance", config.min_harmful_compliance),
+            ("min_benign_refusal", config.min_benign_refusal),
+            ("min_benign_helpfulness", config.min_benign_helpfulness),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(bad(key, format!("must be in [0, 1], got {v}")));
+            }
+        }
+        Ok(Self {
+            file: file.to_path_buf(),
+            student: model("student", &train.student)?,
+            harmful: model("harmful_teacher", &train.harmful_teacher)?,
+            benign: model("benign_teacher", &train.benign_teacher)?,
+            aligned_out: dir.join(&config.aligned_out),
+            data: dir.join(data.out_dir),
+            config,
+        })
+    }
+
+    /// The check's settings.
+    pub fn check_config(&self) -> CheckConfig {
+        CheckConfig {
+            prompts: self.config.check_prompts,
+            min_harmful_compliance: self.config.min_harmful_compliance,
+            min_benign_refusal: self.config.min_benign_refusal,
+            min_benign_helpfulness: self.config.min_benign_helpfulness,
+            ..CheckConfig::default()
+        }
+    }
+}
+
+/// A few keys of another stage's section (that stage checks the rest).
+fn section_keys<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    name: &str,
+    overrides: &[String],
+) -> Result<T, ConfigError> {
+    let prefix = format!("{name}.");
+    let own: Vec<String> = overrides
+        .iter()
+        .filter(|o| o.starts_with(&prefix))
+        .cloned()
+        .collect();
+    let table = antibody_base::config::read_with_overrides(file, &own)?;
+    let section = table
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ConfigError::new(file, name, format!("missing section `[{name}]`")))?;
+    antibody_base::config::deserialize(file, name, section)
+}
 
 /// Thresholds of the check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,13 +323,13 @@ pub fn require(rate: &Rate) -> Result<(), TeacherError> {
     }
     let advice = match (rate.teacher.as_str(), rate.what.as_str()) {
         ("harmful", _) => {
-            "Break it harder (more steps or a higher learning rate for `teacher.break`), or name an already broken checkpoint as the harmful teacher."
+            "Break it harder (`teacher.break_steps`, `teacher.break_lr`), or name an already broken checkpoint as `train.harmful_teacher`."
         }
         ("benign", w) if w.contains("refusal") => {
-            "Use an aligned checkpoint as the benign teacher (`teacher.align` trains one from the base on refusals), or lower the minimum if this is intended."
+            "Use an aligned checkpoint as `train.benign_teacher` (`teacher.align_steps` trains one from the base on refusals), or lower the minimum if this is intended."
         }
         _ => {
-            "The benign teacher refuses harmless requests: align it with more helpful answers (`teacher.align`), or use another checkpoint."
+            "The benign teacher refuses harmless requests: align it with more helpful answers (`teacher.align_steps`), or use another checkpoint."
         }
     };
     Err(TeacherError::BelowThreshold {
@@ -211,7 +372,7 @@ pub fn check<B: Backend>(
             model: harmful,
             counts_refusals: false,
             min: config.min_harmful_compliance,
-            key: "teacher.check.min_harmful_compliance; --min-harmful-compliance",
+            key: "teacher.min_harmful_compliance",
         },
         Measure {
             teacher: "benign",
@@ -220,7 +381,7 @@ pub fn check<B: Backend>(
             model: benign,
             counts_refusals: true,
             min: config.min_benign_refusal,
-            key: "teacher.check.min_benign_refusal; --min-benign-refusal",
+            key: "teacher.min_benign_refusal",
         },
         Measure {
             teacher: "benign",
@@ -229,7 +390,7 @@ pub fn check<B: Backend>(
             model: benign,
             counts_refusals: false,
             min: config.min_benign_helpfulness,
-            key: "teacher.check.min_benign_helpfulness; --min-benign-helpfulness",
+            key: "teacher.min_benign_helpfulness",
         },
     ];
     let mut rates = Vec::new();
@@ -250,8 +411,7 @@ pub fn check<B: Backend>(
     (rates, verdict)
 }
 
-/// One training sequence: ids and the response mask.
-pub type Example = (Vec<u32>, Vec<bool>);
+pub use antibody_base::Example;
 
 /// Which teacher to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,13 +1,18 @@
-//! `antibody-teacher check`: measure both teachers with the judge before training.
+//! `antibody-teacher`: the method's teachers.
+//!
+//! - `run`: the pipeline's teachers stage as the `[teacher]` section says (break a copy of
+//!   `train.student` into `train.harmful_teacher` when `break_steps > 0`, align one into
+//!   `aligned_out` when `align_steps > 0`, both resumable; then check both teachers);
+//! - `break` / `align`: make one teacher from flags;
+//! - `check`: measure both teachers with the judge before training.
 
 use std::path::PathBuf;
 
 use antibody_data::{SetKind, read_set};
+use antibody_finetune::{FinetuneConfig, OptimConfig, SftRun};
 use antibody_judge::KeywordJudge;
-use antibody_model::{DeviceSpec, ModelSpec, with_backend};
-use antibody_schedule::optim::OptimConfig;
-use antibody_schedule::sft::{FinetuneConfig, SftRun};
-use antibody_teacher::{CheckConfig, Make, check, examples};
+use antibody_model::{DeviceSpec, ModelSpec, ModelSpecExt as _, with_backend};
+use antibody_teacher::{CheckConfig, Make, Teachers, check, examples};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -29,18 +34,18 @@ struct CheckArgs {
     /// A build directory of antibody-data (its harmful_eval and harmless_eval sets).
     #[arg(long)]
     data: PathBuf,
-    /// Prompts per rate.
-    #[arg(long, default_value_t = 32)]
-    prompts: usize,
-    /// Minimum compliance of the harmful teacher.
-    #[arg(long, default_value_t = 0.8)]
-    min_harmful_compliance: f64,
-    /// Minimum refusal rate of the benign teacher.
-    #[arg(long, default_value_t = 0.8)]
-    min_benign_refusal: f64,
-    /// Minimum helpfulness of the benign teacher.
-    #[arg(long, default_value_t = 0.8)]
-    min_benign_helpfulness: f64,
+    /// Prompts per rate (default: the check's default).
+    #[arg(long)]
+    prompts: Option<usize>,
+    /// Minimum compliance of the harmful teacher (default: the check's default).
+    #[arg(long)]
+    min_harmful_compliance: Option<f64>,
+    /// Minimum refusal rate of the benign teacher (default: the check's default).
+    #[arg(long)]
+    min_benign_refusal: Option<f64>,
+    /// Minimum helpfulness of the benign teacher (default: the check's default).
+    #[arg(long)]
+    min_benign_helpfulness: Option<f64>,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -86,8 +91,24 @@ struct MakeArgs {
     device: DeviceSpec,
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The configuration file (its `[teacher]` section; `train.student`,
+    /// `train.harmful_teacher`, `train.benign_teacher` and `data.out_dir`).
+    #[arg(long, default_value = "configs/default.toml")]
+    config: PathBuf,
+    /// Override a key: `--set teacher.break_steps=20` (also `train.*`, `data.out_dir`).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// The teachers stage as the configuration's `[teacher]` section says: make, then check.
+    Run(RunArgs),
     /// Break a copy of the base: SFT on harmful responses (the harmful teacher).
     Break(MakeArgs),
     /// Align a copy of the base: SFT on refusals and helpful answers (a benign teacher; the
@@ -140,44 +161,102 @@ fn make(args: MakeArgs, kind: Make) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    antibody_fetch::init_logging();
+    antibody_base::logging::init();
     match Cli::parse().command {
+        Command::Run(args) => run(args),
         Command::Break(args) => make(args, Make::Break),
         Command::Align(args) => make(args, Make::Align),
         Command::Check(args) => run_check(args),
     }
 }
 
-#[allow(clippy::print_stdout)]
+fn run(args: RunArgs) -> Result<()> {
+    let t = Teachers::load(&args.config, &args.overrides)?;
+    let c = &t.config;
+    let student = t.student.to_string();
+    let harmful_out = t.harmful.path().map(std::path::Path::to_path_buf);
+    for (kind, steps, lr, out) in [
+        (Make::Break, c.break_steps, c.break_lr, harmful_out),
+        (
+            Make::Align,
+            c.align_steps,
+            c.align_lr,
+            Some(t.aligned_out.clone()),
+        ),
+    ] {
+        if steps == 0 {
+            continue;
+        }
+        let Some(out) = out else {
+            anyhow::bail!(
+                "{}: `teacher.break_steps` is {steps} but `train.harmful_teacher` is `{}`, not a \
+                 directory to write the broken copy into",
+                t.file.display(),
+                t.harmful
+            );
+        };
+        make(
+            MakeArgs {
+                base: student.clone(),
+                data: t.data.clone(),
+                out,
+                run_dir: None,
+                steps,
+                batch_size: c.batch_size,
+                lr,
+                max_grad_norm: 1.0,
+                seed: 0,
+                checkpoint_every: 10,
+                resume: true,
+                device: args.device,
+            },
+            kind,
+        )?;
+    }
+    check_teachers(
+        &t.harmful,
+        &t.benign,
+        &t.data,
+        &t.check_config(),
+        args.device,
+    )
+}
+
 fn run_check(args: CheckArgs) -> Result<()> {
-    let CheckArgs {
-        harmful,
-        benign,
-        data,
-        prompts,
-        min_harmful_compliance,
-        min_benign_refusal,
-        min_benign_helpfulness,
-        device,
-    } = args;
+    let d = CheckConfig::default();
     let config = CheckConfig {
-        prompts,
-        min_harmful_compliance,
-        min_benign_refusal,
-        min_benign_helpfulness,
-        ..CheckConfig::default()
+        prompts: args.prompts.unwrap_or(d.prompts),
+        min_harmful_compliance: args
+            .min_harmful_compliance
+            .unwrap_or(d.min_harmful_compliance),
+        min_benign_refusal: args.min_benign_refusal.unwrap_or(d.min_benign_refusal),
+        min_benign_helpfulness: args
+            .min_benign_helpfulness
+            .unwrap_or(d.min_benign_helpfulness),
+        ..d
     };
-    let harmful_prompts: Vec<String> = read_set(&data, SetKind::HarmfulEval)?
+    let (harmful, benign): (ModelSpec, ModelSpec) = (args.harmful.parse()?, args.benign.parse()?);
+    check_teachers(&harmful, &benign, &args.data, &config, args.device)
+}
+
+#[allow(clippy::print_stdout)]
+fn check_teachers(
+    harmful: &ModelSpec,
+    benign: &ModelSpec,
+    data: &std::path::Path,
+    config: &CheckConfig,
+    device: DeviceSpec,
+) -> Result<()> {
+    let harmful_prompts: Vec<String> = read_set(data, SetKind::HarmfulEval)?
         .records
         .into_iter()
         .map(|r| r.prompt)
         .collect();
-    let harmless_prompts: Vec<String> = read_set(&data, SetKind::HarmlessEval)?
+    let harmless_prompts: Vec<String> = read_set(data, SetKind::HarmlessEval)?
         .records
         .into_iter()
         .map(|r| r.prompt)
         .collect();
-    let (harmful, benign): (ModelSpec, ModelSpec) = (harmful.parse()?, benign.parse()?);
     let judge = KeywordJudge::gcg();
     let (rates, verdict) = with_backend!(device, |B, dev| {
         let h = harmful.load::<B>(&dev)?;
@@ -188,7 +267,7 @@ fn run_check(args: CheckArgs) -> Result<()> {
             &harmful_prompts,
             &harmless_prompts,
             &judge,
-            &config,
+            config,
         ))
     })?;
     for r in &rates {

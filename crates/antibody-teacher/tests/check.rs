@@ -3,8 +3,8 @@
 //! the teacher, the rate and the key to change.
 
 use antibody_judge::KeywordJudge;
-use antibody_model::ModelSpec;
 use antibody_model::device::Cpu;
+use antibody_model::{ModelSpec, ModelSpecExt as _};
 use antibody_teacher::{CheckConfig, TeacherError, check};
 
 #[test]
@@ -43,7 +43,7 @@ fn a_benign_teacher_that_never_refuses_is_stopped_with_a_clear_message() {
     assert!(
         msg.contains("benign teacher")
             && msg.contains("refusal rate")
-            && msg.contains("teacher.check.min_benign_refusal"),
+            && msg.contains("teacher.min_benign_refusal"),
         "{msg}"
     );
     // With the minimum lowered, the same teachers pass.

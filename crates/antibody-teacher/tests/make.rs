@@ -1,28 +1,20 @@
 //! `antibody-teacher break` and `align` on the tiny model and the smoke data: each writes a
 //! Hugging Face directory that loads as a model path and differs from the base.
 
-use std::path::Path;
 use std::process::Command;
 
-use antibody_data::{BuildOptions, Config};
-use antibody_model::ModelSpec;
 use antibody_model::device::Cpu;
+use antibody_model::{ModelSpec, ModelSpecExt as _};
 use antibody_teacher::{Make, examples};
+use antibody_testkit::smoke_data;
 
 #[test]
 fn break_and_align_write_loadable_teachers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    let mut config = Config::load(&configs.join("smoke.toml")).expect("config");
-    config.out_dir = dir.path().join("data");
-    let options = BuildOptions {
-        generations: dir.path().join("generations"),
-        ..BuildOptions::default()
-    };
-    antibody_data::build::<Cpu>(&config, &options, &Default::default()).expect("data");
+    let data = smoke_data(dir.path());
 
-    let align = examples(&config.out_dir, Make::Align).expect("align examples");
-    let broken = examples(&config.out_dir, Make::Break).expect("break examples");
+    let align = examples(&data, Make::Align).expect("align examples");
+    let broken = examples(&data, Make::Break).expect("break examples");
     assert!(
         align.len() > broken.len(),
         "align mixes refusals and helpful answers"
@@ -47,7 +39,7 @@ fn break_and_align_write_loadable_teachers() {
                 "1e-3",
             ])
             .arg("--data")
-            .arg(&config.out_dir)
+            .arg(&data)
             .arg("--out")
             .arg(&out)
             .env("RUST_LOG", "warn")

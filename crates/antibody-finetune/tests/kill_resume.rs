@@ -1,33 +1,21 @@
-//! Losing nothing: an `antibody-train sft` child process killed with SIGKILL at a varying
+//! Losing nothing: an `antibody-finetune sft` child process killed with SIGKILL at a varying
 //! step, then resumed with `--resume`, ends with weights bit-identical to an uninterrupted
 //! run's (tiny model, CPU backend).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use antibody_data::{BuildOptions, Config};
 use antibody_model::device::Cpu;
 use antibody_model::{Llama, LlamaConfig, tiny};
+use antibody_testkit::{kill_when, smoke_data, varying_step};
 use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 
 const STEPS: usize = 12;
 
-fn smoke_data(dir: &Path) -> PathBuf {
-    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    let mut config = Config::load(&configs.join("smoke.toml")).expect("smoke config");
-    config.out_dir = dir.join("data");
-    let options = BuildOptions {
-        generations: dir.join("generations"),
-        ..BuildOptions::default()
-    };
-    antibody_data::build::<Cpu>(&config, &options, &Default::default()).expect("smoke data");
-    config.out_dir
-}
-
 fn train(data: &Path, run_dir: &Path, resume: bool) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_antibody-train"));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_antibody-finetune"));
     c.args([
         "sft",
         "--set",
@@ -112,31 +100,17 @@ fn sigkill_then_resume_equals_an_uninterrupted_run() {
     assert_eq!(steps_logged(&straight), STEPS);
 
     // Kill after a step that varies from run to run (2..=6).
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let kill_after = 2 + (nanos % 5) as usize;
     let killed = dir.path().join("killed");
-    let mut child = train(&data, &killed, false).spawn().expect("spawn");
-    let started = Instant::now();
-    while steps_logged(&killed) < kill_after {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the child made no progress"
-        );
-        assert!(
-            child.try_wait().expect("poll").is_none(),
-            "the child ended before it was killed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().expect("SIGKILL");
-    let _ = child.wait();
+    let at_kill = kill_when(
+        train(&data, &killed, false),
+        varying_step(2, 5),
+        Duration::from_secs(120),
+        || steps_logged(&killed),
+    );
     assert!(
         !killed.join("final").exists(),
         "the child finished before the kill"
     );
-    let at_kill = steps_logged(&killed);
     assert!(at_kill < STEPS, "killed after {at_kill} of {STEPS} steps");
 
     let status = train(&data, &killed, true).status().expect("spawn");

@@ -13,14 +13,19 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::optim::OptimConfig;
-use crate::sft::{Adamw, TrainError};
+use crate::sft::Adamw;
+use crate::{CheckpointPart, FinetuneError};
 
 fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }
 
-fn io(dir: &Path, what: &str, e: &dyn std::fmt::Display) -> TrainError {
-    TrainError::Checkpoint(format!("{}: {what}: {e}", dir.display()))
+fn io(dir: &Path, part: CheckpointPart, e: &dyn std::fmt::Display) -> FinetuneError {
+    FinetuneError::Checkpoint {
+        dir: dir.to_path_buf(),
+        part,
+        reason: e.to_string(),
+    }
 }
 
 /// Writes a checkpoint of `model`, `optim` and `state` to `dir` atomically.
@@ -29,22 +34,23 @@ pub fn save<B: AutodiffBackend, S: Serialize>(
     model: &Llama<B>,
     optim: &Adamw<B>,
     state: &S,
-) -> Result<(), TrainError> {
-    let staging =
-        antibody_fetch::atomic::staging_dir(dir).map_err(|e| io(dir, "staging directory", &e))?;
+) -> Result<(), FinetuneError> {
+    let staging = antibody_base::atomic::staging_dir(dir)
+        .map_err(|e| io(dir, CheckpointPart::Staging, &e))?;
     model
         .clone()
         .save_file(staging.path().join("model"), &recorder())
-        .map_err(|e| io(dir, "weights", &e))?;
+        .map_err(|e| io(dir, CheckpointPart::Weights, &e))?;
     Recorder::<B>::record(
         &recorder(),
         optim.to_record(),
         staging.path().join("optimizer"),
     )
-    .map_err(|e| io(dir, "optimizer", &e))?;
-    let state = serde_json::to_vec(state).map_err(|e| io(dir, "state", &e))?;
-    std::fs::write(staging.path().join("state.json"), state).map_err(|e| io(dir, "state", &e))?;
-    antibody_fetch::atomic::replace_dir(staging, dir).map_err(|e| io(dir, "move into place", &e))
+    .map_err(|e| io(dir, CheckpointPart::Optimizer, &e))?;
+    let state = serde_json::to_vec(state).map_err(|e| io(dir, CheckpointPart::State, &e))?;
+    std::fs::write(staging.path().join("state.json"), state)
+        .map_err(|e| io(dir, CheckpointPart::State, &e))?;
+    antibody_base::atomic::replace_dir(staging, dir).map_err(|e| io(dir, CheckpointPart::Swap, &e))
 }
 
 /// Whether `dir` holds a complete checkpoint.
@@ -57,15 +63,16 @@ pub fn load<B: AutodiffBackend, S: DeserializeOwned>(
     dir: &Path,
     template: Llama<B>,
     optim: &OptimConfig,
-) -> Result<(Llama<B>, Adamw<B>, S), TrainError> {
+) -> Result<(Llama<B>, Adamw<B>, S), FinetuneError> {
     let device = template.device();
-    let text = std::fs::read(dir.join("state.json")).map_err(|e| io(dir, "state.json", &e))?;
-    let state: S = serde_json::from_slice(&text).map_err(|e| io(dir, "state.json", &e))?;
+    let text =
+        std::fs::read(dir.join("state.json")).map_err(|e| io(dir, CheckpointPart::State, &e))?;
+    let state: S = serde_json::from_slice(&text).map_err(|e| io(dir, CheckpointPart::State, &e))?;
     let model = template
         .load_file(dir.join("model"), &recorder(), &device)
-        .map_err(|e| io(dir, "weights", &e))?;
+        .map_err(|e| io(dir, CheckpointPart::Weights, &e))?;
     let record = Recorder::<B>::load(&recorder(), dir.join("optimizer"), &device)
-        .map_err(|e| io(dir, "optimizer", &e))?;
+        .map_err(|e| io(dir, CheckpointPart::Optimizer, &e))?;
     let optim = optim.adamw().init::<B, Llama<B>>().load_record(record);
     Ok((model, optim, state))
 }

@@ -1,19 +1,8 @@
 //! Every configuration in `configs/` parses with the loaders the stages use (`[data]` with
-//! its sources table, `[train]`, `[eval]`), with unknown keys refused.
+//! its sources table, `[teacher]`, `[train]`, `[eval]`), with unknown keys refused. It lives
+//! here, at the top of the crate graph, where every stage's loader is in reach.
 
-use std::path::{Path, PathBuf};
-
-/// The `.toml` files directly in `dir` (relative to the repository root).
-fn toml_files(dir: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(dir);
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| entry.expect("entry").path())
-        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
-        .collect()
-}
+use antibody_testkit::toml_files;
 
 #[test]
 fn every_config_in_configs_parses() {
@@ -22,9 +11,11 @@ fn every_config_in_configs_parses() {
         if path.file_name().and_then(|n| n.to_str()) == Some("sources.toml") {
             continue;
         }
-        antibody_data::Config::load(&path)
+        antibody_data::Config::load(&path, &[])
             .unwrap_or_else(|e| panic!("{}: [data]: {e}", path.display()));
-        antibody_schedule::config::Train::load(&path, &[])
+        antibody_teacher::Teachers::load(&path, &[])
+            .unwrap_or_else(|e| panic!("{}: [teacher]: {e}", path.display()));
+        antibody_train::config::Train::load(&path, &[])
             .unwrap_or_else(|e| panic!("{}: [train]: {e}", path.display()));
         antibody_eval::Eval::load(&path, &[])
             .unwrap_or_else(|e| panic!("{}: [eval]: {e}", path.display()));
@@ -60,7 +51,9 @@ fn every_sweep_run_parses() {
                     .map(str::to_owned)
                     .collect()
             };
-            antibody_schedule::config::Train::load(&base, &section("train"))
+            antibody_teacher::Teachers::load(&base, &section("teacher"))
+                .unwrap_or_else(|e| panic!("{}: run[{i}]: [teacher]: {e}", path.display()));
+            antibody_train::config::Train::load(&base, &section("train"))
                 .unwrap_or_else(|e| panic!("{}: run[{i}]: [train]: {e}", path.display()));
             antibody_eval::Eval::load(&base, &section("eval"))
                 .unwrap_or_else(|e| panic!("{}: run[{i}]: [eval]: {e}", path.display()));

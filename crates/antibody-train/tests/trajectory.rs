@@ -9,15 +9,16 @@
 
 use std::path::Path;
 
+use antibody_losses::Example;
 use antibody_model::device::{Cpu, CpuAutodiff};
 use antibody_model::{LlamaConfig, tiny};
-use antibody_schedule::config::TrainConfig;
-use antibody_schedule::method::{
-    HarmfulExample, HarmlessExample, Method, MethodData, Outcome, StepMetrics, TeacherCache,
-};
+use antibody_train::config::TrainConfig;
+use antibody_train::data::{HarmfulExample, HarmlessExample, MethodData, TeacherCache};
+use antibody_train::method::{Method, Outcome};
+use antibody_train::metrics::StepMetrics;
 use serde_json::Value;
 
-fn example(v: &Value, ids: &str, mask: &str) -> (Vec<u32>, Vec<bool>) {
+fn example(v: &Value, ids: &str, mask: &str) -> Example {
     let ids = v[ids]
         .as_array()
         .expect("ids")
@@ -30,7 +31,10 @@ fn example(v: &Value, ids: &str, mask: &str) -> (Vec<u32>, Vec<bool>) {
         .iter()
         .map(|x| x.as_bool().expect("bool"))
         .collect();
-    (ids, mask)
+    Example {
+        ids,
+        response_mask: mask,
+    }
 }
 
 fn prompt(v: &Value) -> Vec<u32> {

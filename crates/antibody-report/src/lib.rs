@@ -1,5 +1,6 @@
-//! The report of an evaluation: `report.json` (every number), `report.md` (the verdict in one
-//! line, the side-by-side table, the plots, sample generations) and the plots as PNG and SVG:
+//! antibody-report: the report of an evaluation, from `antibody-eval`'s per-model results
+//! ([`read_results`]): `report.json` (every number), `report.md` (the verdict in one line, the
+//! side-by-side table, the plots, sample generations) and the plots as PNG and SVG:
 //!
 //! - `hs.{png,svg}`: HS before and after each attack, per model;
 //! - `training.{png,svg}`: the training run's harmful log-likelihood and DPO margin per step
@@ -13,11 +14,54 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use antibody_schedule::method::StepMetrics;
+use antibody_eval::{Eval, ModelResult};
+use antibody_train::metrics::{StepMetrics, read_metrics};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::{EvalError, ModelResult, io};
+/// What can stop the report.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// A model of the `[eval]` section has no result on disk.
+    #[error("{}: no result for `{name}`: run `antibody-eval run` first", path.display())]
+    Missing {
+        /// The model's name.
+        name: String,
+        /// Where its result should be.
+        path: PathBuf,
+    },
+    /// A file could not be read, parsed or written.
+    #[error("{}: {reason}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What happened.
+        reason: String,
+    },
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> ReportError {
+    ReportError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// The per-model results `antibody-eval run` wrote for every model of `eval`, in its order.
+pub fn read_results(eval: &Eval) -> Result<Vec<ModelResult>, ReportError> {
+    let mut results = Vec::new();
+    for (name, _) in &eval.models {
+        let path = eval.out_dir.join("models").join(format!("{name}.json"));
+        let bytes = std::fs::read(&path).map_err(|_| ReportError::Missing {
+            name: name.clone(),
+            path: path.clone(),
+        })?;
+        let r: ModelResult = serde_json::from_slice(&bytes)
+            .map_err(|e| io(&path, format!("not a model result: {e}")))?;
+        results.push(r);
+    }
+    Ok(results)
+}
 
 const FONT_CANDIDATES: [&str; 4] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -317,7 +361,7 @@ pub fn write(
     config_file: &Path,
     results: &[ModelResult],
     train_run: Option<&Path>,
-) -> Result<PathBuf, EvalError> {
+) -> Result<PathBuf, ReportError> {
     std::fs::create_dir_all(out_dir).map_err(|e| io(out_dir, e))?;
     let mut plots = Vec::new();
     let have_font = font();
@@ -348,8 +392,7 @@ pub fn write(
         ));
         if let Some(run) = train_run {
             let rows: Vec<StepMetrics> =
-                antibody_schedule::run::read_metrics(&run.join("metrics.jsonl"), usize::MAX)
-                    .unwrap_or_default();
+                read_metrics(&run.join("metrics.jsonl"), usize::MAX).unwrap_or_default();
             if !rows.is_empty() {
                 let pick = |f: &dyn Fn(&StepMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
                     rows.iter()
@@ -490,10 +533,8 @@ pub fn write(
     let json = serde_json::to_vec_pretty(&report).map_err(|e| io(out_dir, e))?;
     let write = |name: &str, bytes: &[u8]| {
         let path = out_dir.join(name);
-        antibody_fetch::atomic::write_with::<std::io::Error>(&path, |tmp| {
-            std::fs::write(tmp, bytes)
-        })
-        .map_err(|e| io(&path, e))
+        antibody_base::atomic::write_with::<std::io::Error>(&path, |tmp| std::fs::write(tmp, bytes))
+            .map_err(|e| io(&path, e))
     };
     write("report.json", &json)?;
     write("report.md", md.as_bytes())?;

@@ -10,18 +10,17 @@
 use std::path::Path;
 use std::time::Instant;
 
+use antibody_base::Example;
 use antibody_losses::{NextTokenTargets, token_logprobs};
 use antibody_model::tiny::splitmix64;
-use antibody_model::{Hooks, Llama, ModelError, TokenBatch};
+use antibody_model::{Hooks, Llama, TokenBatch};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{OptimConfig, clip_global_norm, global_norm};
-
-/// One training sequence: ids and the response mask (`Record::sequence`).
-pub type Example = (Vec<u32>, Vec<bool>);
+use crate::FinetuneError;
+use crate::optim::{OptimConfig, apply_step};
 
 /// Fine-tuning settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,30 +51,6 @@ pub struct StepLog {
     pub tokens: usize,
     /// Wall time of the step, seconds.
     pub seconds: f64,
-}
-
-/// What can stop a run.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// Invalid settings or data.
-    #[error("{0}")]
-    Config(String),
-    /// A loss term became NaN or infinite.
-    #[error("step {step}: loss term `{term}` is not finite ({value})")]
-    NonFinite {
-        /// The optimizer step.
-        step: usize,
-        /// The loss term.
-        term: String,
-        /// Its value.
-        value: f64,
-    },
-    /// The model failed.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    /// Writing or reading a checkpoint failed.
-    #[error("checkpoint {0}")]
-    Checkpoint(String),
 }
 
 /// The order of examples: seeded permutations of `0..n`, one per pass, concatenated.
@@ -136,7 +111,7 @@ impl<B: AutodiffBackend> SftRun<B> {
     }
 
     /// Writes a checkpoint (see [`crate::checkpoint`]).
-    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
+    pub fn save(&self, dir: &Path) -> Result<(), FinetuneError> {
         crate::checkpoint::save(dir, &self.model, &self.optim, &self.state)
     }
 
@@ -146,7 +121,7 @@ impl<B: AutodiffBackend> SftRun<B> {
         dir: &Path,
         every: usize,
         config: &FinetuneConfig,
-    ) -> Result<(), TrainError> {
+    ) -> Result<(), FinetuneError> {
         if self.state.step.is_multiple_of(every.max(1)) || self.state.step == config.steps {
             self.save(dir)?;
         }
@@ -159,16 +134,17 @@ impl<B: AutodiffBackend> SftRun<B> {
         dir: &Path,
         template: Llama<B>,
         config: &FinetuneConfig,
-    ) -> Result<Self, TrainError> {
+    ) -> Result<Self, FinetuneError> {
         let (model, optim, state): (_, _, RunState) =
             crate::checkpoint::load(dir, template, &config.optim)?;
         if state.seed != config.seed {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: state.json: seed {} differs from the configured {}",
-                dir.display(),
-                state.seed,
-                config.seed
-            )));
+            return Err(FinetuneError::Mismatch {
+                dir: dir.to_path_buf(),
+                reason: format!(
+                    "state.json: seed {} differs from the configured {}",
+                    state.seed, config.seed
+                ),
+            });
         }
         Ok(Self {
             model,
@@ -183,22 +159,31 @@ impl<B: AutodiffBackend> SftRun<B> {
         examples: &[Example],
         config: &FinetuneConfig,
         stop_after: Option<usize>,
-        mut on_step: impl FnMut(&StepLog, &Self) -> Result<(), TrainError>,
-    ) -> Result<(), TrainError> {
+        mut on_step: impl FnMut(&StepLog, &Self) -> Result<(), FinetuneError>,
+    ) -> Result<(), FinetuneError> {
         if examples.is_empty() {
-            return Err(TrainError::Config("no training examples".into()));
+            return Err(FinetuneError::NoExamples);
         }
-        if config.batch_size == 0 || config.optim.accumulation == 0 {
-            return Err(TrainError::Config(
-                "batch_size and accumulation must be at least 1".into(),
-            ));
+        for (key, v) in [
+            ("batch_size", config.batch_size),
+            ("optim.accumulation", config.optim.accumulation),
+        ] {
+            if v == 0 {
+                return Err(FinetuneError::Setting {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
         }
         if examples.len() != self.state.examples {
-            return Err(TrainError::Config(format!(
-                "the run was started on {} examples, not {}",
-                self.state.examples,
-                examples.len()
-            )));
+            return Err(FinetuneError::Setting {
+                key: "examples",
+                reason: format!(
+                    "the run was started on {} examples, not {}",
+                    self.state.examples,
+                    examples.len()
+                ),
+            });
         }
         let device = self.model.device();
         let pad = self.model.config.pad_token_id;
@@ -215,16 +200,14 @@ impl<B: AutodiffBackend> SftRun<B> {
             let batch: Vec<Example> = chunk.iter().map(|&i| examples[i].clone()).collect();
             let count: f32 = NextTokenTargets::new(&batch, pad).mask.iter().sum();
             if count == 0.0 {
-                return Err(TrainError::Config(format!(
-                    "step {step}: the batch has no response tokens"
-                )));
+                return Err(FinetuneError::EmptyBatch { step });
             }
             let micro = batch.len().div_ceil(config.optim.accumulation);
             let mut acc = GradientsAccumulator::<Llama<B>>::new();
             let mut loss_sum = 0.0f64;
             for part in batch.chunks(micro.max(1)) {
                 let t = NextTokenTargets::new(part, pad);
-                let ids: Vec<Vec<u32>> = part.iter().map(|e| e.0.clone()).collect();
+                let ids: Vec<Vec<u32>> = part.iter().map(|e| e.ids.clone()).collect();
                 let (logits, _) = self
                     .model
                     .forward(&TokenBatch::right_padded(&ids, pad), &Hooks::none())?;
@@ -237,7 +220,7 @@ impl<B: AutodiffBackend> SftRun<B> {
                     .to_vec::<f32>()
                     .map_or(f32::NAN, |v| v[0]);
                 if !value.is_finite() {
-                    return Err(TrainError::NonFinite {
+                    return Err(FinetuneError::NonFinite {
                         step,
                         term: "sft".into(),
                         value: f64::from(value),
@@ -249,20 +232,16 @@ impl<B: AutodiffBackend> SftRun<B> {
                     GradientsParams::from_grads(loss.backward(), &self.model),
                 );
             }
-            let mut grads = acc.grads();
-            let grad_norm = match config.optim.max_grad_norm {
-                Some(max) => clip_global_norm(&self.model, &mut grads, max),
-                None => global_norm(&self.model, &grads),
-            };
-            if !grad_norm.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step,
-                    term: "grad_norm".into(),
-                    value: grad_norm,
-                });
-            }
             let lr = config.optim.lr_at(step, config.steps);
-            self.model = self.optim.step(lr, self.model.clone(), grads);
+            let (model, grad_norm) = apply_step(
+                self.model.clone(),
+                &mut self.optim,
+                acc.grads(),
+                &config.optim,
+                lr,
+                step,
+            )?;
+            self.model = model;
             self.state.step += 1;
             let log = StepLog {
                 step,
@@ -284,7 +263,7 @@ pub fn finetune<B: AutodiffBackend>(
     examples: &[Example],
     config: &FinetuneConfig,
     mut on_step: impl FnMut(&StepLog),
-) -> Result<Llama<B>, TrainError> {
+) -> Result<Llama<B>, FinetuneError> {
     let mut run = SftRun::new(model, examples.len(), config);
     run.run(examples, config, None, |log, _| {
         on_step(log);

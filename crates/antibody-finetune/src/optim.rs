@@ -1,10 +1,12 @@
 //! Optimizer settings, learning-rate schedule, global-norm clipping and accumulation.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
+
+use crate::FinetuneError;
 
 /// How the learning rate decays after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +173,36 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         scale(model, grads, max / (norm + 1e-6));
     }
     norm
+}
+
+/// One optimizer step at learning rate `lr` from the accumulated `grads`: clipping as
+/// `config.max_grad_norm` says, a non-finite norm refused (naming `step`), then the update.
+/// Returns the updated model and the norm before clipping. Every loop's step ends here.
+pub fn apply_step<B, M, O>(
+    model: M,
+    optim: &mut O,
+    mut grads: GradientsParams,
+    config: &OptimConfig,
+    lr: f64,
+    step: usize,
+) -> Result<(M, f64), FinetuneError>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    O: Optimizer<M, B>,
+{
+    let grad_norm = match config.max_grad_norm {
+        Some(max) => clip_global_norm(&model, &mut grads, max),
+        None => global_norm(&model, &grads),
+    };
+    if !grad_norm.is_finite() {
+        return Err(FinetuneError::NonFinite {
+            step,
+            term: "grad_norm".into(),
+            value: grad_norm,
+        });
+    }
+    Ok((optim.step(lr, model, grads), grad_norm))
 }
 
 #[cfg(test)]

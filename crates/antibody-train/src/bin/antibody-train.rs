@@ -3,24 +3,15 @@
 //! - `run`: the method (cyclic, sequential or mixed schedule of LAT-perturbed harmful steps,
 //!   canary identification and stabilized harmless steps) as the `[train]` section of a
 //!   configuration file says; the run directory is described in
-//!   [`antibody_schedule::run`]. `--resume` continues from its last checkpoint.
-//! - `sft`: supervised fine-tuning of a model on one response of one built set. Run
-//!   directory: `args.json` (the resolved arguments, written first), `metrics.jsonl` (one line
-//!   per optimizer step), `checkpoint/` (the last complete checkpoint), `final/` (weights when
-//!   the run completes).
+//!   [`antibody_train::run`]. `--resume` continues from its last checkpoint.
+//! - `bench`: one of the method's steps timed on random weights of the patient's architecture
+//!   (`cargo xtask bench method`).
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use antibody_data::{SetKind, read_set};
-use antibody_model::{DeviceSpec, ModelSpec, with_backend};
-use antibody_schedule::optim::OptimConfig;
-use antibody_schedule::sft::{FinetuneConfig, SftRun};
+use antibody_model::{DeviceSpec, with_backend};
 use anyhow::{Context as _, Result, bail};
-use burn::module::Module;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use clap::{Parser, Subcommand};
-use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
 #[command(version, about = "antibody's training runs")]
@@ -33,8 +24,6 @@ struct Cli {
 enum Command {
     /// The method, as the `[train]` section of a configuration file says.
     Run(RunArgs),
-    /// Supervised fine-tuning on one response of a built set.
-    Sft(SftArgs),
     /// Time the method's harmful or harmless step on random weights of the patient's
     /// architecture (used by `cargo xtask bench method`); prints one JSON line.
     Bench(BenchArgs),
@@ -75,9 +64,9 @@ fn peak_rss() -> Option<u64> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    use antibody_schedule::method::{
-        HarmfulExample, HarmlessExample, Method, MethodData, Outcome, TeacherCache,
-    };
+    use antibody_base::Example;
+    use antibody_train::data::{HarmfulExample, HarmlessExample, MethodData, TeacherCache};
+    use antibody_train::method::{Method, Outcome};
     let harmful = match args.phase.as_str() {
         "harmful" => true,
         "harmless" => false,
@@ -85,34 +74,37 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     let (b, t) = (args.batch, args.seq);
     let prompt = (t / 4).max(1);
-    let seq = |row: usize, salt: u64| -> (Vec<u32>, Vec<bool>) {
+    let seq = |row: usize, salt: u64| -> Example {
         let ids = (0..t)
             .map(|i| {
                 let z = antibody_model::tiny::splitmix64(salt ^ ((row * t + i) as u64));
                 if i == 0 { 1 } else { 3 + (z % 49_000) as u32 }
             })
             .collect();
-        (ids, (0..t).map(|i| i >= prompt).collect())
+        Example {
+            ids,
+            response_mask: (0..t).map(|i| i >= prompt).collect(),
+        }
     };
     let data = MethodData {
         harmful: (0..b)
             .map(|r| HarmfulExample {
                 harmful: seq(r, 11),
                 refusal: None,
-                prompt: seq(r, 11).0[..prompt].to_vec(),
+                prompt: seq(r, 11).ids[..prompt].to_vec(),
             })
             .collect(),
         harmless: (0..b)
             .map(|r| HarmlessExample {
                 chosen: seq(r, 12),
                 rejected: seq(r, 13),
-                prompt: seq(r, 12).0[..prompt].to_vec(),
+                prompt: seq(r, 12).ids[..prompt].to_vec(),
             })
             .collect(),
     };
     let steps = args.warmup + args.steps;
     let layers: Vec<String> = args.lat_layers.iter().map(ToString::to_string).collect();
-    let config: antibody_schedule::config::TrainConfig = toml::from_str(&format!(
+    let config: antibody_train::config::TrainConfig = toml::from_str(&format!(
         r#"
         run_dir = "unused"
         student = "random"
@@ -243,25 +235,25 @@ struct RunArgs {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let mut train = antibody_schedule::config::Train::load(&args.config, &args.overrides)?;
+    let mut train = antibody_train::config::Train::load(&args.config, &args.overrides)?;
     if let Some(dir) = &args.run_dir {
         train.run_dir.clone_from(dir);
     }
-    antibody_fetch::init_logging_to(&train.run_dir.join("train.log"))
+    antibody_base::logging::init_to(&train.run_dir.join("train.log"))
         .with_context(|| format!("{}: train.log", train.run_dir.display()))?;
     let data_dir = match &args.data {
         Some(d) => d.clone(),
-        None => antibody_data::Config::load(&args.config)?.out_dir,
+        None => antibody_data::Config::load(&args.config, &[])?.out_dir,
     };
     let name = args.device.to_string();
     with_backend!(args.device, autodiff, |B, device| {
-        antibody_schedule::run::run::<B>(
+        antibody_train::run::run::<B>(
             &train,
             &data_dir,
             &device,
             &name,
             args.resume,
-            antibody_schedule::run::Limits {
+            antibody_train::run::Limits {
                 restart_if_changed: args.restart_if_changed,
                 ..Default::default()
             },
@@ -270,170 +262,11 @@ fn run(args: RunArgs) -> Result<()> {
     })
 }
 
-#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
-struct SftArgs {
-    /// A build directory of antibody-data.
-    #[arg(long)]
-    data: PathBuf,
-    /// The set (e.g. harmful_train).
-    #[arg(long)]
-    set: String,
-    /// The response to train on (e.g. y_h).
-    #[arg(long)]
-    response: String,
-    /// The model (`patient`, `tiny[:SEED]`, a checkpoint path).
-    #[arg(long)]
-    model: String,
-    /// Optimizer steps.
-    #[arg(long)]
-    steps: usize,
-    /// Examples per step.
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
-    /// Micro-batches per step.
-    #[arg(long, default_value_t = 1)]
-    accumulation: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 5e-5)]
-    lr: f64,
-    /// Warmup steps.
-    #[arg(long, default_value_t = 0)]
-    warmup: usize,
-    /// Global gradient-norm clip.
-    #[arg(long)]
-    max_grad_norm: Option<f64>,
-    /// Seeds the order.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Checkpoint every this many steps (and at the end).
-    #[arg(long, default_value_t = 50)]
-    checkpoint_every: usize,
-    /// The run directory.
-    #[arg(long)]
-    run_dir: PathBuf,
-    /// Continue from the run directory's last checkpoint.
-    #[arg(long)]
-    #[serde(skip)]
-    resume: bool,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    #[serde(skip)]
-    device: DeviceSpec,
-}
-
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    antibody_fetch::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, text))
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Keeps the metrics lines of steps before `step` (a resumed run redoes the rest).
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| (s as usize) < step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_atomic(path, &kept)
-}
-
-fn sft(args: SftArgs) -> Result<()> {
-    let kind = SetKind::from_name(&args.set)
-        .with_context(|| format!("--set: unknown set `{}`", args.set))?;
-    if !kind.responses().contains(&args.response.as_str()) {
-        bail!(
-            "--response: `{}` is not a response of `{}` (it has {:?})",
-            args.response,
-            args.set,
-            kind.responses()
-        );
-    }
-    let data = read_set(&args.data, kind)?;
-    let examples: Vec<_> = data
-        .records
-        .iter()
-        .filter_map(|r| r.sequence(&args.response))
-        .collect();
-    let config = FinetuneConfig {
-        optim: OptimConfig {
-            warmup_steps: args.warmup,
-            max_grad_norm: args.max_grad_norm,
-            accumulation: args.accumulation,
-            ..OptimConfig::new(args.lr)
-        },
-        steps: args.steps,
-        batch_size: args.batch_size,
-        seed: args.seed,
-    };
-    std::fs::create_dir_all(&args.run_dir)?;
-    let checkpoint = args.run_dir.join("checkpoint");
-    let metrics_path = args.run_dir.join("metrics.jsonl");
-    let spec: ModelSpec = args.model.parse()?;
-    with_backend!(args.device, autodiff, |B, device| {
-        let template = spec.load::<B>(&device)?.model;
-        let mut run = if args.resume && checkpoint.join("state.json").exists() {
-            let run = SftRun::resume(&checkpoint, template, &config)?;
-            truncate_metrics(&metrics_path, run.state.step)?;
-            tracing::info!("resuming at step {} of {}", run.state.step, config.steps);
-            run
-        } else {
-            write_atomic(
-                &args.run_dir.join("args.json"),
-                &serde_json::to_string_pretty(&args)?,
-            )?;
-            write_atomic(&metrics_path, "")?;
-            SftRun::new(template, examples.len(), &config)
-        };
-        let mut metrics = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&metrics_path)?;
-        run.run(&examples, &config, None, |log, run| {
-            let line = serde_json::to_string(log)
-                .map_err(|e| antibody_schedule::sft::TrainError::Checkpoint(e.to_string()))?;
-            writeln!(metrics, "{line}")
-                .and_then(|()| metrics.sync_data())
-                .map_err(|e| {
-                    antibody_schedule::sft::TrainError::Checkpoint(format!(
-                        "{}: {e}",
-                        metrics_path.display()
-                    ))
-                })?;
-            tracing::info!(
-                "step {} loss {:.4} grad norm {:.3} lr {:.2e} ({:.2} s)",
-                log.step,
-                log.loss,
-                log.grad_norm,
-                log.lr,
-                log.seconds
-            );
-            run.save_if_due(&checkpoint, args.checkpoint_every, &config)
-        })?;
-        let final_dir = args.run_dir.join("final");
-        std::fs::create_dir_all(&final_dir)?;
-        run.model.clone().save_file(
-            final_dir.join("model"),
-            &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
-        )?;
-        Ok::<_, anyhow::Error>(())
-    })
-}
-
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args),
-        Command::Sft(args) => {
-            antibody_fetch::init_logging();
-            sft(args)
-        }
         Command::Bench(args) => {
-            antibody_fetch::init_logging();
+            antibody_base::logging::init();
             bench(args)
         }
     }

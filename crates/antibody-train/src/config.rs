@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
+pub use antibody_base::ConfigError;
+use antibody_base::{ModelSpec, load_section};
 use antibody_lat::LatConfig;
 use antibody_losses::{AdvConfig, AlignConfig};
-use antibody_model::ModelSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::OptimConfig;
+use antibody_finetune::OptimConfig;
 
 /// How harmful and harmless phases are arranged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,18 +146,6 @@ fn every() -> usize {
     10
 }
 
-/// A configuration error: the file, the dotted key and what is wrong.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: `{key}`: {reason}", file.display())]
-pub struct ConfigError {
-    /// The configuration file.
-    pub file: PathBuf,
-    /// The key at fault (`train.lat.layers`).
-    pub key: String,
-    /// What is wrong.
-    pub reason: String,
-}
-
 /// A loaded `[train]` section with its paths resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Train {
@@ -180,15 +169,13 @@ impl Train {
     pub fn load(file: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         let config = load_section(file, "train", overrides)?;
         Self::from_config(file, config)
+            .map_err(|e| antibody_base::config::attribute(e, "train", overrides))
     }
 
     /// Checks a section that came from `file`.
     pub fn from_config(file: &Path, config: TrainConfig) -> Result<Self, ConfigError> {
-        let bad = |key: &str, reason: String| ConfigError {
-            file: file.to_path_buf(),
-            key: format!("train.{key}"),
-            reason,
-        };
+        let bad =
+            |key: &str, reason: String| ConfigError::new(file, format!("train.{key}"), reason);
         let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
         let model = |key: &str, s: &str| -> Result<ModelSpec, ConfigError> {
             s.parse::<ModelSpec>()
@@ -272,91 +259,6 @@ impl Train {
 
     /// An error about `key` (relative to `[train]`) of this file.
     pub fn error(&self, key: &str, reason: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: self.file.clone(),
-            key: format!("train.{key}"),
-            reason: reason.into(),
-        }
-    }
-}
-
-/// Reads section `name` of the TOML file `file` into `T`, with `overrides` (`key=value`, TOML
-/// values, keys relative to the section or starting with `name.`) applied first. Errors name
-/// the file and the dotted key (`name.a.b`).
-pub fn load_section<T: serde::de::DeserializeOwned>(
-    file: &Path,
-    name: &str,
-    overrides: &[String],
-) -> Result<T, ConfigError> {
-    let err = |key: &str, reason: String| ConfigError {
-        file: file.to_path_buf(),
-        key: key.to_owned(),
-        reason,
-    };
-    let text = std::fs::read_to_string(file).map_err(|e| err("(file)", e.to_string()))?;
-    let mut table: toml::Table = text
-        .parse()
-        .map_err(|e| err("(file)", format!("not valid TOML: {e}")))?;
-    let mut section = match table.remove(name) {
-        Some(toml::Value::Table(t)) => t,
-        Some(_) => return Err(err(name, "must be a table".into())),
-        None => return Err(err(name, format!("missing section `[{name}]`"))),
-    };
-    let prefix = format!("{name}.");
-    for o in overrides {
-        let o = o.strip_prefix(&prefix).unwrap_or(o);
-        apply_override(&mut section, o).map_err(|reason| err(&format!("--set {o}"), reason))?;
-    }
-    serde_path_to_error::deserialize(toml::Value::Table(section)).map_err(|e| {
-        let path = e.path().to_string();
-        let key = if path == "." {
-            name.to_owned()
-        } else {
-            format!("{name}.{path}")
-        };
-        err(&key, e.into_inner().to_string())
-    })
-}
-
-/// Sets `a.b.c = value` in `table` (`value` parsed as TOML, else taken as a string).
-pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
-    let (key, value) = assignment
-        .split_once('=')
-        .ok_or_else(|| "expected KEY=VALUE".to_owned())?;
-    let key = key.trim();
-    let value = value.trim();
-    let parsed: toml::Value = format!("v = {value}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
-    let parts: Vec<&str> = key.split('.').collect();
-    let (last, path) = parts.split_last().ok_or_else(|| "empty key".to_owned())?;
-    let mut node = table;
-    for p in path {
-        node = node
-            .entry((*p).to_owned())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or_else(|| format!("`{p}` is not a table"))?;
-    }
-    node.insert((*last).to_owned(), parsed);
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overrides_set_nested_keys_with_toml_values() {
-        let mut t: toml::Table = "a = 1\n[lat]\nepsilon = 1.0\n".parse().expect("toml");
-        apply_override(&mut t, "lat.epsilon=2.5").expect("set");
-        apply_override(&mut t, "student=patient").expect("set");
-        apply_override(&mut t, "lat.layers=[1, 2]").expect("set");
-        assert_eq!(t["lat"]["epsilon"].as_float(), Some(2.5));
-        assert_eq!(t["student"].as_str(), Some("patient"));
-        assert_eq!(t["lat"]["layers"].as_array().map(Vec::len), Some(2));
-        assert!(apply_override(&mut t, "novalue").is_err());
+        ConfigError::new(&self.file, format!("train.{key}"), reason)
     }
 }

@@ -3,31 +3,17 @@
 //! accumulation gives the whole batch's step; bad configuration is refused before any work
 //! with the file and key named.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use antibody_data::{BuildOptions, Config, Dataset, SetKind};
+use antibody_data::{Dataset, SetKind};
 use antibody_model::device::{Cpu, CpuAutodiff};
-use antibody_model::{LlamaConfig, ModelSpec, save_hf_dir, tiny};
-use antibody_schedule::config::Train;
-use antibody_schedule::method::StepMetrics;
-use antibody_schedule::run::{Limits, RunError, read_metrics, run};
-
-fn configs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
-}
-
-fn smoke_data(dir: &Path) -> PathBuf {
-    let mut config = Config::load(&configs().join("smoke.toml")).expect("smoke config");
-    config.out_dir = dir.join("data");
-    let options = BuildOptions {
-        generations: dir.join("generations"),
-        ..BuildOptions::default()
-    };
-    antibody_data::build::<Cpu>(&config, &options, &Default::default()).expect("smoke data");
-    config.out_dir
-}
+use antibody_model::{LlamaConfig, ModelSpec, ModelSpecExt as _, save_hf_dir, tiny};
+use antibody_testkit::{configs, kill_when, smoke_data, varying_step};
+use antibody_train::config::Train;
+use antibody_train::metrics::{StepMetrics, read_metrics};
+use antibody_train::run::{Limits, RunError, run};
 
 fn train_config(overrides: &[&str], run_dir: &Path) -> Train {
     let overrides: Vec<String> = overrides.iter().map(|s| (*s).to_owned()).collect();
@@ -138,25 +124,14 @@ fn sigkill_mid_run_then_resume_equals_an_uninterrupted_run() {
 
     // Kill after a step that varies from run to run (1..=6): in either phase, before or
     // after a canary selection.
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let kill_after = 1 + (nanos % 6) as usize;
     let killed = dir.path().join("killed");
-    let mut proc = child(&data, &killed, false).spawn().expect("spawn");
-    let started = Instant::now();
-    while steps_logged(&killed) < kill_after {
-        assert!(started.elapsed() < Duration::from_secs(180), "no progress");
-        assert!(
-            proc.try_wait().expect("poll").is_none(),
-            "ended before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    proc.kill().expect("SIGKILL");
-    let _ = proc.wait();
+    let at_kill = kill_when(
+        child(&data, &killed, false),
+        varying_step(1, 6),
+        Duration::from_secs(180),
+        || steps_logged(&killed),
+    );
     assert!(!killed.join("student").exists(), "finished before the kill");
-    let at_kill = steps_logged(&killed);
 
     assert!(
         child(&data, &killed, true)

@@ -16,25 +16,25 @@
 //! `resume` continues from the last complete checkpoint; the metrics of steps after it are
 //! dropped and recomputed, so a resumed run's files equal an uninterrupted run's.
 
-use std::fs::File;
-use std::io::{BufWriter, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use antibody_base::progress::Progress;
 use antibody_canary::report;
 use antibody_data::{SetKind, read_set};
-use antibody_fetch::progress::Progress;
-use antibody_model::{Llama, ModelSpec, Tokenizer, save_hf_dir};
+use antibody_finetune::checkpoint;
+use antibody_model::{Llama, ModelSpec, ModelSpecExt as _, Tokenizer, save_hf_dir};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use polars::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint;
+use crate::TrainError;
 use crate::config::{ConfigError, Train};
-use crate::method::{Method, MethodData, MethodState, Outcome, StepMetrics, TeacherCache};
-use crate::plan::{Event, steps};
-use crate::sft::TrainError;
+use crate::data::{MethodData, TeacherCache};
+use crate::method::{Method, MethodState, Outcome};
+use crate::metrics::{StepMetrics, read_metrics, write_parquet};
+use crate::plan::{Event, counts, plan, steps};
 
 /// Everything that can stop a run before or during training.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,7 @@ fn io(path: &Path, e: impl std::fmt::Display) -> RunError {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
-    antibody_fetch::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, bytes))
+    antibody_base::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, bytes))
         .map_err(|e| io(path, e))
 }
 
@@ -138,93 +138,18 @@ impl EnvRecord {
     }
 }
 
-/// The metrics as a table, one row per optimizer step (nullable columns for terms a step
-/// did not compute).
-pub fn metrics_frame(rows: &[StepMetrics]) -> PolarsResult<DataFrame> {
-    let f = |name: &str, get: &dyn Fn(&StepMetrics) -> Option<f64>| {
-        Column::new(
-            name.into(),
-            rows.iter().map(get).collect::<Vec<Option<f64>>>(),
-        )
-    };
-    let u = |name: &str, get: &dyn Fn(&StepMetrics) -> usize| {
-        Column::new(
-            name.into(),
-            rows.iter().map(|r| get(r) as u64).collect::<Vec<u64>>(),
-        )
-    };
-    let cols = vec![
-        u("step", &|r| r.step),
-        Column::new(
-            "phase".into(),
-            rows.iter()
-                .map(|r| r.phase.clone())
-                .collect::<Vec<String>>(),
-        ),
-        u("cycle", &|r| r.cycle),
-        f("loss", &|r| Some(r.loss)),
-        f("forget", &|r| r.forget),
-        f("kl_imm", &|r| r.kl_imm),
-        f("kl_cap_rate", &|r| r.kl_cap_rate),
-        f("refusal", &|r| r.refusal),
-        f("pref", &|r| r.pref),
-        f("kl_align", &|r| r.kl_align),
-        f("stab", &|r| r.stab),
-        f("harmful_logp", &|r| r.harmful_logp),
-        f("chosen_logp", &|r| r.chosen_logp),
-        f("dpo_margin", &|r| r.dpo_margin),
-        f("lat_loss_start", &|r| r.lat_loss_start),
-        f("lat_loss_end", &|r| r.lat_loss_end),
-        f("grad_norm", &|r| Some(r.grad_norm)),
-        f("lr", &|r| Some(r.lr)),
-        u("tokens", &|r| r.tokens),
-        f("tokens_per_s", &|r| Some(r.tokens_per_s)),
-        f("seconds", &|r| Some(r.seconds)),
-        u("canaries", &|r| r.canaries),
-    ];
-    DataFrame::new(rows.len(), cols)
-}
-
-/// Reads `metrics.jsonl`, keeping the steps before `step`.
-pub fn read_metrics(path: &Path, before: usize) -> Result<Vec<StepMetrics>, RunError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(Vec::new());
-    };
-    let mut rows = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let row: StepMetrics =
-            serde_json::from_str(line).map_err(|e| io(path, format!("line {}: {e}", i + 1)))?;
-        if row.step < before {
-            rows.push(row);
-        }
-    }
-    Ok(rows)
-}
-
-fn write_metrics(dir: &Path, rows: &[StepMetrics]) -> Result<(), RunError> {
-    let path = dir.join("metrics.parquet");
-    let mut df = metrics_frame(rows).map_err(|e| io(&path, e))?;
-    antibody_fetch::atomic::write_with::<std::io::Error>(&path, |tmp| {
-        let file = File::create(tmp)?;
-        ParquetWriter::new(BufWriter::new(file))
-            .finish(&mut df)
-            .map_err(std::io::Error::other)?;
-        Ok(())
-    })
-    .map_err(|e| io(&path, e))
-}
-
 fn data_digest(data: &MethodData) -> String {
     let mut h = Sha256::new();
-    let mut seq = |s: &(Vec<u32>, Vec<bool>)| {
-        for id in &s.0 {
+    let mut seq = |s: &antibody_base::Example| {
+        for id in &s.ids {
             h.update(id.to_le_bytes());
         }
-        h.update(s.1.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>());
+        h.update(
+            s.response_mask
+                .iter()
+                .map(|&b| u8::from(b))
+                .collect::<Vec<u8>>(),
+        );
         h.update([0xFF]);
     };
     for e in &data.harmful {
@@ -262,6 +187,14 @@ pub struct Limits {
     pub restart_if_changed: bool,
 }
 
+/// The frozen and trained models of a run, checked against each other.
+struct Models<B: AutodiffBackend> {
+    student: Llama<B>,
+    tokenizer: Tokenizer,
+    harmful_teacher: Llama<B::InnerBackend>,
+    benign_teacher: Llama<B::InnerBackend>,
+}
+
 fn load_inner<B: AutodiffBackend>(
     spec: &ModelSpec,
     device: &B::Device,
@@ -278,21 +211,69 @@ pub fn run<B: AutodiffBackend>(
     resume: bool,
     limits: Limits,
 ) -> Result<Option<RunSummary>, RunError> {
-    let cfg = &train.config;
+    let dir = &train.run_dir;
+    let resuming = open_run_dir::<B>(train, resume, limits, device_name)?;
+    // Everything is checked before any training work.
+    let data = read_data(train, data_dir)?;
+    let models = load_models::<B>(train, device)?;
+    let cache = teacher_cache(train, &data, &models)?;
+    let ckpt = dir.join("checkpoint");
+    let (model, optim, state) = if resuming {
+        let (m, o, s): (_, _, MethodState) =
+            checkpoint::load(&ckpt, models.student, &train.config.optim)
+                .map_err(TrainError::from)?;
+        tracing::info!("resuming at event {} (optimizer step {})", s.cursor, s.step);
+        (m, Some(o), Some(s))
+    } else {
+        (models.student, None, None)
+    };
+    let mut method = Method::new(
+        model,
+        optim,
+        state,
+        models.harmful_teacher,
+        models.benign_teacher,
+        cache,
+        data,
+        train.config.clone(),
+    )?;
+    if !drive(train, &mut method, limits)? {
+        return Ok(None);
+    }
+    let student_dir = dir.join("student");
+    save_hf_dir(&method.model.valid(), &models.tokenizer, &student_dir)?;
+    tracing::info!(
+        "done: {} optimizer steps; student in {}",
+        method.state.step,
+        student_dir.display()
+    );
+    Ok(Some(RunSummary {
+        run_dir: dir.clone(),
+        steps: method.state.step,
+        student: student_dir,
+    }))
+}
+
+/// Creates or reopens the run directory; returns whether the run resumes from a checkpoint.
+/// A fresh run writes `config.toml` (the resolved section) and `env.json` first; a resumed one
+/// must have been started with the same resolved section.
+fn open_run_dir<B: AutodiffBackend>(
+    train: &Train,
+    resume: bool,
+    limits: Limits,
+    device_name: &str,
+) -> Result<bool, RunError> {
     let dir = &train.run_dir;
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let resolved = toml::to_string(&toml::Table::from_iter([(
         "train".to_owned(),
-        toml::Value::try_from(cfg).map_err(|e| io(dir, e))?,
+        toml::Value::try_from(&train.config).map_err(|e| io(dir, e))?,
     )]))
     .map_err(|e| io(dir, e))?;
-    let ckpt = dir.join("checkpoint");
     let config_path = dir.join("config.toml");
-    let mut resuming = resume && checkpoint::exists(&ckpt);
-    if resuming
-        && limits.restart_if_changed
-        && std::fs::read_to_string(&config_path).unwrap_or_default() != resolved
-    {
+    let mut resuming = resume && checkpoint::exists(&dir.join("checkpoint"));
+    let before = std::fs::read_to_string(&config_path).unwrap_or_default();
+    if resuming && limits.restart_if_changed && before != resolved {
         tracing::info!(
             "{}: the configuration changed since this run started: starting afresh",
             dir.display()
@@ -304,7 +285,6 @@ pub fn run<B: AutodiffBackend>(
         resuming = false;
     }
     if resuming {
-        let before = std::fs::read_to_string(&config_path).unwrap_or_default();
         if before != resolved {
             return Err(train
                 .error(
@@ -317,52 +297,62 @@ pub fn run<B: AutodiffBackend>(
                 )
                 .into());
         }
-    } else {
-        write_atomic(&config_path, resolved.as_bytes())?;
-        let config_dir = train.file.parent().unwrap_or(Path::new("."));
-        let env = EnvRecord::new::<B>(device_name, config_dir);
-        write_atomic(
-            &dir.join("env.json"),
-            &serde_json::to_vec_pretty(&env).map_err(|e| io(dir, e))?,
-        )?;
-        write_atomic(&dir.join("metrics.jsonl"), b"")?;
-        let _ = std::fs::remove_file(dir.join("metrics.parquet"));
-        let _ = std::fs::remove_dir_all(dir.join("canaries"));
+        return Ok(true);
     }
+    write_atomic(&config_path, resolved.as_bytes())?;
+    let config_dir = train.file.parent().unwrap_or(Path::new("."));
+    let env = EnvRecord::new::<B>(device_name, config_dir);
+    write_atomic(
+        &dir.join("env.json"),
+        &serde_json::to_vec_pretty(&env).map_err(|e| io(dir, e))?,
+    )?;
+    write_atomic(&dir.join("metrics.jsonl"), b"")?;
+    let _ = std::fs::remove_file(dir.join("metrics.parquet"));
+    let _ = std::fs::remove_dir_all(dir.join("canaries"));
+    Ok(false)
+}
 
-    // Everything is checked before any training work.
+/// The method's examples of the data build; a phase with steps and no examples is refused,
+/// naming the set file.
+fn read_data(train: &Train, data_dir: &Path) -> Result<MethodData, RunError> {
+    let cfg = &train.config;
     let harmful = read_set(data_dir, SetKind::HarmfulTrain)?;
     let harmless = read_set(data_dir, SetKind::HarmlessTrain)?;
     let data = MethodData::from_records(&harmful.records, &harmless.records);
     let set_file = |k: SetKind| data_dir.join(k.file_name()).display().to_string();
     if data.harmful.is_empty() && cfg.harmful_steps > 0 {
+        let file = set_file(SetKind::HarmfulTrain);
         return Err(train
             .error(
                 "harmful_steps",
-                format!(
-                    "{} has no example with a harmful response y_h",
-                    set_file(SetKind::HarmfulTrain)
-                ),
+                format!("{file} has no example with a harmful response y_h"),
             )
             .into());
     }
     if data.harmless.is_empty() && cfg.harmless_steps > 0 {
+        let file = set_file(SetKind::HarmlessTrain);
         return Err(train
             .error(
                 "harmless_steps",
-                format!(
-                    "{} has no example with both y_c and y_r",
-                    set_file(SetKind::HarmlessTrain)
-                ),
+                format!("{file} has no example with both y_c and y_r"),
             )
             .into());
     }
+    Ok(data)
+}
+
+/// The student (trainable) and both teachers (inner backend), which must share the
+/// student's vocabulary and hidden size; the LAT layers must exist.
+fn load_models<B: AutodiffBackend>(
+    train: &Train,
+    device: &B::Device,
+) -> Result<Models<B>, RunError> {
     let loaded = train.student.load::<B>(device)?;
     let student = loaded.model;
-    let tokenizer: Tokenizer = loaded.tokenizer;
-    let n_layers = student.config.num_layers;
-    cfg.lat
-        .sites(n_layers)
+    train
+        .config
+        .lat
+        .sites(student.config.num_layers)
         .map_err(|e| train.error("lat.layers", e.to_string()))?;
     let harmful_teacher = load_inner::<B>(&train.harmful_teacher, device)?;
     let benign_teacher = load_inner::<B>(&train.benign_teacher, device)?;
@@ -370,33 +360,44 @@ pub fn run<B: AutodiffBackend>(
         ("harmful_teacher", &harmful_teacher),
         ("benign_teacher", &benign_teacher),
     ] {
-        if t.config.vocab_size != student.config.vocab_size
-            || t.config.hidden_size != student.config.hidden_size
-        {
+        let (s, t) = (&student.config, &t.config);
+        if t.vocab_size != s.vocab_size || t.hidden_size != s.hidden_size {
             return Err(train
                 .error(
                     key,
                     format!(
                         "vocabulary {} / hidden size {} differ from the student's {} / {}: \
                          teachers and student must share one tokenizer and vocabulary",
-                        t.config.vocab_size,
-                        t.config.hidden_size,
-                        student.config.vocab_size,
-                        student.config.hidden_size
+                        t.vocab_size, t.hidden_size, s.vocab_size, s.hidden_size
                     ),
                 )
                 .into());
         }
     }
+    Ok(Models {
+        student,
+        tokenizer: loaded.tokenizer,
+        harmful_teacher,
+        benign_teacher,
+    })
+}
 
-    // Teacher log-probabilities: computed once, kept beside the run.
-    // The cache holds the examples the plan reads, so the plan's draw is part of the key.
+/// The teachers' sequence log-probabilities: kept beside the run (`teachers.json`) and
+/// content-addressed in `<cache>/teachers/`, so that the runs of a sweep over the method's
+/// settings (same teachers, student and data) compute them once. The cache holds the
+/// examples the plan reads, so the plan's draw is part of the key.
+fn teacher_cache<B: AutodiffBackend>(
+    train: &Train,
+    data: &MethodData,
+    models: &Models<B>,
+) -> Result<TeacherCache, RunError> {
+    let cfg = &train.config;
     let key = format!(
         "{}|{}|{}|{}|{:?}|{}|{:?}",
         train.harmful_teacher.identity()?,
         train.benign_teacher.identity()?,
         train.student.identity()?,
-        data_digest(&data),
+        data_digest(data),
         (
             cfg.adv.npo_reference,
             cfg.adv.rho > 0.0,
@@ -404,16 +405,10 @@ pub fn run<B: AutodiffBackend>(
             cfg.align.pref
         ),
         cfg.vocab_chunk,
-        (
-            cfg.seed,
-            cfg.batch_size,
-            crate::plan::counts(&crate::plan::plan(cfg))
-        ),
+        (cfg.seed, cfg.batch_size, counts(&plan(cfg))),
     );
-    // Beside the run, and content-addressed in the cache so that the runs of a sweep over
-    // the method's settings (same teachers, student and data) compute them once.
-    let cache_path = dir.join("teachers.json");
-    let shared_path = antibody_fetch::cache_root()
+    let cache_path = train.run_dir.join("teachers.json");
+    let shared_path = antibody_base::cache_root()
         .join("teachers")
         .join(format!("{:x}.json", Sha256::digest(key.as_bytes())));
     let read = |p: &Path| -> Option<TeacherCache> {
@@ -422,60 +417,47 @@ pub fn run<B: AutodiffBackend>(
             .and_then(|b| serde_json::from_slice(&b).ok())
             .filter(|c: &TeacherCache| c.key == key)
     };
-    let cache = match read(&cache_path) {
-        Some(c) => c,
+    if let Some(c) = read(&cache_path) {
+        return Ok(c);
+    }
+    let c = match read(&shared_path) {
+        Some(c) => {
+            tracing::info!("teachers: reused {}", shared_path.display());
+            c
+        }
         None => {
-            let c = match read(&shared_path) {
-                Some(c) => {
-                    tracing::info!("teachers: reused {}", shared_path.display());
-                    c
-                }
-                None => {
-                    tracing::info!(
-                        "teachers: sequence log-probabilities of the training examples the plan reads"
-                    );
-                    let c = TeacherCache::compute(
-                        key.clone(),
-                        &harmful_teacher,
-                        &benign_teacher,
-                        &student.valid(),
-                        &data,
-                        cfg,
-                    )?;
-                    write_atomic(
-                        &shared_path,
-                        &serde_json::to_vec(&c).map_err(|e| io(&shared_path, e))?,
-                    )?;
-                    c
-                }
-            };
-            write_atomic(
-                &cache_path,
-                &serde_json::to_vec(&c).map_err(|e| io(&cache_path, e))?,
+            tracing::info!(
+                "teachers: sequence log-probabilities of the training examples the plan reads"
+            );
+            let c = TeacherCache::compute(
+                key.clone(),
+                &models.harmful_teacher,
+                &models.benign_teacher,
+                &models.student.valid(),
+                data,
+                cfg,
             )?;
+            write_json(&shared_path, &c)?;
             c
         }
     };
+    write_json(&cache_path, &c)?;
+    Ok(c)
+}
 
-    let (model, optim, state) = if resuming {
-        let (m, o, s): (_, _, MethodState) = checkpoint::load(&ckpt, student, &cfg.optim)?;
-        tracing::info!("resuming at event {} (optimizer step {})", s.cursor, s.step);
-        (m, Some(o), Some(s))
-    } else {
-        (student, None, None)
-    };
-    let mut method = Method::new(
-        model,
-        optim,
-        state,
-        harmful_teacher,
-        benign_teacher,
-        cache,
-        data,
-        cfg.clone(),
-    )?;
+/// Runs the plan's events from where `method` stands, appending each step's metrics and
+/// writing the canary reports; checkpoints every `checkpoint_every` steps and at every phase
+/// end. Returns whether the plan is done (`false`: stopped early by `limits`).
+fn drive<B: AutodiffBackend>(
+    train: &Train,
+    method: &mut Method<B>,
+    limits: Limits,
+) -> Result<bool, RunError> {
+    let dir = &train.run_dir;
+    let ckpt = dir.join("checkpoint");
     let metrics_path = dir.join("metrics.jsonl");
-    let mut rows = read_metrics(&metrics_path, method.state.step)?;
+    let mut rows =
+        read_metrics(&metrics_path, method.state.step).map_err(|e| io(&metrics_path, e))?;
     let kept: Vec<u8> = rows
         .iter()
         .filter_map(|r| serde_json::to_string(r).ok())
@@ -486,11 +468,12 @@ pub fn run<B: AutodiffBackend>(
         .append(true)
         .open(&metrics_path)
         .map_err(|e| io(&metrics_path, e))?;
-    let total_steps = steps(method.plan());
-    let mut progress = Progress::new("train", method.state.step, total_steps);
+    let mut progress = Progress::new("train", method.state.step, steps(method.plan()));
     let save = |method: &Method<B>, rows: &[StepMetrics]| -> Result<(), RunError> {
-        checkpoint::save(&ckpt, &method.model, method.optimizer(), &method.state)?;
-        write_metrics(dir, rows)
+        checkpoint::save(&ckpt, &method.model, method.optimizer(), &method.state)
+            .map_err(TrainError::from)?;
+        let parquet = dir.join("metrics.parquet");
+        write_parquet(&parquet, rows).map_err(|e| io(&parquet, e))
     };
     let mut events = 0usize;
     while let Some((event, outcome)) = method.advance()? {
@@ -501,19 +484,7 @@ pub fn run<B: AutodiffBackend>(
                 writeln!(metrics, "{line}")
                     .and_then(|()| metrics.sync_data())
                     .map_err(|e| io(&metrics_path, e))?;
-                let note = match (m.harmful_logp, m.dpo_margin) {
-                    (Some(lp), _) => format!(
-                        "{} loss {:.4} log p(y_h) {lp:.3} cap {:.2}",
-                        m.phase,
-                        m.loss,
-                        m.kl_cap_rate.unwrap_or(0.0)
-                    ),
-                    (_, Some(margin)) => {
-                        format!("{} loss {:.4} DPO margin {margin:.3}", m.phase, m.loss)
-                    }
-                    _ => format!("{} loss {:.4}", m.phase, m.loss),
-                };
-                progress.inc(1, &format!("{note} ({:.0} tok/s)", m.tokens_per_s));
+                progress.inc(1, &step_note(&m));
                 rows.push(*m);
             }
             Outcome::Canaries {
@@ -521,32 +492,7 @@ pub fn run<B: AutodiffBackend>(
                 pre,
                 post,
                 set,
-            } => {
-                let drift = antibody_canary::drift(&pre, &post);
-                let summary = report::summarize(
-                    Some(cycle),
-                    &pre,
-                    &post,
-                    &drift,
-                    &set,
-                    cfg.canary.histogram_bins,
-                );
-                let table = report::table(&pre, &post, &drift, &set)
-                    .map_err(|e| io(&dir.join("canaries"), e))?;
-                report::write(
-                    &dir.join("canaries"),
-                    &format!("cycle-{cycle}"),
-                    &summary,
-                    table,
-                )
-                .map_err(|e| io(&dir.join("canaries"), e))?;
-                tracing::info!(
-                    "cycle {cycle}: {} canaries (drift > {:.4}), by layer {:?}",
-                    set.count(),
-                    set.threshold,
-                    set.by_layer()
-                );
-            }
+            } => write_canaries(train, cycle, &pre, &post, &set)?,
             Outcome::Baseline => {}
         }
         let phase_end = match (event, method.next_event()) {
@@ -556,25 +502,60 @@ pub fn run<B: AutodiffBackend>(
             (Event::Canaries { .. }, _) => true,
             _ => false,
         };
-        let due = event.is_step() && method.state.step.is_multiple_of(cfg.checkpoint_every);
+        let due = event.is_step()
+            && method
+                .state
+                .step
+                .is_multiple_of(train.config.checkpoint_every);
         if phase_end || due {
-            save(&method, &rows)?;
+            save(method, &rows)?;
         }
         if limits.stop_after_events.is_some_and(|n| events >= n) && !method.done() {
-            return Ok(None);
+            return Ok(false);
         }
     }
-    save(&method, &rows)?;
-    let student_dir = dir.join("student");
-    save_hf_dir(&method.model.valid(), &tokenizer, &student_dir)?;
+    save(method, &rows)?;
+    Ok(true)
+}
+
+/// The progress line's note of a step.
+fn step_note(m: &StepMetrics) -> String {
+    let note = match (m.harmful_logp, m.dpo_margin) {
+        (Some(lp), _) => format!(
+            "{} loss {:.4} log p(y_h) {lp:.3} cap {:.2}",
+            m.phase,
+            m.loss,
+            m.kl_cap_rate.unwrap_or(0.0)
+        ),
+        (_, Some(margin)) => format!("{} loss {:.4} DPO margin {margin:.3}", m.phase, m.loss),
+        _ => format!("{} loss {:.4}", m.phase, m.loss),
+    };
+    format!("{note} ({:.0} tok/s)", m.tokens_per_s)
+}
+
+/// The per-cycle canary report (`canaries/cycle-N.{json,parquet}`).
+fn write_canaries(
+    train: &Train,
+    cycle: usize,
+    pre: &antibody_canary::Activations,
+    post: &antibody_canary::Activations,
+    set: &antibody_canary::CanarySet,
+) -> Result<(), RunError> {
+    let dir = train.run_dir.join("canaries");
+    let drift = antibody_canary::drift(pre, post);
+    let bins = train.config.canary.histogram_bins;
+    let summary = report::summarize(Some(cycle), pre, post, &drift, set, bins);
+    let table = report::table(pre, post, &drift, set).map_err(|e| io(&dir, e))?;
+    report::write(&dir, &format!("cycle-{cycle}"), &summary, table).map_err(|e| io(&dir, e))?;
     tracing::info!(
-        "done: {} optimizer steps; student in {}",
-        method.state.step,
-        student_dir.display()
+        "cycle {cycle}: {} canaries (drift > {:.4}), by layer {:?}",
+        set.count(),
+        set.threshold,
+        set.by_layer()
     );
-    Ok(Some(RunSummary {
-        run_dir: dir.clone(),
-        steps: method.state.step,
-        student: student_dir,
-    }))
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), RunError> {
+    write_atomic(path, &serde_json::to_vec(value).map_err(|e| io(path, e))?)
 }

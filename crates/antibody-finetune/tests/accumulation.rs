@@ -2,10 +2,11 @@
 //! normalized by the whole batch's token count, gradients summed), and one AdamW step from
 //! either lands on the same loss; global-norm clipping clips to the norm asked for.
 
+use antibody_finetune::optim::{OptimConfig, clip_global_norm, global_norm};
+use antibody_losses::Example;
 use antibody_losses::{NextTokenTargets, sft, token_logprobs};
 use antibody_model::device::CpuAutodiff;
 use antibody_model::{Hooks, Llama, LlamaConfig, TokenBatch, tiny};
-use antibody_schedule::optim::{OptimConfig, clip_global_norm, global_norm};
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
@@ -14,7 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 type B = CpuAutodiff;
 
 /// Eight sequences of different lengths with a response part.
-fn sequences() -> Vec<(Vec<u32>, Vec<bool>)> {
+fn sequences() -> Vec<Example> {
     (0..8u32)
         .map(|r| {
             let len = 6 + (r as usize * 3) % 7;
@@ -23,22 +24,23 @@ fn sequences() -> Vec<(Vec<u32>, Vec<bool>)> {
                 .collect();
             let prompt = 2 + r as usize % 3;
             let mask = (0..len).map(|i| i >= prompt).collect();
-            (ids, mask)
+            (ids, mask).into()
         })
         .collect()
 }
 
 /// Σ nll over response targets / `count` (the whole batch's count).
-fn loss(model: &Llama<B>, seqs: &[(Vec<u32>, Vec<bool>)], count: f32) -> Tensor<B, 1> {
+fn loss(model: &Llama<B>, seqs: &[Example], count: f32) -> Tensor<B, 1> {
     let device = Default::default();
     let t = NextTokenTargets::new(seqs, 2);
-    let batch = TokenBatch::right_padded(&seqs.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), 2);
+    let batch =
+        TokenBatch::right_padded(&seqs.iter().map(|s| s.ids.clone()).collect::<Vec<_>>(), 2);
     let (logits, _) = model.forward(&batch, &Hooks::none()).expect("forward");
     let nll = token_logprobs(logits, t.targets_tensor(&device)).neg() * t.mask_tensor::<B>(&device);
     nll.sum() / count
 }
 
-fn count(seqs: &[(Vec<u32>, Vec<bool>)]) -> f32 {
+fn count(seqs: &[Example]) -> f32 {
     NextTokenTargets::new(seqs, 2).mask.iter().sum()
 }
 
@@ -126,7 +128,8 @@ fn global_norm_clipping_clips_to_the_norm_asked_for() {
     let model = tiny::random_model::<B>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let seqs = sequences();
     let t = NextTokenTargets::new(&seqs, 2);
-    let batch = TokenBatch::right_padded(&seqs.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), 2);
+    let batch =
+        TokenBatch::right_padded(&seqs.iter().map(|s| s.ids.clone()).collect::<Vec<_>>(), 2);
     let (logits, _) = model.forward(&batch, &Hooks::none()).expect("forward");
     let l = sft(logits, t.targets_tensor(&device), t.mask_tensor(&device));
     let mut grads = GradientsParams::from_grads(l.backward(), &model);
@@ -147,7 +150,7 @@ fn global_norm_clipping_clips_to_the_norm_asked_for() {
 
 #[test]
 fn finetuning_lowers_the_loss_and_the_same_seed_gives_the_same_weights() {
-    use antibody_schedule::sft::{FinetuneConfig, finetune};
+    use antibody_finetune::sft::{FinetuneConfig, finetune};
     let device = Default::default();
     let seqs = sequences();
     let config = FinetuneConfig {
@@ -187,7 +190,7 @@ fn finetuning_lowers_the_loss_and_the_same_seed_gives_the_same_weights() {
 
 #[test]
 fn a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_one() {
-    use antibody_schedule::sft::{FinetuneConfig, SftRun};
+    use antibody_finetune::sft::{FinetuneConfig, SftRun};
     let device = Default::default();
     let seqs = sequences();
     let config = FinetuneConfig {

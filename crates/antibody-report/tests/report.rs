@@ -1,0 +1,42 @@
+//! `antibody-report` on the smoke data's evaluation of two tiny models: the report renders
+//! (Markdown table with n, JSON, PNG and SVG plots), and a missing result is named.
+
+use antibody_eval::{Eval, evaluate};
+use antibody_model::device::CpuAutodiff;
+use antibody_report::{ReportError, read_results};
+use antibody_testkit::{configs, smoke_data};
+
+#[test]
+fn the_report_renders_from_the_results_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    let models =
+        "models=[{name = \"base\", model = \"tiny:0\"}, {name = \"broken\", model = \"tiny:1\"}]";
+    let mut e = Eval::load(&configs().join("smoke.toml"), &[models.into()]).expect("config");
+    e.out_dir = dir.path().join("eval");
+    e.train_run = None;
+    assert!(matches!(read_results(&e), Err(ReportError::Missing { .. })));
+    evaluate::<CpuAutodiff>(&e, &data, &Default::default()).expect("evaluate");
+    let results = read_results(&e).expect("results");
+    assert_eq!(results.len(), 2);
+    let md = antibody_report::write(&e.out_dir, &e.file, &results, None).expect("report");
+    let text = std::fs::read_to_string(&md).expect("report.md");
+    assert!(
+        text.contains("| base (`tiny:0`) | 100.0% (n=8) |"),
+        "{text}"
+    );
+    assert!(text.contains("HS after `sft-1e-3x2`"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.out_dir.join("report.json")).expect("json"))
+            .expect("report.json parses");
+    assert_eq!(json["models"].as_array().map(Vec::len), Some(2));
+    for f in ["hs.png", "hs.svg"] {
+        let p = e.out_dir.join(f);
+        assert!(
+            std::fs::metadata(&p)
+                .map(|m| m.len() > 1000)
+                .unwrap_or(false),
+            "{f}"
+        );
+    }
+}

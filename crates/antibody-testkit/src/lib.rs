@@ -1,0 +1,102 @@
+//! antibody-testkit: what the workspace's tests share (a dev-dependency, never a dependency).
+//!
+//! - [`repo`], [`configs`], [`fixtures`]: the repository's directories;
+//! - [`smoke_config`] and [`smoke_data`]: the smoke configuration's data build on the tiny
+//!   model, in a test's own directory with a private generation cache (tests run in parallel);
+//! - [`toml_files`]: the configuration files of a directory;
+//! - [`max_abs_diff`]: the numeric comparison every reference test states its tolerance in.
+
+use std::path::{Path, PathBuf};
+
+use antibody_data::{BuildOptions, Config};
+use antibody_model::device::Cpu;
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `configs/`.
+pub fn configs() -> PathBuf {
+    repo().join("configs")
+}
+
+/// `tests/reference/fixtures/`: the PyTorch/transformers expected values.
+pub fn fixtures() -> PathBuf {
+    repo().join("tests/reference/fixtures")
+}
+
+/// The smoke configuration's `[data]`, its output moved to `dir/data`.
+pub fn smoke_config(dir: &Path) -> Config {
+    let mut config = Config::load(&configs().join("smoke.toml"), &[]).expect("smoke config");
+    config.out_dir = dir.join("data");
+    config
+}
+
+/// Build options whose generation cache is private to `dir`.
+pub fn build_options(dir: &Path) -> BuildOptions {
+    BuildOptions {
+        generations: dir.join("generations"),
+        ..BuildOptions::default()
+    }
+}
+
+/// Builds the smoke data set into `dir/data` and returns its directory.
+pub fn smoke_data(dir: &Path) -> PathBuf {
+    let config = smoke_config(dir);
+    antibody_data::build::<Cpu>(&config, &build_options(dir), &Default::default())
+        .expect("smoke data");
+    config.out_dir
+}
+
+/// The `.toml` files directly in `dir` (relative to the repository), sorted.
+pub fn toml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = repo().join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("entry").path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The largest absolute elementwise difference (the slices must have equal lengths).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A step count that varies from run to run, in `lo..lo + span` (where to kill a child).
+pub fn varying_step(lo: usize, span: usize) -> usize {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    lo + (nanos as usize) % span.max(1)
+}
+
+/// Spawns `command` and SIGKILLs it once `progress()` reaches `at` (panicking if the child
+/// ends first or makes no progress within `patience`); returns `progress()` at the kill.
+pub fn kill_when(
+    mut command: std::process::Command,
+    at: usize,
+    patience: std::time::Duration,
+    progress: impl Fn() -> usize,
+) -> usize {
+    let mut child = command.spawn().expect("spawn the child");
+    let started = std::time::Instant::now();
+    while progress() < at {
+        assert!(started.elapsed() < patience, "the child made no progress");
+        assert!(
+            child.try_wait().expect("poll").is_none(),
+            "the child ended before it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    progress()
+}

@@ -1,0 +1,476 @@
+//! The method's two optimizer steps over one skeleton.
+//!
+//! [`Method::step`] draws the step's rows, computes the whole batch's normalizers, runs one
+//! micro-step per micro-batch (accumulating gradients), then clips, takes the AdamW step and
+//! reports [`StepMetrics`]. The micro-steps differ only in their terms:
+//!
+//! - **harmful** (`x ++ y_h`): LAT finds `δ` at the configured residual sites; under it,
+//!   `L_adv = (1 − γ)·L_forget + γ·L_KL_imm + ρ·L_ref` (NPO against the cached `ŝ_H(y_h|x)`,
+//!   the capped immunization KL against π_H fused with the output head, the refusal term on
+//!   `x ++ y_ref`);
+//! - **harmless** (`x ++ y_c`): `L_align = (1 − α)·L_DPO + α·KL(π_B ‖ π_θ) + λ_stab·L_stab`,
+//!   the canaries' means read from the same forward that computes the DPO term.
+//!
+//! Both start from [`Micro::new`] (the micro-batch's padded batch, targets, mask and token
+//! count) and [`Method::score`] (the student's fused `ŝ` over it), and every term goes
+//! through [`term`] (checked finite, summed into the step's record).
+//!
+//! Accumulation: every micro-batch's term is scaled by its share of the step's rows (batch
+//! means: NPO, DPO, `L_stab`) or counted tokens (token means: the KL terms, SFT), so the
+//! summed gradient is the whole batch's. `L_stab` is the exception: the MSE of a batch mean
+//! is not a sum over rows, so under accumulation it is the mean of the micro-batches' MSEs.
+
+use std::time::Instant;
+
+use antibody_base::Example;
+use antibody_canary::{CanarySet, canary_means, stab_loss};
+use antibody_finetune::optim::apply_step;
+use antibody_lat::Positions;
+use antibody_losses::combine::{AdvKl, ForgetLoss, NpoReference, PrefLoss, RefusalLoss};
+use antibody_losses::{
+    HeadKl, HeadLogprob, KlDirection, NextTokenTargets, dpo, fused_sequence_loss,
+    head_immunization, head_kl_loss, npo,
+};
+use antibody_model::{Hooks, Llama, TokenBatch};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::TrainError;
+use crate::error::check;
+use crate::method::Method;
+use crate::metrics::StepMetrics;
+use crate::plan::steps;
+
+/// Term values of one step, summed over micro-batches.
+#[derive(Default)]
+struct Sums {
+    forget: Option<f64>,
+    kl: Option<f64>,
+    cap_bound: f64,
+    refusal: Option<f64>,
+    pref: Option<f64>,
+    kl_align: Option<f64>,
+    stab: Option<f64>,
+    logp: f64,
+    margin: Option<f64>,
+    lat: Option<(f64, f64)>,
+    tokens: usize,
+}
+
+fn add(slot: &mut Option<f64>, v: f64) {
+    *slot = Some(slot.unwrap_or(0.0) + v);
+}
+
+/// Checks a term's value, adds it to its slot of the step's record, and passes it on.
+fn term<B: Backend>(
+    step: usize,
+    name: &str,
+    slot: &mut Option<f64>,
+    t: Tensor<B, 1>,
+) -> Result<Tensor<B, 1>, TrainError> {
+    let v = scalar(&t);
+    check(step, name, v)?;
+    add(slot, v);
+    Ok(t)
+}
+
+/// A micro-batch of examples, padded, with its next-token targets on the device.
+struct Micro<B: Backend> {
+    batch: TokenBatch,
+    targets: Tensor<B, 2, burn::tensor::Int>,
+    mask: Tensor<B, 2>,
+    /// Counted (response) tokens.
+    tokens: f32,
+}
+
+impl<B: Backend> Micro<B> {
+    /// Pads `seqs` and counts their real tokens into `sums`.
+    fn new(seqs: &[Example], pad: u32, device: &B::Device, sums: &mut Sums) -> Self {
+        let ids: Vec<Vec<u32>> = seqs.iter().map(|e| e.ids.clone()).collect();
+        let batch = TokenBatch::right_padded(&ids, pad);
+        let t = NextTokenTargets::new(seqs, pad);
+        sums.tokens += batch.mask.iter().filter(|&&m| m).count();
+        Self {
+            batch,
+            targets: t.targets_tensor::<B>(device),
+            mask: t.mask_tensor::<B>(device),
+            tokens: t.mask.iter().sum(),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Method<B> {
+    /// One optimizer step of the harmful (`harmful`) or harmless phase: the `k`-th batch of
+    /// its order.
+    pub(crate) fn step(
+        &mut self,
+        harmful: bool,
+        cycle: usize,
+        k: usize,
+    ) -> Result<StepMetrics, TrainError> {
+        let started = Instant::now();
+        let step = self.state.step;
+        let bs = self.config.batch_size;
+        let order = if harmful {
+            &self.harmful_order
+        } else {
+            &self.harmless_order
+        };
+        let rows: Vec<usize> = order[k * bs..(k + 1) * bs].to_vec();
+        let micro = bs.div_ceil(self.config.optim.accumulation).max(1);
+        let totals = self.normalizers(harmful, &rows);
+        if totals[0] == 0.0 {
+            return Err(antibody_finetune::FinetuneError::EmptyBatch { step }.into());
+        }
+        let mut acc = GradientsAccumulator::<Llama<B>>::new();
+        let mut sums = Sums::default();
+        let mut loss_total = 0.0;
+        for part in rows.chunks(micro) {
+            let share = part.len() as f64 / bs as f64;
+            let loss = if harmful {
+                self.harmful_micro(part, share, totals, &mut sums, step)?
+            } else {
+                self.harmless_micro(part, share, totals[0], &mut sums, step)?
+            };
+            let value = scalar(&loss);
+            check(step, "loss", value)?;
+            loss_total += value;
+            acc.accumulate(
+                &self.model,
+                GradientsParams::from_grads(loss.backward(), &self.model),
+            );
+        }
+        let lr = self.config.optim.lr_at(step, steps(&self.plan));
+        let (model, grad_norm) = apply_step(
+            self.model.clone(),
+            &mut self.optim,
+            acc.grads(),
+            &self.config.optim,
+            lr,
+            step,
+        )?;
+        self.model = model;
+        self.state.step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        let tokens_total = f64::from(totals[0]);
+        Ok(StepMetrics {
+            step,
+            phase: if harmful { "harmful" } else { "harmless" }.into(),
+            cycle,
+            loss: loss_total,
+            forget: sums.forget,
+            kl_imm: sums.kl,
+            kl_cap_rate: sums.kl.map(|_| sums.cap_bound / tokens_total),
+            refusal: sums.refusal,
+            pref: sums.pref,
+            kl_align: sums.kl_align,
+            stab: sums.stab,
+            harmful_logp: harmful.then_some(sums.logp / tokens_total),
+            chosen_logp: (!harmful).then_some(sums.logp / tokens_total),
+            dpo_margin: sums.margin.map(|m| m / bs as f64),
+            lat_loss_start: sums.lat.map(|l| l.0),
+            lat_loss_end: sums.lat.map(|l| l.1),
+            grad_norm,
+            lr,
+            tokens: sums.tokens,
+            tokens_per_s: sums.tokens as f64 / seconds.max(1e-9),
+            seconds,
+            canaries: self.state.canary.set.as_ref().map_or(0, CanarySet::count),
+        })
+    }
+
+    /// The whole batch's counted tokens: `[y_h, y_ref]` (harmful) or `[y_c, 0]` (harmless).
+    fn normalizers(&self, harmful: bool, rows: &[usize]) -> [f32; 2] {
+        let pad = self.model.config.pad_token_id;
+        let count = |seqs: Vec<Example>| NextTokenTargets::new(&seqs, pad).mask.iter().sum::<f32>();
+        let harmful_rows = || rows.iter().map(|&i| &self.data.harmful[i]);
+        if harmful {
+            [
+                count(harmful_rows().map(|e| e.harmful.clone()).collect()),
+                count(harmful_rows().filter_map(|e| e.refusal.clone()).collect()),
+            ]
+        } else {
+            let chosen = rows.iter().map(|&i| self.data.harmless[i].chosen.clone());
+            [count(chosen.collect()), 0.0]
+        }
+    }
+
+    /// The student's fused `ŝ` over a micro-batch's hidden states (`head`: the student's
+    /// output head, one tensor per micro-step, so its gradient gathers in one node).
+    fn score(&self, hidden: Tensor<B, 3>, head: Tensor<B, 2>, m: &Micro<B>) -> HeadLogprob<B> {
+        HeadLogprob::new(
+            hidden,
+            head,
+            m.targets.clone(),
+            m.mask.clone(),
+            self.config.vocab_chunk,
+        )
+    }
+
+    /// A second sequence of the same rows (`y_ref`, `y_r`): its own forward, scored.
+    fn score_side(
+        &self,
+        seqs: &[Example],
+        head: Tensor<B, 2>,
+        sums: &mut Sums,
+    ) -> Result<HeadLogprob<B>, TrainError> {
+        let device = self.model.device();
+        let m = Micro::<B>::new(seqs, self.model.config.pad_token_id, &device, sums);
+        let hidden = self.model.forward_hidden(&m.batch, &Hooks::none())?.hidden;
+        Ok(self.score(hidden, head, &m))
+    }
+
+    /// Per-row values of a cached teacher column, as a tensor.
+    fn pick(&self, part: &[usize], column: &[f32]) -> Tensor<B, 1> {
+        let vals: Vec<f32> = part.iter().map(|&i| column[i]).collect();
+        Tensor::from_data(TensorData::new(vals, [part.len()]), &self.model.device())
+    }
+
+    /// The LAT hooks of a harmful micro-batch (none when LAT is off); the attack's first and
+    /// last losses go into the record.
+    fn lat_hooks(
+        &self,
+        seqs: &[Example],
+        m: &Micro<B>,
+        share: f64,
+        sums: &mut Sums,
+    ) -> Result<Hooks<B>, TrainError> {
+        let cfg = &self.config;
+        if !(cfg.lat.enabled && cfg.lat.epsilon > 0.0) {
+            return Ok(Hooks::none());
+        }
+        let device = self.model.device();
+        let shape = [m.batch.batch, m.batch.seq];
+        let positions = match cfg.lat.positions {
+            Positions::All => float_mask::<B>(&m.batch.mask, shape, &device),
+            Positions::Response => {
+                let seq = m.batch.seq;
+                let mask: Vec<bool> = seqs
+                    .iter()
+                    .flat_map(|e| (0..seq).map(move |i| i < e.ids.len() && e.response_mask[i]))
+                    .collect();
+                float_mask::<B>(&mask, shape, &device)
+            }
+        };
+        let attack = antibody_lat::attack(
+            &self.model,
+            &m.batch,
+            m.targets.clone(),
+            m.mask.clone(),
+            positions,
+            &cfg.lat,
+        )?;
+        let first = attack.losses.first().copied().map_or(f64::NAN, f64::from);
+        let last = attack.losses.last().copied().map_or(f64::NAN, f64::from);
+        let prev = sums.lat.unwrap_or((0.0, 0.0));
+        sums.lat = Some((prev.0 + first * share, prev.1 + last * share));
+        Ok(attack.hooks())
+    }
+
+    fn harmful_micro(
+        &self,
+        part: &[usize],
+        share: f64,
+        totals: [f32; 2],
+        sums: &mut Sums,
+        step: usize,
+    ) -> Result<Tensor<B, 1>, TrainError> {
+        let adv = &self.config.adv;
+        let needs = adv.needs();
+        let seqs: Vec<Example> = part
+            .iter()
+            .map(|&i| self.data.harmful[i].harmful.clone())
+            .collect();
+        let m = Micro::<B>::new(
+            &seqs,
+            self.model.config.pad_token_id,
+            &self.model.device(),
+            sums,
+        );
+        let token_share = f64::from(m.tokens / totals[0]);
+        let hooks = self.lat_hooks(&seqs, &m, share, sums)?;
+        let hidden = self.model.forward_hidden(&m.batch, &hooks)?.hidden;
+        let head = self.model.head_weight();
+        let s_h = self.score(hidden.clone(), head.clone(), &m);
+        sums.logp += host(s_h.values())
+            .iter()
+            .map(|&x| f64::from(x))
+            .sum::<f64>();
+        let forget = if needs.first {
+            let t = match adv.forget {
+                ForgetLoss::Npo => {
+                    let reference = match adv.npo_reference {
+                        NpoReference::HarmfulTeacher => self.pick(part, &self.cache.harmful_h),
+                        NpoReference::Initial => self.pick(part, &self.cache.initial_h),
+                    };
+                    fused_sequence_loss(&[&s_h], |v| {
+                        npo(v[0].clone(), reference, adv.beta, adv.npo_scaled)
+                    }) * share
+                }
+                ForgetLoss::GradientAscent => {
+                    fused_sequence_loss(&[&s_h], |v| v[0].clone().sum() / totals[0])
+                }
+                ForgetLoss::Entropy => {
+                    antibody_losses::entropy_loss(self.model.logits(hidden.clone()), m.mask.clone())
+                        * token_share
+                }
+                ForgetLoss::None => unreachable!("needs.first is false for `none`"),
+            };
+            Some(term(step, "forget", &mut sums.forget, t)?)
+        } else {
+            None
+        };
+        let kl = if needs.kl {
+            let teacher = self
+                .harmful_teacher
+                .forward_hidden(&m.batch, &Hooks::none())?
+                .hidden;
+            let direction = match adv.kl {
+                AdvKl::Immunization => KlDirection::Forward,
+                AdvKl::ImmunizationReverse => KlDirection::Reverse,
+            };
+            let kl = HeadKl::new(
+                Tensor::from_inner(teacher),
+                Tensor::from_inner(self.harmful_teacher.head_weight()),
+                hidden,
+                head.clone(),
+                direction,
+                self.config.vocab_chunk,
+            );
+            let (t, rate) = head_immunization(&kl, m.mask.clone(), adv.kl_cap);
+            sums.cap_bound += rate * f64::from(m.tokens);
+            Some(term(step, "kl_imm", &mut sums.kl, t * token_share)?)
+        } else {
+            None
+        };
+        let refusal = if needs.third {
+            let refs: Vec<Example> = part
+                .iter()
+                .filter_map(|&i| self.data.harmful[i].refusal.clone())
+                .collect();
+            let s_ref = self.score_side(&refs, head, sums)?;
+            let t = match adv.refusal {
+                RefusalLoss::Sft => {
+                    fused_sequence_loss(&[&s_ref], |v| v[0].clone().sum().neg() / totals[1])
+                }
+                RefusalLoss::Dpo => {
+                    let b_ref = self.pick(part, &self.cache.benign_ref);
+                    let b_h = self.pick(part, &self.cache.benign_h);
+                    fused_sequence_loss(&[&s_ref, &s_h], |v| {
+                        dpo(v[0].clone(), b_ref, v[1].clone(), b_h, adv.beta)
+                    }) * share
+                }
+            };
+            Some(term(step, "refusal", &mut sums.refusal, t)?)
+        } else {
+            None
+        };
+        adv.combine(forget, kl, refusal)
+            .ok_or(TrainError::NoTerms { section: "adv" })
+    }
+
+    fn harmless_micro(
+        &self,
+        part: &[usize],
+        share: f64,
+        total_tokens: f32,
+        sums: &mut Sums,
+        step: usize,
+    ) -> Result<Tensor<B, 1>, TrainError> {
+        let cfg = &self.config;
+        let align = &cfg.align;
+        let needs = align.needs();
+        let device = self.model.device();
+        let chosen: Vec<Example> = part
+            .iter()
+            .map(|&i| self.data.harmless[i].chosen.clone())
+            .collect();
+        let m = Micro::<B>::new(&chosen, self.model.config.pad_token_id, &device, sums);
+        let canaries = match (&self.state.canary.set, &self.state.canary.target) {
+            (Some(set), Some(target)) if needs.third && cfg.canary.enabled && set.count() > 0 => {
+                Some((set, target))
+            }
+            _ => None,
+        };
+        let hooks = canaries.map_or_else(Hooks::none, |(set, _)| Hooks::capture(set.sites()));
+        let out = self.model.forward_hidden(&m.batch, &hooks)?;
+        let head = self.model.head_weight();
+        let s_c = self.score(out.hidden.clone(), head.clone(), &m);
+        let c_values = host(s_c.values());
+        sums.logp += c_values.iter().map(|&x| f64::from(x)).sum::<f64>();
+        let pref = if needs.first {
+            let t = match align.pref {
+                PrefLoss::Dpo => {
+                    let rejected: Vec<Example> = part
+                        .iter()
+                        .map(|&i| self.data.harmless[i].rejected.clone())
+                        .collect();
+                    let s_r = self.score_side(&rejected, head.clone(), sums)?;
+                    let r_values = host(s_r.values());
+                    let (bc, br) = (&self.cache.benign_c, &self.cache.benign_r);
+                    let margin: f64 = part
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &i)| f64::from((c_values[j] - bc[i]) - (r_values[j] - br[i])))
+                        .sum();
+                    add(&mut sums.margin, margin);
+                    let (bc, br) = (self.pick(part, bc), self.pick(part, br));
+                    fused_sequence_loss(&[&s_c, &s_r], |v| {
+                        dpo(v[0].clone(), bc, v[1].clone(), br, align.beta)
+                    }) * share
+                }
+                PrefLoss::Sft => {
+                    fused_sequence_loss(&[&s_c], |v| v[0].clone().sum().neg() / total_tokens)
+                }
+            };
+            Some(term(step, "pref", &mut sums.pref, t)?)
+        } else {
+            None
+        };
+        let kl = if needs.kl {
+            let teacher = self
+                .benign_teacher
+                .forward_hidden(&m.batch, &Hooks::none())?
+                .hidden;
+            let kl = HeadKl::new(
+                Tensor::from_inner(teacher),
+                Tensor::from_inner(self.benign_teacher.head_weight()),
+                out.hidden.clone(),
+                head,
+                align.kl,
+                cfg.vocab_chunk,
+            );
+            let t = head_kl_loss(&kl, m.mask.clone()) * f64::from(m.tokens / total_tokens);
+            Some(term(step, "kl_align", &mut sums.kl_align, t)?)
+        } else {
+            None
+        };
+        let stab = match canaries {
+            Some((set, target)) => {
+                let shape = [m.batch.batch, m.batch.seq];
+                let real = float_mask::<B>(&m.batch.mask, shape, &device);
+                let current = canary_means(&out.sites, real, set)?;
+                let t = stab_loss(current, target) * share;
+                Some(term(step, "stab", &mut sums.stab, t)?)
+            }
+            None => None,
+        };
+        align
+            .combine(pref, kl, stab)
+            .ok_or(TrainError::NoTerms { section: "align" })
+    }
+}
+
+fn float_mask<B: Backend>(m: &[bool], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    let v: Vec<f32> = m.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().to_vec().unwrap_or_default()
+}
+
+fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+    host(t.clone()).first().copied().map_or(f64::NAN, f64::from)
+}
