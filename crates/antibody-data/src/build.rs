@@ -192,18 +192,8 @@ pub fn build<B: Backend>(
         Some(config.helpful_model.load::<B>(device)?)
     };
     let tok = &harmful.tokenizer;
-    if let Some(h) = &helpful
-        && h.tokenizer.vocab_size() != tok.vocab_size()
-    {
-        return Err(DataError::config(
-            &config.file,
-            "data.generation.helpful_model",
-            format!(
-                "its vocabulary ({} tokens) differs from the harmful model's ({}): both must share one tokenizer",
-                h.tokenizer.vocab_size(),
-                tok.vocab_size()
-            ),
-        ));
+    if let Some(h) = &helpful {
+        same_vocabulary(config, tok, &h.tokenizer)?;
     }
     let generators = Generators {
         harmful: &harmful.model,
@@ -246,18 +236,7 @@ pub fn build<B: Backend>(
     )?;
     sets.extend(task_sets(&mut ctx, d.seed, d.task.train, d.task.test)?);
     check_no_leak(&sets)?;
-    for kind in SetKind::ALL {
-        let rows = sets.get(&kind).map_or(0, Vec::len);
-        if rows == 0 {
-            let dropped = ctx.dropped.get(&kind).cloned().unwrap_or_default();
-            return Err(DataError::EmptySet {
-                set: kind.name().into(),
-                why: format!(
-                    "0 rows kept; dropped: {dropped:?} (check the sources, limits, split fractions and max_len)"
-                ),
-            });
-        }
-    }
+    check_nonempty(&sets, &ctx.dropped)?;
     let manifest = Manifest {
         format: Manifest::FORMAT,
         antibody_data_version: env!("CARGO_PKG_VERSION").into(),
@@ -276,6 +255,41 @@ pub fn build<B: Backend>(
         wall_time_s: 0.0,
     };
     write_build(&config.out_dir, sets, &mut ctx.dropped, manifest, started).map(Outcome::Built)
+}
+
+/// Both answering models must share one tokenizer.
+fn same_vocabulary(config: &Config, harmful: &Tokenizer, helpful: &Tokenizer) -> Result<()> {
+    if helpful.vocab_size() == harmful.vocab_size() {
+        return Ok(());
+    }
+    Err(DataError::config(
+        &config.file,
+        "data.generation.helpful_model",
+        format!(
+            "its vocabulary ({} tokens) differs from the harmful model's ({}): both must share one tokenizer",
+            helpful.vocab_size(),
+            harmful.vocab_size()
+        ),
+    ))
+}
+
+/// Every set must keep rows: an empty one would leave nothing to train or evaluate on.
+fn check_nonempty(
+    sets: &BTreeMap<SetKind, Vec<Record>>,
+    dropped: &BTreeMap<SetKind, BTreeMap<String, usize>>,
+) -> Result<()> {
+    for kind in SetKind::ALL {
+        if sets.get(&kind).map_or(0, Vec::len) == 0 {
+            let dropped = dropped.get(&kind).cloned().unwrap_or_default();
+            return Err(DataError::EmptySet {
+                set: kind.name().into(),
+                why: format!(
+                    "0 rows kept; dropped: {dropped:?} (check the sources, limits, split fractions and max_len)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The response phrasings of each written kind, kept only where the judge recognizes them as

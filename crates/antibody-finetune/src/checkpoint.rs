@@ -12,8 +12,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::optim::OptimConfig;
-use crate::sft::Adamw;
+use crate::optim::{Adamw, OptimConfig};
 use crate::{CheckpointPart, FinetuneError};
 
 fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {

@@ -23,5 +23,5 @@ pub mod sft;
 pub use antibody_base::Example;
 pub use error::{CheckpointPart, FinetuneError};
 pub use logprob::sequence_logprobs;
-pub use optim::OptimConfig;
-pub use sft::{Adamw, FinetuneConfig, SftRun, StepLog, finetune, order};
+pub use optim::{Adamw, OptimConfig};
+pub use sft::{FinetuneConfig, SftRun, StepLog, finetune, order};

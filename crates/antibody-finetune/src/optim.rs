@@ -1,12 +1,17 @@
 //! Optimizer settings, learning-rate schedule, global-norm clipping and accumulation.
 
+use antibody_model::Llama;
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::FinetuneError;
+
+/// The optimizer of every loop: AdamW over the Llama model.
+pub type Adamw<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
 
 /// How the learning rate decays after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,13 +14,12 @@ use antibody_base::Example;
 use antibody_losses::{NextTokenTargets, token_logprobs};
 use antibody_model::tiny::splitmix64;
 use antibody_model::{Hooks, Llama, TokenBatch};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, GradientsAccumulator, GradientsParams};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::FinetuneError;
-use crate::optim::{OptimConfig, apply_step};
+use crate::optim::{Adamw, OptimConfig, apply_step};
 
 /// Fine-tuning settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,9 +70,6 @@ pub fn order(n: usize, seed: u64, len: usize) -> Vec<usize> {
     out.truncate(len);
     out
 }
-
-/// The optimizer of a run.
-pub type Adamw<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
 
 /// Where a run stands: what a checkpoint holds besides the weights and optimizer moments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

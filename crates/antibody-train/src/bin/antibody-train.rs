@@ -64,8 +64,7 @@ fn peak_rss() -> Option<u64> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    use antibody_base::Example;
-    use antibody_train::data::{HarmfulExample, HarmlessExample, MethodData, TeacherCache};
+    use antibody_train::data::TeacherCache;
     use antibody_train::method::{Method, Outcome};
     let harmful = match args.phase.as_str() {
         "harmful" => true,
@@ -73,74 +72,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         other => bail!("--phase: `{other}` is not harmful or harmless"),
     };
     let (b, t) = (args.batch, args.seq);
-    let prompt = (t / 4).max(1);
-    let seq = |row: usize, salt: u64| -> Example {
-        let ids = (0..t)
-            .map(|i| {
-                let z = antibody_model::tiny::splitmix64(salt ^ ((row * t + i) as u64));
-                if i == 0 { 1 } else { 3 + (z % 49_000) as u32 }
-            })
-            .collect();
-        Example {
-            ids,
-            response_mask: (0..t).map(|i| i >= prompt).collect(),
-        }
-    };
-    let data = MethodData {
-        harmful: (0..b)
-            .map(|r| HarmfulExample {
-                harmful: seq(r, 11),
-                refusal: None,
-                prompt: seq(r, 11).ids[..prompt].to_vec(),
-            })
-            .collect(),
-        harmless: (0..b)
-            .map(|r| HarmlessExample {
-                chosen: seq(r, 12),
-                rejected: seq(r, 13),
-                prompt: seq(r, 12).ids[..prompt].to_vec(),
-            })
-            .collect(),
-    };
-    let steps = args.warmup + args.steps;
-    let layers: Vec<String> = args.lat_layers.iter().map(ToString::to_string).collect();
-    let config: antibody_train::config::TrainConfig = toml::from_str(&format!(
-        r#"
-        run_dir = "unused"
-        student = "random"
-        harmful_teacher = "random"
-        benign_teacher = "random"
-        cycles = 1
-        harmful_steps = {hs}
-        harmless_steps = {ls}
-        batch_size = {b}
-        [optim]
-        lr = 1e-5
-        max_grad_norm = 1.0
-        [adv]
-        forget = "npo"
-        gamma = 0.5
-        kl_cap = 10.0
-        [align]
-        pref = "dpo"
-        alpha = 0.5
-        lambda_stab = 1.0
-        [lat]
-        layers = [{layers}]
-        epsilon = 1.0
-        steps = 1
-        [canary]
-        enabled = {canary}
-        q = 0.99
-        harmful_sample = {b}
-        harmless_sample = {b}
-        batch_size = {b}
-        "#,
-        hs = if harmful { steps } else { 1 },
-        ls = if harmful { 0 } else { steps },
-        layers = layers.join(", "),
-        canary = !harmful,
-    ))?;
+    let data = bench_data(b, t);
+    let config = bench_config(&args, harmful)?;
     let arch = antibody_model::LlamaConfig::smollm2_135m();
     let name = args.device.to_string();
     with_backend!(args.device, autodiff, |B, device| {
@@ -206,6 +139,85 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// `b` random harmful and harmless examples of `t` tokens (a quarter prompt).
+fn bench_data(b: usize, t: usize) -> antibody_train::data::MethodData {
+    use antibody_base::Example;
+    use antibody_train::data::{HarmfulExample, HarmlessExample, MethodData};
+    let prompt = (t / 4).max(1);
+    let seq = |row: usize, salt: u64| -> Example {
+        let ids = (0..t)
+            .map(|i| {
+                let z = antibody_model::tiny::splitmix64(salt ^ ((row * t + i) as u64));
+                if i == 0 { 1 } else { 3 + (z % 49_000) as u32 }
+            })
+            .collect();
+        Example {
+            ids,
+            response_mask: (0..t).map(|i| i >= prompt).collect(),
+        }
+    };
+    MethodData {
+        harmful: (0..b)
+            .map(|r| HarmfulExample {
+                harmful: seq(r, 11),
+                refusal: None,
+                prompt: seq(r, 11).ids[..prompt].to_vec(),
+            })
+            .collect(),
+        harmless: (0..b)
+            .map(|r| HarmlessExample {
+                chosen: seq(r, 12),
+                rejected: seq(r, 13),
+                prompt: seq(r, 12).ids[..prompt].to_vec(),
+            })
+            .collect(),
+    }
+}
+
+/// The benchmark's `[train]` section: one phase's steps, LAT at `--lat-layers`.
+fn bench_config(args: &BenchArgs, harmful: bool) -> Result<antibody_train::config::TrainConfig> {
+    let b = args.batch;
+    let steps = args.warmup + args.steps;
+    let layers: Vec<String> = args.lat_layers.iter().map(ToString::to_string).collect();
+    Ok(toml::from_str(&format!(
+        r#"
+        run_dir = "unused"
+        student = "random"
+        harmful_teacher = "random"
+        benign_teacher = "random"
+        cycles = 1
+        harmful_steps = {hs}
+        harmless_steps = {ls}
+        batch_size = {b}
+        [optim]
+        lr = 1e-5
+        max_grad_norm = 1.0
+        [adv]
+        forget = "npo"
+        gamma = 0.5
+        kl_cap = 10.0
+        [align]
+        pref = "dpo"
+        alpha = 0.5
+        lambda_stab = 1.0
+        [lat]
+        layers = [{layers}]
+        epsilon = 1.0
+        steps = 1
+        [canary]
+        enabled = {canary}
+        q = 0.99
+        harmful_sample = {b}
+        harmless_sample = {b}
+        batch_size = {b}
+        "#,
+        hs = if harmful { steps } else { 1 },
+        ls = if harmful { 0 } else { steps },
+        layers = layers.join(", "),
+        canary = !harmful,
+    ))?)
 }
 
 #[derive(clap::Args, Debug)]
