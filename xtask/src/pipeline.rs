@@ -190,6 +190,7 @@ type Stage = dyn Fn(&Pipeline) -> anyhow::Result<()>;
 /// Runs `cargo xtask pipeline`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let p = Pipeline::open(&args)?;
+    let _lock = antibody_base::DirLock::acquire(&p.dir, "cargo xtask pipeline")?;
     build_binaries(&args.device)?;
     let only = |s: &str| args.stage.as_deref().is_none_or(|x| x == s);
     let started = Instant::now();
@@ -328,7 +329,12 @@ impl Pipeline {
     fn data(&self) -> anyhow::Result<()> {
         self.run(
             "antibody-data",
-            &["build".into(), "--config".into(), self.config_arg()],
+            &[
+                "build".into(),
+                "--config".into(),
+                self.config_arg(),
+                "--replace".into(),
+            ],
         )
     }
 

@@ -1,9 +1,14 @@
 //! The end-to-end smoke pipeline: `cargo xtask pipeline --config smoke.toml` on the tiny
 //! model runs every stage (fetch, data, teachers, train, eval, report) to a report whose numbers exist
-//! and are sane; a second invocation finds every stage current and skips the work.
+//! and are sane; a second invocation finds every stage current and skips the work. A pipeline
+//! SIGKILLed at moments spread over every stage and rerun ends with the uninterrupted run's
+//! weights and report numbers exactly.
 
-use std::path::Path;
-use std::process::Command;
+use std::io::BufRead as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn pipeline(config: &Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
@@ -100,4 +105,205 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
     ] {
         assert!(log.contains(needle), "`{needle}` not in:\n{log}");
     }
+}
+
+/// A project directory of its own: the smoke and sources configurations, the datasets, and a
+/// private cache root (so no result is reused from another run) that shares the fetched
+/// wheels and files.
+fn smoke_project(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let configs = dir.join("configs");
+    std::fs::create_dir_all(&configs).expect("configs dir");
+    for f in ["smoke.toml", "sources.toml"] {
+        std::fs::copy(root.join("configs").join(f), configs.join(f)).expect("copy config");
+    }
+    std::os::unix::fs::symlink(root.join("datasets"), dir.join("datasets")).expect("datasets");
+    let cache = dir.join("cache");
+    std::fs::create_dir_all(&cache).expect("cache");
+    for shared in ["wheels", "files"] {
+        let real = antibody_base::cache_root().join(shared);
+        std::fs::create_dir_all(&real).expect("shared cache dir");
+        std::os::unix::fs::symlink(real, cache.join(shared)).expect("link");
+    }
+    configs.join("smoke.toml")
+}
+
+/// `cargo xtask pipeline` on a project made by [`smoke_project`], in its own process group.
+fn pipeline_command(config: &Path) -> Command {
+    let dir = config.parent().and_then(Path::parent).expect("project dir");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| antibody_base::cache_root().join("target"), PathBuf::from);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    c.args(["pipeline", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env("ANTIBODY_CACHE", dir.join("cache"))
+        .env("CARGO_TARGET_DIR", target)
+        .process_group(0);
+    c
+}
+
+/// Runs the pipeline until a log line contains `marker`, waits `delay`, then SIGKILLs its
+/// whole process group (the stage binary with it). Returns whether the kill happened
+/// before the pipeline ended.
+fn kill_during(config: &Path, marker: &str, delay: Duration) -> bool {
+    let mut child = pipeline_command(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn xtask");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no `{marker}` in 10 min"
+        );
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.contains(marker) => break,
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+    std::thread::sleep(delay);
+    let status = child.try_wait().expect("poll");
+    let alive = status.is_none();
+    if let Some(status) = status {
+        // Ended within the delay: say how (a failure shows in the final run's assertion).
+        let tail: Vec<String> = rx.try_iter().collect();
+        eprintln!(
+            "`{marker}` +{delay:?}: ended first ({status}); last lines: {:?}",
+            &tail[tail.len().saturating_sub(3)..]
+        );
+    }
+    // `--`: without it, `kill` reads a negative pid (a process group) as an option.
+    let killed = Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{}", child.id())])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill of the process group failed");
+    let _ = child.wait();
+    alive
+}
+
+/// The numbers of `report.json` without wall-clock fields.
+fn report_numbers(project: &Path) -> serde_json::Value {
+    let path = project.join("runs/smoke/eval/report.json");
+    // Model paths name the project's directory: the same place in both.
+    let text = std::fs::read_to_string(&path)
+        .expect("report.json")
+        .replace(&project.display().to_string(), "<project>");
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("parses");
+    for m in v["models"].as_array_mut().expect("models") {
+        let m = m.as_object_mut().expect("model");
+        m.remove("seconds");
+        m.remove("generation_seconds");
+        for a in m
+            .get_mut("attacks")
+            .and_then(|a| a.as_array_mut())
+            .expect("attacks")
+        {
+            a.as_object_mut().expect("attack").remove("seconds");
+        }
+    }
+    v.as_object_mut().expect("report").remove("config");
+    v
+}
+
+/// The paths at which two JSON values differ.
+fn json_diff(at: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for k in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
+                let (u, v) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                json_diff(&format!("{at}.{k}"), u, v, out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                json_diff(&format!("{at}[{i}]"), u, v, out);
+            }
+        }
+        _ if a != b => out.push(format!("{at}: {a} vs {b}")),
+        _ => {}
+    }
+}
+
+fn file(project: &Path, rel: &str) -> Vec<u8> {
+    std::fs::read(project.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+#[test]
+fn a_pipeline_killed_in_any_stage_resumes_to_the_uninterrupted_result() {
+    let straight = tempfile::tempdir().expect("tempdir");
+    let config = smoke_project(straight.path());
+    let out = pipeline_command(&config).output().expect("spawn xtask");
+    assert!(
+        out.status.success(),
+        "uninterrupted run failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let killed = tempfile::tempdir().expect("tempdir");
+    let config = smoke_project(killed.path());
+    // Each attempt continues from the last; a kill lands in the stage just started (or, if
+    // that stage ends within the delay, in the next).
+    let mut landed = Vec::new();
+    for (marker, delay_ms) in [
+        ("== data", 200),
+        ("== teachers", 300),
+        ("== train", 1500),
+        ("== train", 4000),
+        ("== eval", 800),
+        ("== report", 0),
+    ] {
+        if kill_during(&config, marker, Duration::from_millis(delay_ms)) {
+            landed.push(format!("{marker} +{delay_ms} ms"));
+        }
+    }
+    assert!(
+        landed.len() >= 4,
+        "only these kills landed before the pipeline ended: {landed:?}"
+    );
+    let out = pipeline_command(&config).output().expect("spawn xtask");
+    assert!(
+        out.status.success(),
+        "the resumed run failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (a, b) = (straight.path(), killed.path());
+    for rel in [
+        "runs/smoke/train/student/model.safetensors",
+        "runs/smoke/teachers/aligned/model.safetensors",
+        "runs/smoke/data/harmful_train.parquet",
+        "runs/smoke/data/harmless_train.parquet",
+        "runs/smoke/train/canaries/cycle-1.json",
+    ] {
+        assert!(
+            file(a, rel) == file(b, rel),
+            "{rel} differs after the kills"
+        );
+    }
+    let mut diffs = Vec::new();
+    json_diff("", &report_numbers(a), &report_numbers(b), &mut diffs);
+    assert!(diffs.is_empty(), "report numbers differ: {diffs:?}");
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`atomic`]: all-or-nothing writes of files and directories;
 //! - [`progress`]: the one-line progress of long loops;
+//! - [`lock`]: one writer per output directory ([`DirLock`]);
 //! - [`logging`]: the tracing set-up every binary uses;
 //! - [`cache_root`]: where fetched assets, build outputs and shared results are cached;
 //! - [`config`]: reading one section of a configuration file, with `--set KEY=VALUE`
@@ -13,12 +14,14 @@
 pub mod atomic;
 pub mod config;
 mod example;
+pub mod lock;
 pub mod logging;
 mod model_spec;
 pub mod progress;
 
 pub use config::{ConfigError, load_section};
 pub use example::Example;
+pub use lock::DirLock;
 pub use model_spec::{ModelSpec, ModelSpecError};
 
 use std::path::PathBuf;

@@ -28,8 +28,12 @@ use crate::task;
 /// Options that are not part of the configuration (they do not change what is built).
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
-    /// Rebuild even when the manifest says the outputs are current.
+    /// Rebuild even when the manifest says the outputs are current, and replace a build made
+    /// from other inputs.
     pub force: bool,
+    /// Replace a build made from other inputs (the pipeline's choice: its stamps decide);
+    /// without it or `force`, such a build is refused, naming what differs.
+    pub replace: bool,
     /// Where fetched sources live.
     pub cache: Cache,
     /// Where generated responses are kept between builds ([`GenCache`]).
@@ -42,6 +46,7 @@ impl Default for BuildOptions {
         let generations = cache.root().join("generations");
         Self {
             force: false,
+            replace: false,
             cache,
             generations,
         }
@@ -126,6 +131,40 @@ fn inputs_hash(
     hex(&Sha256::digest(json.to_string().as_bytes()))
 }
 
+/// What differs between the inputs of the build in place and this one's.
+fn changed_inputs(
+    old: &Manifest,
+    config_hash: &str,
+    sources: &[SourceRecord],
+    models: &BTreeMap<String, ModelRecord>,
+) -> String {
+    let mut what = Vec::new();
+    if old.config_hash != config_hash {
+        what.push("the [data] section or its sources table".to_owned());
+    }
+    for (role, m) in models {
+        if old.models.get(role).map(|o| &o.identity) != Some(&m.identity) {
+            what.push(format!("the {role} model ({})", m.spec));
+        }
+    }
+    for s in sources {
+        if !old
+            .sources
+            .iter()
+            .any(|o| o.name == s.name && o.sha256 == s.sha256)
+        {
+            what.push(format!("source `{}`", s.name));
+        }
+    }
+    if what.is_empty() {
+        what.push(format!(
+            "the format or version (built by {})",
+            old.antibody_data_version
+        ));
+    }
+    what.join(", ")
+}
+
 /// Whether `out_dir` holds a complete build from `inputs`.
 fn current(out_dir: &Path, inputs: &str) -> Option<Manifest> {
     let manifest = Manifest::read(&out_dir.join(Manifest::FILE)).ok()?;
@@ -153,6 +192,14 @@ pub fn build<B: Backend>(
 ) -> Result<Outcome> {
     let started = Instant::now();
     let d = &config.data;
+    if config.out_dir.exists() && !config.out_dir.is_dir() {
+        return Err(DataError::config(
+            &config.file,
+            "data.out_dir",
+            format!("{} exists and is not a directory", config.out_dir.display()),
+        ));
+    }
+    let _lock = antibody_base::DirLock::acquire(&config.out_dir, "antibody-data build")?;
     let sources = load_sources(config, &options.cache)?;
     let mut models = BTreeMap::new();
     for (role, spec) in [
@@ -179,6 +226,15 @@ pub fn build<B: Backend>(
             &inputs[..12]
         );
         return Ok(Outcome::UpToDate(manifest));
+    }
+    if !(options.force || options.replace)
+        && let Ok(old) = Manifest::read(&config.out_dir.join(Manifest::FILE))
+        && old.inputs_hash != inputs
+    {
+        return Err(DataError::Replace {
+            dir: config.out_dir.clone(),
+            what: changed_inputs(&old, &config_hash, &records, &models),
+        });
     }
     let judge = KeywordJudge::from_config(&d.judge);
     let mut phrasings = phrasings(&sources, &judge)?;
@@ -748,6 +804,52 @@ impl Ctx<'_> {
 }
 
 /// Reads the set `kind` of a build directory.
+///
+/// The set is checked against the build's manifest first: its sha256 and its row count must
+/// be those the build recorded, so a set swapped or edited after the build is refused,
+/// naming the file.
 pub fn read_set(out_dir: &Path, kind: SetKind) -> Result<Dataset> {
-    Dataset::read_parquet(kind, &out_dir.join(kind.file_name()))
+    let path = out_dir.join(kind.file_name());
+    let manifest_path = out_dir.join(Manifest::FILE);
+    if !manifest_path.is_file() {
+        return Err(DataError::Unverified {
+            file: path,
+            reason: format!(
+                "{} is not a complete data build (no {}); build it with `antibody-data build`",
+                out_dir.display(),
+                Manifest::FILE
+            ),
+        });
+    }
+    let manifest = Manifest::read(&manifest_path)?;
+    let record = manifest
+        .sets
+        .get(kind.name())
+        .ok_or_else(|| DataError::Unverified {
+            file: path.clone(),
+            reason: format!("the manifest lists no set `{}`", kind.name()),
+        })?;
+    let found = antibody_fetch::sha256_file(&path)?;
+    if found != record.sha256 {
+        return Err(DataError::Unverified {
+            file: path,
+            reason: format!(
+                "sha256 {found} is not the {} the build recorded: the set was changed after \
+                 the build; rebuild it (`antibody-data build --force`)",
+                record.sha256
+            ),
+        });
+    }
+    let data = Dataset::read_parquet(kind, &path)?;
+    if data.records.len() != record.rows {
+        return Err(DataError::Unverified {
+            file: path,
+            reason: format!(
+                "{} rows, the manifest says {}",
+                data.records.len(),
+                record.rows
+            ),
+        });
+    }
+    Ok(data)
 }

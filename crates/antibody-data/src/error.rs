@@ -69,8 +69,32 @@ pub enum DataError {
         /// The training set.
         train_set: String,
     },
+    /// The output directory holds a build from other inputs, and replacing it was not asked.
+    #[error(
+        "{} holds a build from other inputs (changed: {what}); rebuild it with --force, or build \
+         into another --out",
+        dir.display()
+    )]
+    Replace {
+        /// The output directory.
+        dir: PathBuf,
+        /// What differs.
+        what: String,
+    },
+    /// A built set that does not match its build's manifest (digest, rows), or a directory
+    /// that is not a complete build.
+    #[error("{}: {reason}", file.display())]
+    Unverified {
+        /// The set's file.
+        file: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// Another process is writing the output directory.
+    #[error(transparent)]
+    Lock(#[from] antibody_base::lock::LockError),
     /// A file-system operation failed.
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {}: {}", path.display(), antibody_base::atomic::describe(source))]
     Io {
         /// What was being done.
         action: &'static str,

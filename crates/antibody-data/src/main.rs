@@ -33,9 +33,12 @@ enum Command {
         /// Output directory (default: `data.out_dir`).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Rebuild even when up to date.
+        /// Rebuild even when up to date, replacing a build made from other inputs.
         #[arg(long)]
         force: bool,
+        /// Replace a build made from other inputs (refused otherwise), but skip a current one.
+        #[arg(long)]
+        replace: bool,
         /// Device for generation: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
@@ -67,6 +70,9 @@ enum Command {
         /// The Parquet file to write.
         #[arg(long)]
         to: PathBuf,
+        /// Token ids must be below this (default: the patient's vocabulary).
+        #[arg(long, default_value_t = antibody_model::LlamaConfig::smollm2_135m().vocab_size)]
+        vocab_size: usize,
     },
 }
 
@@ -143,6 +149,7 @@ fn main() -> Result<()> {
             config,
             out,
             force,
+            replace,
             device,
         } => {
             let mut config = Config::load(&config, &[])?;
@@ -151,6 +158,7 @@ fn main() -> Result<()> {
             }
             let options = BuildOptions {
                 force,
+                replace,
                 ..BuildOptions::default()
             };
             let outcome: Outcome = with_backend!(device, |B, dev| {
@@ -171,9 +179,15 @@ fn main() -> Result<()> {
             write_atomically(&to, |tmp| data.write_jsonl(tmp))?;
             tracing::info!("{}: {} rows", to.display(), data.records.len());
         }
-        Command::Import { from, set, to } => {
+        Command::Import {
+            from,
+            set,
+            to,
+            vocab_size,
+        } => {
             let kind = set_kind(&set)?;
             let data = Dataset::read_jsonl(kind, &from)?;
+            data.check_vocabulary(&from, vocab_size)?;
             write_atomically(&to, |tmp| data.write_parquet(tmp))?;
             tracing::info!("{}: {} rows", to.display(), data.records.len());
         }

@@ -620,8 +620,34 @@ impl Dataset {
                 responses,
             });
         }
+        if records.is_empty() {
+            return Err(DataError::EmptySet {
+                set: path.display().to_string(),
+                why: "the file has no rows".into(),
+            });
+        }
         let data = Self { kind, records };
         data.validate(path)?;
         Ok(data)
+    }
+
+    /// Every token id (prompt and responses) is below `vocab_size`; an error names the file,
+    /// the row (1-based, as a JSONL line) and the field.
+    pub fn check_vocabulary(&self, file: &Path, vocab_size: usize) -> Result<()> {
+        for (row, r) in self.records.iter().enumerate() {
+            let fields = std::iter::once(("prompt_ids", &r.prompt_ids))
+                .chain(r.responses.iter().map(|(k, v)| (k.as_str(), &v.ids)));
+            for (field, ids) in fields {
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+                    return Err(DataError::row(
+                        file,
+                        row + 1,
+                        Some(field),
+                        format!("token id {bad} is outside the vocabulary (size {vocab_size})"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }

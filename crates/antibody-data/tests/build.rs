@@ -475,3 +475,114 @@ fn parquet_with_the_wrong_schema_is_refused_naming_the_column() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn outputs_are_claimed_checked_and_never_silently_replaced() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // An existing file where the build should go: refused up front, the file untouched.
+    let mut config = smoke(dir.path())?;
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "mine")?;
+    config.out_dir = file.clone();
+    let msg = run(&config, dir.path())
+        .err()
+        .ok_or("built over a file")?
+        .to_string();
+    assert!(msg.contains("exists and is not a directory"), "{msg}");
+    assert_eq!(std::fs::read_to_string(&file)?, "mine");
+    let hidden: Vec<_> = std::fs::read_dir(dir.path())?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+
+    // A second build of the same directory while one holds it is refused.
+    let config = smoke(dir.path())?;
+    let held = antibody_base::DirLock::acquire(&config.out_dir, "another build")?;
+    let msg = run(&config, dir.path())
+        .err()
+        .ok_or("ran beside another")?
+        .to_string();
+    assert!(msg.contains("in use by another build"), "{msg}");
+    drop(held);
+    run(&config, dir.path())?;
+
+    // A build from other inputs does not replace it unless asked.
+    let mut other = config.clone();
+    other.data.seed += 1;
+    let msg = run(&other, dir.path()).err().ok_or("replaced")?.to_string();
+    assert!(
+        msg.contains("holds a build from other inputs") && msg.contains("[data]"),
+        "{msg}"
+    );
+    let options = BuildOptions {
+        replace: true,
+        ..options(dir.path())
+    };
+    assert!(matches!(
+        build::<Cpu>(&other, &options, &Default::default())?,
+        Outcome::Built(_)
+    ));
+
+    // A set swapped for another valid one after the build is refused, naming the file.
+    let out = &other.out_dir;
+    let swapped = out.join(SetKind::HarmlessEval.file_name());
+    let original = std::fs::read(&swapped)?;
+    let data = read_set(out, SetKind::HarmlessEval)?;
+    let fewer = Dataset {
+        kind: SetKind::HarmlessEval,
+        records: data.records[1..].to_vec(),
+    };
+    fewer.write_parquet(&swapped)?;
+    let msg = read_set(out, SetKind::HarmlessEval)
+        .err()
+        .ok_or("a changed set was read")?
+        .to_string();
+    assert!(
+        msg.contains("harmless_eval") && msg.contains("sha256"),
+        "{msg}"
+    );
+    std::fs::write(&swapped, original)?;
+    read_set(out, SetKind::HarmlessEval)?;
+    // A directory without a manifest is not a build.
+    let msg = read_set(dir.path(), SetKind::HarmlessEval)
+        .err()
+        .ok_or("read without a manifest")?
+        .to_string();
+    assert!(msg.contains("not a complete data build"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn jsonl_import_refuses_an_empty_file_and_ids_outside_the_vocabulary() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let config = smoke(dir.path())?;
+    run(&config, dir.path())?;
+    let data = read_set(&config.out_dir, SetKind::HarmlessEval)?;
+    let jsonl = dir.path().join("set.jsonl");
+    data.write_jsonl(&jsonl)?;
+    let back = Dataset::read_jsonl(SetKind::HarmlessEval, &jsonl)?;
+    back.check_vocabulary(&jsonl, 49152)?;
+    let msg = back
+        .check_vocabulary(&jsonl, 10)
+        .err()
+        .ok_or("ids outside a vocabulary of 10 accepted")?
+        .to_string();
+    assert!(
+        msg.contains("set.jsonl")
+            && msg.contains("line 1")
+            && msg.contains("outside the vocabulary"),
+        "{msg}"
+    );
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n")?;
+    let msg = Dataset::read_jsonl(SetKind::HarmlessEval, &empty)
+        .err()
+        .ok_or("an empty file accepted")?
+        .to_string();
+    assert!(
+        msg.contains("empty.jsonl") && msg.contains("no rows"),
+        "{msg}"
+    );
+    Ok(())
+}

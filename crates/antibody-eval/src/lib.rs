@@ -573,6 +573,8 @@ pub fn evaluate<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Vec<ModelResult>, EvalError> {
     let c = &eval.config;
+    let _lock = antibody_base::DirLock::acquire(&eval.out_dir, "antibody-eval run")
+        .map_err(|e| io(&eval.out_dir, e))?;
     let data = EvalData::load(data_dir, c)?;
     let dir = eval.out_dir.join("models");
     std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;

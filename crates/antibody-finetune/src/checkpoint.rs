@@ -1,13 +1,18 @@
 //! Checkpoints of a training run: weights with their parameter ids (`model.mpk`), the
 //! optimizer's moments (`optimizer.mpk`) and the run's own state (`state.json`), staged in a
 //! sibling directory and swapped in whole, so a directory that exists is complete.
+//!
+//! The records are encoded in memory (burn's named MessagePack, the bytes its file recorder
+//! writes) and written by this module, so a failed write reports the file system's own error
+//! (a full disk as such) rather than the encoder's.
 
 use std::path::Path;
 
+use antibody_base::atomic::{describe, write_new};
 use antibody_model::Llama;
 use burn::module::Module;
 use burn::optim::Optimizer;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -15,16 +20,27 @@ use serde::de::DeserializeOwned;
 use crate::optim::{Adamw, OptimConfig};
 use crate::{CheckpointPart, FinetuneError};
 
-fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
-    NamedMpkFileRecorder::new()
+fn recorder() -> NamedMpkBytesRecorder<FullPrecisionSettings> {
+    NamedMpkBytesRecorder::new()
 }
 
-fn io(dir: &Path, part: CheckpointPart, e: &dyn std::fmt::Display) -> FinetuneError {
+fn fail(dir: &Path, part: CheckpointPart, reason: String) -> FinetuneError {
     FinetuneError::Checkpoint {
         dir: dir.to_path_buf(),
         part,
-        reason: e.to_string(),
+        reason,
     }
+}
+
+fn io(dir: &Path, part: CheckpointPart) -> impl Fn(std::io::Error) -> FinetuneError + '_ {
+    move |e| fail(dir, part, describe(&e))
+}
+
+fn other(
+    dir: &Path,
+    part: CheckpointPart,
+) -> impl Fn(&dyn std::fmt::Display) -> FinetuneError + '_ {
+    move |e| fail(dir, part, e.to_string())
 }
 
 /// Writes a checkpoint of `model`, `optim` and `state` to `dir` atomically.
@@ -34,22 +50,20 @@ pub fn save<B: AutodiffBackend, S: Serialize>(
     optim: &Adamw<B>,
     state: &S,
 ) -> Result<(), FinetuneError> {
-    let staging = antibody_base::atomic::staging_dir(dir)
-        .map_err(|e| io(dir, CheckpointPart::Staging, &e))?;
-    model
-        .clone()
-        .save_file(staging.path().join("model"), &recorder())
-        .map_err(|e| io(dir, CheckpointPart::Weights, &e))?;
-    Recorder::<B>::record(
-        &recorder(),
-        optim.to_record(),
-        staging.path().join("optimizer"),
-    )
-    .map_err(|e| io(dir, CheckpointPart::Optimizer, &e))?;
-    let state = serde_json::to_vec(state).map_err(|e| io(dir, CheckpointPart::State, &e))?;
-    std::fs::write(staging.path().join("state.json"), state)
-        .map_err(|e| io(dir, CheckpointPart::State, &e))?;
-    antibody_base::atomic::replace_dir(staging, dir).map_err(|e| io(dir, CheckpointPart::Swap, &e))
+    let staging =
+        antibody_base::atomic::staging_dir(dir).map_err(io(dir, CheckpointPart::Staging))?;
+    let weights = Recorder::<B>::record(&recorder(), model.clone().into_record(), ())
+        .map_err(|e| other(dir, CheckpointPart::Weights)(&e))?;
+    write_new(&staging.path().join("model.mpk"), &weights)
+        .map_err(io(dir, CheckpointPart::Weights))?;
+    let moments = Recorder::<B>::record(&recorder(), optim.to_record(), ())
+        .map_err(|e| other(dir, CheckpointPart::Optimizer)(&e))?;
+    write_new(&staging.path().join("optimizer.mpk"), &moments)
+        .map_err(io(dir, CheckpointPart::Optimizer))?;
+    let state = serde_json::to_vec(state).map_err(|e| other(dir, CheckpointPart::State)(&e))?;
+    write_new(&staging.path().join("state.json"), &state)
+        .map_err(io(dir, CheckpointPart::State))?;
+    antibody_base::atomic::replace_dir(staging, dir).map_err(io(dir, CheckpointPart::Swap))
 }
 
 /// Whether `dir` holds a complete checkpoint.
@@ -64,14 +78,17 @@ pub fn load<B: AutodiffBackend, S: DeserializeOwned>(
     optim: &OptimConfig,
 ) -> Result<(Llama<B>, Adamw<B>, S), FinetuneError> {
     let device = template.device();
-    let text =
-        std::fs::read(dir.join("state.json")).map_err(|e| io(dir, CheckpointPart::State, &e))?;
-    let state: S = serde_json::from_slice(&text).map_err(|e| io(dir, CheckpointPart::State, &e))?;
-    let model = template
-        .load_file(dir.join("model"), &recorder(), &device)
-        .map_err(|e| io(dir, CheckpointPart::Weights, &e))?;
-    let record = Recorder::<B>::load(&recorder(), dir.join("optimizer"), &device)
-        .map_err(|e| io(dir, CheckpointPart::Optimizer, &e))?;
+    let text = std::fs::read(dir.join("state.json")).map_err(io(dir, CheckpointPart::State))?;
+    let state: S =
+        serde_json::from_slice(&text).map_err(|e| other(dir, CheckpointPart::State)(&e))?;
+    let weights = std::fs::read(dir.join("model.mpk")).map_err(io(dir, CheckpointPart::Weights))?;
+    let record = Recorder::<B>::load(&recorder(), weights, &device)
+        .map_err(|e| other(dir, CheckpointPart::Weights)(&e))?;
+    let model = template.load_record(record);
+    let moments =
+        std::fs::read(dir.join("optimizer.mpk")).map_err(io(dir, CheckpointPart::Optimizer))?;
+    let record = Recorder::<B>::load(&recorder(), moments, &device)
+        .map_err(|e| other(dir, CheckpointPart::Optimizer)(&e))?;
     let optim = optim.adamw().init::<B, Llama<B>>().load_record(record);
     Ok((model, optim, state))
 }

@@ -74,6 +74,42 @@ fn one() -> usize {
 }
 
 impl OptimConfig {
+    /// The one check of every optimizer setting, whatever supplied it (a configuration file,
+    /// `--set`, a flag): the key at fault (relative: `lr`, `betas`) and what is wrong.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let positive = |key: &'static str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err((key, format!("must be positive and finite, got {v}")))
+            }
+        };
+        positive("lr", self.lr)?;
+        positive("eps", self.eps)?;
+        if let Some(max) = self.max_grad_norm {
+            positive("max_grad_norm", max)?;
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err((
+                "weight_decay",
+                format!("must be finite and >= 0, got {}", self.weight_decay),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err((
+                "min_lr_ratio",
+                format!("must be in [0, 1], got {}", self.min_lr_ratio),
+            ));
+        }
+        if !self.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            return Err(("betas", format!("must be in [0, 1), got {:?}", self.betas)));
+        }
+        if self.accumulation == 0 {
+            return Err(("accumulation", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
     /// A config with PyTorch's AdamW defaults at learning rate `lr`.
     pub fn new(lr: f64) -> Self {
         Self {

@@ -35,6 +35,64 @@ pub struct FinetuneConfig {
     pub seed: u64,
 }
 
+impl FinetuneConfig {
+    /// Every setting checked, in one place whatever supplied it; the error's key is the
+    /// setting's (`optim.lr`, `batch_size`), which a binary maps to its flag.
+    pub fn check(&self) -> Result<(), FinetuneError> {
+        self.optim
+            .check()
+            .map_err(|(key, reason)| FinetuneError::Setting {
+                key: match key {
+                    "lr" => "optim.lr",
+                    "eps" => "optim.eps",
+                    "max_grad_norm" => "optim.max_grad_norm",
+                    "weight_decay" => "optim.weight_decay",
+                    "min_lr_ratio" => "optim.min_lr_ratio",
+                    "betas" => "optim.betas",
+                    _ => "optim.accumulation",
+                },
+                reason,
+            })?;
+        for (key, v) in [("steps", self.steps), ("batch_size", self.batch_size)] {
+            if v == 0 {
+                return Err(FinetuneError::Setting {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        if self.optim.accumulation > self.batch_size {
+            return Err(FinetuneError::Setting {
+                key: "optim.accumulation",
+                reason: format!(
+                    "{} micro-batches cannot split a batch of {}",
+                    self.optim.accumulation, self.batch_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`FinetuneConfig::check`] for settings that came from command-line flags: the error
+    /// names the flag (`--lr`), the route that supplied the value.
+    pub fn check_flags(&self) -> Result<(), String> {
+        self.check().map_err(|e| match e {
+            FinetuneError::Setting { key, reason } => {
+                let flag = match key {
+                    "optim.lr" => "--lr",
+                    "optim.max_grad_norm" => "--max-grad-norm",
+                    "optim.accumulation" => "--accumulation",
+                    "batch_size" => "--batch-size",
+                    "steps" => "--steps",
+                    other => other,
+                };
+                format!("`{flag}` (command line): {reason}")
+            }
+            other => other.to_string(),
+        })
+    }
+}
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
@@ -160,17 +218,7 @@ impl<B: AutodiffBackend> SftRun<B> {
         if examples.is_empty() {
             return Err(FinetuneError::NoExamples);
         }
-        for (key, v) in [
-            ("batch_size", config.batch_size),
-            ("optim.accumulation", config.optim.accumulation),
-        ] {
-            if v == 0 {
-                return Err(FinetuneError::Setting {
-                    key,
-                    reason: "must be at least 1".into(),
-                });
-            }
-        }
+        config.check()?;
         if examples.len() != self.state.examples {
             return Err(FinetuneError::Setting {
                 key: "examples",

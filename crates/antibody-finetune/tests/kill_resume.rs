@@ -122,3 +122,59 @@ fn sigkill_then_resume_equals_an_uninterrupted_run() {
         "killed at step {at_kill} and resumed: weights differ"
     );
 }
+
+/// `antibody-finetune sft` on the smoke data with `args` (steps, lr, ...).
+fn sft(data: &Path, run_dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_antibody-finetune"))
+        .args([
+            "sft",
+            "--set",
+            "harmful_train",
+            "--response",
+            "y_h",
+            "--model",
+            "tiny:0",
+        ])
+        .arg("--data")
+        .arg(data)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("spawn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn flags_are_checked_in_one_place_and_a_run_is_not_replaced_silently() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    let run_dir = dir.path().join("run");
+    for (bad, flag) in [
+        (["--steps=2", "--lr=-1"], "--lr"),
+        (["--steps=2", "--lr=nan"], "--lr"),
+        (["--steps=2", "--batch-size=0"], "--batch-size"),
+        (["--steps=0", "--lr=1e-3"], "--steps"),
+    ] {
+        let (ok, err) = sft(&data, &run_dir, &bad);
+        assert!(!ok, "{bad:?} accepted");
+        assert!(
+            err.contains(&format!("`{flag}` (command line)")),
+            "{bad:?}: {err}"
+        );
+    }
+    let (ok, err) = sft(&data, &run_dir, &["--steps", "2"]);
+    assert!(ok, "{err}");
+    // The same directory with other arguments and without --resume: refused.
+    let (ok, err) = sft(&data, &run_dir, &["--steps", "3"]);
+    assert!(
+        !ok && err.contains("other arguments") && err.contains("--force"),
+        "{err}"
+    );
+    let (ok, err) = sft(&data, &run_dir, &["--steps", "3", "--force"]);
+    assert!(ok, "{err}");
+}

@@ -250,7 +250,7 @@ pub fn save_hf_dir<B: Backend>(model: &Llama<B>, tokenizer: &Tokenizer, dir: &Pa
             path: p.clone(),
             source: e,
         })?;
-        std::fs::write(&p, text).map_err(|e| ModelError::io(&p, e))
+        antibody_base::atomic::write_new(&p, text.as_bytes()).map_err(|e| ModelError::io(&p, e))
     };
     let hf = HfLlamaConfig::from_config(&model.config);
     write_json(
@@ -273,6 +273,9 @@ pub fn save_hf_dir<B: Backend>(model: &Llama<B>, tokenizer: &Tokenizer, dir: &Pa
     let weights = tmp.path().join("model.safetensors");
     let mut store = SafetensorsStore::from_file(&weights)
         .with_to_adapter(BurnToPyTorchAdapter)
+        // One metadata key: burn-store keeps metadata in a HashMap, whose order (and so the
+        // file's bytes, which name the model in cache keys) would vary from run to run.
+        .clear_metadata()
         .metadata("format", "pt");
     model.save_into(&mut store).map_err(|e| ModelError::Store {
         path: weights.clone(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// An I/O failure on a named file.
-    #[error("{path}: {source}")]
+    #[error("{}: {}", path.display(), antibody_base::atomic::describe(source))]
     Io {
         /// The file being read or written.
         path: PathBuf,

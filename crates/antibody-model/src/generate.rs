@@ -85,6 +85,22 @@ pub fn generate<B: Backend>(
         )));
     }
     let c = &model.config;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest + config.max_new_tokens > c.max_position_embeddings {
+        return Err(ModelError::Invalid(format!(
+            "a prompt of {longest} tokens and {} new tokens exceed the model's context length \
+             of {} tokens",
+            config.max_new_tokens, c.max_position_embeddings
+        )));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        if let Some(&id) = p.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(ModelError::Invalid(format!(
+                "prompt {i}: token id {id} is outside the vocabulary of {} tokens",
+                c.vocab_size
+            )));
+        }
+    }
     let device = model.device();
     let batch = TokenBatch::left_padded(prompts, c.pad_token_id);
     let b = batch.batch;

@@ -49,6 +49,31 @@ impl GgufFile {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        // The header lists every tensor's place: a file cut short ends before one of them.
+        let len = reader
+            .get_ref()
+            .metadata()
+            .map_err(|e| ModelError::io(path, e))?
+            .len();
+        let last = content
+            .tensor_infos
+            .iter()
+            .map(|(name, i)| {
+                let dt = i.ggml_dtype;
+                let bytes = i.shape.elem_count() / dt.block_size() * dt.type_size();
+                (content.tensor_data_offset + i.offset + bytes as u64, name)
+            })
+            .max();
+        if let Some((end, name)) = last
+            && end > len
+        {
+            return Err(ModelError::GgufFormat {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "truncated: tensor `{name}` ends at byte {end}, the file has {len} bytes"
+                ),
+            });
+        }
         Ok(Self {
             path: path.to_path_buf(),
             content,

@@ -41,9 +41,9 @@ enum Command {
     },
     /// Chat-template prompts and generate answers.
     Generate {
-        /// The checkpoint; default: the fetched patient.
-        #[arg(long)]
-        checkpoint: Option<PathBuf>,
+        /// The model, named as in configuration (`patient`, `tiny[:SEED]`, a checkpoint path).
+        #[arg(long, default_value = "patient")]
+        checkpoint: antibody_model::ModelSpec,
         /// User prompts (one answer each, generated in one batch).
         #[arg(long = "prompt", required = true)]
         prompts: Vec<String>,
@@ -128,7 +128,6 @@ fn main() -> Result<()> {
             seed,
             device,
         } => {
-            let path = checkpoint_or_patient(checkpoint)?;
             let sampling = match temperature {
                 Some(temperature) => Sampling::Sample {
                     temperature,
@@ -143,7 +142,10 @@ fn main() -> Result<()> {
                 sampling,
             };
             with_backend!(device, |B, dev| run_generate::<B>(
-                &path, &dev, &prompts, &config
+                &checkpoint,
+                &dev,
+                &prompts,
+                &config
             ))
         }
         Command::Bench {
@@ -197,12 +199,15 @@ fn inspect(path: &Path) -> Result<()> {
 }
 
 fn run_generate<B: Backend>(
-    path: &Path,
+    spec: &antibody_model::ModelSpec,
     device: &B::Device,
     prompts: &[String],
     config: &GenerationConfig,
 ) -> Result<()> {
-    let loaded = load::<B>(path, device).with_context(|| format!("loading {}", path.display()))?;
+    use antibody_model::ModelSpecExt as _;
+    let loaded = spec
+        .load::<B>(device)
+        .with_context(|| format!("loading {spec}"))?;
     let ids = chat_prompts(&loaded.tokenizer, prompts)?;
     let out = generate(&loaded.model, &ids, loaded.tokenizer.stop_ids(), config)?;
     for (p, g) in prompts.iter().zip(out) {

@@ -127,6 +127,50 @@ fn load_err(path: &Path) -> ModelError {
     }
 }
 
+#[test]
+fn generation_checks_the_context_length_and_the_vocabulary() {
+    let device = Default::default();
+    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let too_long = antibody_model::GenerationConfig::greedy(model.config.max_position_embeddings);
+    let msg = antibody_model::generate(&model, &[vec![1, 2, 3]], &[], &too_long)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("context length"), "{msg}");
+    let outside = model.config.vocab_size as u32;
+    let msg = antibody_model::generate(
+        &model,
+        &[vec![1, outside]],
+        &[],
+        &antibody_model::GenerationConfig::greedy(2),
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(msg.contains("outside the vocabulary"), "{msg}");
+}
+
+#[test]
+fn the_generate_command_takes_a_model_named_as_in_configuration() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_antibody-model"))
+        .args([
+            "generate",
+            "--checkpoint",
+            "tiny:0",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+        ])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn tmp(name: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join(name);
@@ -222,9 +266,15 @@ fn truncated_file_names_the_file_and_the_tensor() {
     let msg = load_err(&path).to_string();
     assert!(msg.contains("truncated.gguf"), "{msg}");
     assert!(
-        msg.contains("tensor `") && msg.contains("remaining"),
+        msg.contains("tensor `") && msg.contains("truncated"),
         "{msg}"
     );
+    // Opening it (what `antibody-model inspect` does) already says so.
+    let msg = GgufFile::open(&path)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("truncated: tensor `"), "{msg}");
     // a file cut inside the header
     f.set_len(200).expect("truncate");
     let msg = load_err(&path).to_string();

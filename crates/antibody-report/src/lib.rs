@@ -217,12 +217,26 @@ fn both(
     png: impl Fn(Area<'_, BitMapBackend<'_>>) -> DrawResult,
     svg: impl Fn(Area<'_, SVGBackend<'_>>) -> DrawResult,
 ) -> Vec<String> {
-    let png_path = dir.join(format!("{stem}.png"));
-    let svg_path = dir.join(format!("{stem}.svg"));
-    let r = png(BitMapBackend::new(&png_path, size).into_drawing_area())
-        .and_then(|()| svg(SVGBackend::new(&svg_path, size).into_drawing_area()));
+    // Each plot is drawn into a temporary file beside its place and renamed only when
+    // complete, so a failed write (a full disk) leaves the previous plot, never a torn one.
+    let draw = |name: String, f: &dyn Fn(&Path) -> DrawResult| -> Result<String, String> {
+        antibody_base::atomic::write_with::<std::io::Error>(&dir.join(&name), |tmp| {
+            f(tmp).map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .map(|()| name)
+        .map_err(|e| antibody_base::atomic::describe(&e))
+    };
+    let r = draw(format!("{stem}.png"), &|p| {
+        png(BitMapBackend::new(p, size).into_drawing_area())
+    })
+    .and_then(|a| {
+        draw(format!("{stem}.svg"), &|p| {
+            svg(SVGBackend::new(p, size).into_drawing_area())
+        })
+        .map(|b| vec![a, b])
+    });
     match r {
-        Ok(()) => vec![format!("{stem}.png"), format!("{stem}.svg")],
+        Ok(names) => names,
         Err(e) => {
             tracing::warn!("plot {stem}: {e}");
             Vec::new()
@@ -363,6 +377,8 @@ pub fn write(
     train_run: Option<&Path>,
 ) -> Result<PathBuf, ReportError> {
     std::fs::create_dir_all(out_dir).map_err(|e| io(out_dir, e))?;
+    let _lock =
+        antibody_base::DirLock::acquire(out_dir, "antibody-report").map_err(|e| io(out_dir, e))?;
     let mut plots = Vec::new();
     let have_font = font();
     if have_font {
@@ -533,8 +549,8 @@ pub fn write(
     let json = serde_json::to_vec_pretty(&report).map_err(|e| io(out_dir, e))?;
     let write = |name: &str, bytes: &[u8]| {
         let path = out_dir.join(name);
-        antibody_base::atomic::write_with::<std::io::Error>(&path, |tmp| std::fs::write(tmp, bytes))
-            .map_err(|e| io(&path, e))
+        antibody_base::atomic::write_bytes(&path, bytes)
+            .map_err(|e| io(&path, antibody_base::atomic::describe(&e)))
     };
     write("report.json", &json)?;
     write("report.md", md.as_bytes())?;

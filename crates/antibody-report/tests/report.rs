@@ -39,4 +39,49 @@ fn the_report_renders_from_the_results_on_disk() {
             "{f}"
         );
     }
+
+    // On a full disk the report fails saying so, and the previous report and plots stay
+    // whole (each file is written beside its place and renamed only when complete).
+    let read = |f: &str| std::fs::read(e.out_dir.join(f)).expect("a file of the report");
+    let report = |fault: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_antibody-report"))
+            .arg("--config")
+            .arg(configs().join("smoke.toml"))
+            .args(["--set", models, "--set", "train_run=\"none\""])
+            .arg("--out")
+            .arg(&e.out_dir)
+            .env("ANTIBODY_FAULT_DISK_FULL", fault)
+            .output()
+            .expect("spawn")
+    };
+    let md_before = read("report.md");
+    let out = report("report.md");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("the disk is full"),
+        "{stderr}"
+    );
+    assert_eq!(
+        read("report.md"),
+        md_before,
+        "the previous report.md was not kept whole"
+    );
+    let png_before = read("hs.png");
+    let out = report("hs.png");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        read("hs.png"),
+        png_before,
+        "the previous hs.png was not kept whole"
+    );
+    let torn: Vec<_> = std::fs::read_dir(&e.out_dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|f| f.file_name().to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert!(torn.is_empty(), "{torn:?}");
 }

@@ -118,29 +118,20 @@ impl Teachers {
                 &own,
             )
         };
-        for (key, v) in [
-            ("batch_size", config.batch_size),
-            ("check_prompts", config.check_prompts),
+        if config.batch_size == 0 {
+            return Err(bad("batch_size", "must be at least 1".into()));
+        }
+        for (key, steps, lr) in [
+            ("break_lr", config.break_steps, config.break_lr),
+            ("align_lr", config.align_steps, config.align_lr),
         ] {
-            if v == 0 {
-                return Err(bad(key, "must be at least 1".into()));
+            if steps > 0 {
+                antibody_finetune::OptimConfig::new(lr)
+                    .check()
+                    .map_err(|(_, reason)| bad(key, reason))?;
             }
         }
-        for (key, v) in [("break_lr", config.break_lr), ("align_lr", config.align_lr)] {
-            if !(v > 0.0 && v.is_finite()) {
-                return Err(bad(key, format!("must be positive, got {v}")));
-            }
-        }
-        for (key, v) in [
-            ("min_harmful_compliance", config.min_harmful_compliance),
-            ("min_benign_refusal", config.min_benign_refusal),
-            ("min_benign_helpfulness", config.min_benign_helpfulness),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(bad(key, format!("must be in [0, 1], got {v}")));
-            }
-        }
-        Ok(Self {
+        let teachers = Self {
             file: file.to_path_buf(),
             student: model("student", &train.student)?,
             harmful: model("harmful_teacher", &train.harmful_teacher)?,
@@ -148,7 +139,16 @@ impl Teachers {
             aligned_out: dir.join(&config.aligned_out),
             data: dir.join(data.out_dir),
             config,
-        })
+        };
+        teachers.check_config().check().map_err(|(key, reason)| {
+            let key = if key == "prompts" {
+                "check_prompts"
+            } else {
+                key
+            };
+            bad(key, reason)
+        })?;
+        Ok(teachers)
     }
 
     /// The check's settings.
@@ -224,6 +224,32 @@ fn benign_min() -> f64 {
 }
 fn helpful_min() -> f64 {
     0.8
+}
+
+impl CheckConfig {
+    /// The one check of the check's settings, whatever supplied them: the key at fault
+    /// (`prompts`, `min_benign_refusal`) and what is wrong.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        for (key, v) in [
+            ("prompts", self.prompts),
+            ("max_new_tokens", self.max_new_tokens),
+            ("batch_size", self.batch_size),
+        ] {
+            if v == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        for (key, v) in [
+            ("min_harmful_compliance", self.min_harmful_compliance),
+            ("min_benign_refusal", self.min_benign_refusal),
+            ("min_benign_helpfulness", self.min_benign_helpfulness),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err((key, format!("must be in [0, 1], got {v}")));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for CheckConfig {

@@ -120,7 +120,6 @@ enum Command {
 }
 
 fn make(args: MakeArgs, kind: Make) -> Result<()> {
-    let examples = examples(&args.data, kind)?;
     let config = FinetuneConfig {
         optim: OptimConfig {
             max_grad_norm: Some(args.max_grad_norm),
@@ -135,6 +134,9 @@ fn make(args: MakeArgs, kind: Make) -> Result<()> {
         p.push(".run");
         PathBuf::from(p)
     });
+    config.check_flags().map_err(anyhow::Error::msg)?;
+    let examples = examples(&args.data, kind)?;
+    let _lock = antibody_base::DirLock::acquire(&run_dir, &format!("antibody-teacher {kind:?}"))?;
     let checkpoint = run_dir.join("checkpoint");
     let base: ModelSpec = args.base.parse()?;
     with_backend!(args.device, autodiff, |B, dev| {
@@ -235,6 +237,9 @@ fn run_check(args: CheckArgs) -> Result<()> {
             .unwrap_or(d.min_benign_helpfulness),
         ..d
     };
+    config.check().map_err(|(key, reason)| {
+        anyhow::anyhow!("`--{}` (command line): {reason}", key.replace('_', "-"))
+    })?;
     let (harmful, benign): (ModelSpec, ModelSpec) = (args.harmful.parse()?, args.benign.parse()?);
     check_teachers(&harmful, &benign, &args.data, &config, args.device)
 }

@@ -61,3 +61,34 @@ fn a_benign_teacher_that_never_refuses_is_stopped_with_a_clear_message() {
     );
     assert!(verdict.is_ok());
 }
+
+#[test]
+fn the_check_and_make_flags_are_checked_before_any_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_antibody-teacher"))
+            .args(args)
+            .arg("--data")
+            .arg(dir.path())
+            .output()
+            .expect("spawn");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&[
+        "check",
+        "--harmful",
+        "tiny:1",
+        "--benign",
+        "tiny:0",
+        "--prompts",
+        "0",
+    ]);
+    assert!(!ok && err.contains("`--prompts` (command line)"), "{err}");
+    let out = dir.path().join("t");
+    let out = out.to_string_lossy();
+    let (ok, err) = run(&["align", "--base", "tiny:0", "--out", &out, "--lr=-1"]);
+    assert!(!ok && err.contains("`--lr` (command line)"), "{err}");
+}

@@ -191,7 +191,6 @@ impl Train {
             ("vocab_chunk", config.vocab_chunk),
             ("checkpoint_every", config.checkpoint_every),
             ("mixed_refresh_every", config.mixed_refresh_every),
-            ("optim.accumulation", config.optim.accumulation),
             ("lat.steps", config.lat.steps),
             ("canary.batch_size", config.canary.batch_size),
             ("canary.harmful_sample", config.canary.harmful_sample),
@@ -233,7 +232,10 @@ impl Train {
                 Err(bad(key, format!("must be positive, got {v}")))
             }
         };
-        positive("optim.lr", config.optim.lr)?;
+        config
+            .optim
+            .check()
+            .map_err(|(key, reason)| bad(&format!("optim.{key}"), reason))?;
         positive("adv.beta", config.adv.beta)?;
         positive("align.beta", config.align.beta)?;
         positive("adv.kl_cap", config.adv.kl_cap)?;

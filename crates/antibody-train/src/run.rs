@@ -69,8 +69,8 @@ fn io(path: &Path, e: impl std::fmt::Display) -> RunError {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
-    antibody_base::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, bytes))
-        .map_err(|e| io(path, e))
+    antibody_base::atomic::write_bytes(path, bytes)
+        .map_err(|e| io(path, antibody_base::atomic::describe(&e)))
 }
 
 /// The environment a run ran in.
@@ -185,6 +185,9 @@ pub struct Limits {
     /// When resuming finds a run started with another configuration, start afresh (the
     /// pipeline's choice) instead of refusing.
     pub restart_if_changed: bool,
+    /// Without resuming: replace a run directory that holds a run started with another
+    /// configuration (refused otherwise).
+    pub force: bool,
 }
 
 /// The frozen and trained models of a run, checked against each other.
@@ -212,6 +215,8 @@ pub fn run<B: AutodiffBackend>(
     limits: Limits,
 ) -> Result<Option<RunSummary>, RunError> {
     let dir = &train.run_dir;
+    let _lock =
+        antibody_base::DirLock::acquire(dir, "antibody-train run").map_err(|e| io(dir, e))?;
     let resuming = open_run_dir::<B>(train, resume, limits, device_name)?;
     // Everything is checked before any training work.
     let data = read_data(train, data_dir)?;
@@ -298,6 +303,22 @@ fn open_run_dir<B: AutodiffBackend>(
                 .into());
         }
         return Ok(true);
+    }
+    // A directory that holds training (a checkpoint or a student) started under another
+    // configuration is not replaced unless asked; one whose run stopped before any step is.
+    let trained = checkpoint::exists(&dir.join("checkpoint")) || dir.join("student").exists();
+    if trained && before != resolved && !limits.force {
+        return Err(train
+            .error(
+                "(section)",
+                format!(
+                    "{} holds a run started with another configuration ({}); continue it with \
+                     --resume, choose another run directory, or replace it with --force",
+                    dir.display(),
+                    differences(&before, &resolved)
+                ),
+            )
+            .into());
     }
     write_atomic(&config_path, resolved.as_bytes())?;
     let config_dir = train.file.parent().unwrap_or(Path::new("."));
@@ -554,6 +575,54 @@ fn write_canaries(
         set.by_layer()
     );
     Ok(())
+}
+
+/// The keys whose values differ between two resolved sections (at most five named).
+fn differences(before: &str, now: &str) -> String {
+    fn flat(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flat(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_owned(), other.to_string());
+            }
+        }
+    }
+    let parse = |s: &str| {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(t) = toml::from_str::<toml::Table>(s) {
+            flat("", &toml::Value::Table(t), &mut out);
+        }
+        out
+    };
+    let (a, b) = (parse(before), parse(now));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let none = "(unset)".to_owned();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} -> {}",
+                a.get(k).unwrap_or(&none),
+                b.get(k).unwrap_or(&none)
+            )
+        })
+        .collect();
+    let shown = diffs.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    match diffs.len() {
+        0 => "unreadable config.toml".into(),
+        n if n > 5 => format!("{shown}, and {} more", n - 5),
+        _ => shown,
+    }
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), RunError> {

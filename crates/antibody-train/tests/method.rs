@@ -86,6 +86,10 @@ fn losses(run_dir: &Path) -> Vec<StepMetrics> {
         .collect()
 }
 
+fn sha256(path: &Path) -> String {
+    antibody_fetch::sha256_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 fn steps_logged(run_dir: &Path) -> usize {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .map(|t| t.lines().count())
@@ -181,6 +185,23 @@ fn one_seed_gives_one_run_and_the_run_moves_the_way_the_method_says() {
         student_bytes(&a) == student_bytes(&b),
         "same seed, other weights"
     );
+    // The same bytes, too: artefacts name models by their files' digests.
+    for f in [
+        "student/model.safetensors",
+        "student/config.json",
+        "student/tokenizer.json",
+        "student/tokenizer_config.json",
+        "teachers.json",
+        "canaries/cycle-0.json",
+        "canaries/cycle-0.parquet",
+        "config.toml",
+    ] {
+        assert_eq!(
+            sha256(&a.join(f)),
+            sha256(&b.join(f)),
+            "{f} differs between two identical runs"
+        );
+    }
     assert_ne!(losses(&a), losses(&c), "another seed, same run");
 
     // Every term the configuration asks for is recorded, and the canaries were in force.
@@ -348,4 +369,75 @@ fn bad_configuration_is_refused_before_any_work_naming_file_and_key() {
         !run_dir.join("checkpoint").exists(),
         "work started on an empty set"
     );
+}
+
+#[test]
+fn a_finished_run_is_not_replaced_silently_and_a_full_disk_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    let run_dir = dir.path().join("run");
+    let quick = ["cycles=1", "harmful_steps=1", "harmless_steps=1"];
+    run_in_process(&train_config(&quick, &run_dir), &data).expect("first run");
+    let student = sha256(&run_dir.join("student/model.safetensors"));
+
+    // Another learning rate into the same directory, without --resume: refused, naming
+    // the key that differs; the finished run is untouched.
+    let mut other = quick.to_vec();
+    other.push("optim.lr=2e-3");
+    let err = run_in_process(&train_config(&other, &run_dir), &data)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("another configuration")
+            && err.contains("optim.lr")
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(sha256(&run_dir.join("student/model.safetensors")), student);
+
+    // A value set by --set that fails a check is attributed to the --set.
+    let err = Train::load(&configs().join("smoke.toml"), &["optim.lr=-1".into()])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.starts_with("--set optim.lr=-1") && err.contains("train.optim.lr"),
+        "{err}"
+    );
+
+    // A full disk while checkpointing: the error says so and names the checkpoint; the
+    // finished run's checkpoint and student stay as they were.
+    let checkpoint = std::fs::read(run_dir.join("checkpoint/model.mpk")).expect("checkpoint");
+    let out = child(&data, &run_dir, true)
+        .args(quick.iter().flat_map(|o| ["--set", o]))
+        .env("ANTIBODY_FAULT_DISK_FULL", "checkpoint")
+        .output()
+        .expect("spawn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a full disk went unnoticed");
+    assert!(
+        stderr.contains("the disk is full") && stderr.contains("checkpoint"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(run_dir.join("checkpoint/model.mpk")).expect("checkpoint"),
+        checkpoint
+    );
+    assert_eq!(sha256(&run_dir.join("student/model.safetensors")), student);
+
+    // With --force the directory is replaced.
+    run::<CpuAutodiff>(
+        &train_config(&other, &run_dir),
+        &data,
+        &Default::default(),
+        "cpu",
+        false,
+        Limits {
+            force: true,
+            ..Limits::default()
+        },
+    )
+    .expect("forced");
+    assert_ne!(sha256(&run_dir.join("student/model.safetensors")), student);
 }

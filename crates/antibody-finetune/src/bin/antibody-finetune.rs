@@ -73,6 +73,11 @@ struct SftArgs {
     #[arg(long)]
     #[serde(skip)]
     resume: bool,
+    /// Without `--resume`: replace a run directory that holds a run started with other
+    /// arguments (refused otherwise).
+    #[arg(long)]
+    #[serde(skip)]
+    force: bool,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     #[serde(skip)]
@@ -130,7 +135,23 @@ fn sft(args: SftArgs) -> Result<()> {
         batch_size: args.batch_size,
         seed: args.seed,
     };
+    config.check_flags().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.run_dir)?;
+    let _lock = antibody_base::DirLock::acquire(&args.run_dir, "antibody-finetune sft")?;
+    let args_path = args.run_dir.join("args.json");
+    let resolved = serde_json::to_string_pretty(&args)?;
+    if !args.resume
+        && !args.force
+        && let Ok(before) = std::fs::read_to_string(&args_path)
+        && before != resolved
+    {
+        bail!(
+            "{}: holds a run started with other arguments ({}); continue it with --resume, \
+             choose another --run-dir, or replace it with --force",
+            args.run_dir.display(),
+            args_path.display()
+        );
+    }
     let checkpoint = args.run_dir.join("checkpoint");
     let metrics_path = args.run_dir.join("metrics.jsonl");
     let spec: ModelSpec = args.model.parse()?;
@@ -142,10 +163,7 @@ fn sft(args: SftArgs) -> Result<()> {
             tracing::info!("resuming at step {} of {}", run.state.step, config.steps);
             run
         } else {
-            write_atomic(
-                &args.run_dir.join("args.json"),
-                &serde_json::to_string_pretty(&args)?,
-            )?;
+            write_atomic(&args_path, &resolved)?;
             write_atomic(&metrics_path, "")?;
             SftRun::new(template, examples.len(), &config)
         };

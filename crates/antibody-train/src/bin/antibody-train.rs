@@ -241,6 +241,10 @@ struct RunArgs {
     /// being refused.
     #[arg(long)]
     restart_if_changed: bool,
+    /// Without `--resume`: replace a run directory that holds a run started with another
+    /// configuration (refused otherwise).
+    #[arg(long)]
+    force: bool,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -267,6 +271,7 @@ fn run(args: RunArgs) -> Result<()> {
             args.resume,
             antibody_train::run::Limits {
                 restart_if_changed: args.restart_if_changed,
+                force: args.force,
                 ..Default::default()
             },
         )?;
