@@ -201,19 +201,7 @@ pub fn build<B: Backend>(
     }
     let _lock = antibody_base::DirLock::acquire(&config.out_dir, "antibody-data build")?;
     let sources = load_sources(config, &options.cache)?;
-    let mut models = BTreeMap::new();
-    for (role, spec) in [
-        ("harmful", &config.harmful_model),
-        ("helpful", &config.helpful_model),
-    ] {
-        models.insert(
-            role.to_owned(),
-            ModelRecord {
-                spec: spec.to_string(),
-                identity: spec.identity()?,
-            },
-        );
-    }
+    let models = model_records(config)?;
     let config_hash = config.hash();
     let records: Vec<SourceRecord> = sources.iter().map(|(_, l)| l.record.clone()).collect();
     let inputs = inputs_hash(&config_hash, &records, &models);
@@ -311,6 +299,22 @@ pub fn build<B: Backend>(
         wall_time_s: 0.0,
     };
     write_build(&config.out_dir, sets, &mut ctx.dropped, manifest, started).map(Outcome::Built)
+}
+
+/// The answering models, named and identified by content.
+fn model_records(config: &Config) -> Result<BTreeMap<String, ModelRecord>> {
+    let mut models = BTreeMap::new();
+    for (role, spec) in [
+        ("harmful", &config.harmful_model),
+        ("helpful", &config.helpful_model),
+    ] {
+        let record = ModelRecord {
+            spec: spec.to_string(),
+            identity: spec.identity()?,
+        };
+        models.insert(role.to_owned(), record);
+    }
+    Ok(models)
 }
 
 /// Both answering models must share one tokenizer.
