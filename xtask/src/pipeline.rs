@@ -172,7 +172,7 @@ impl Pipeline {
 /// Writes `value` as pretty JSON to `path`, atomically (parent directories created).
 fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
     let bytes = serde_json::to_vec_pretty(value)?;
-    antibody_base::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, &bytes))
+    antibody_base::atomic::write_bytes(path, &bytes)
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -400,8 +400,9 @@ impl Pipeline {
                 .with_context(|| format!("removing {}", run_dir.display()))?;
         }
         a.extend(["--resume".into(), "--restart-if-changed".into()]);
-        std::fs::create_dir_all(self.dir.join("stages"))?;
-        std::fs::write(self.stamp_path("train-started"), &inputs)?;
+        let started = self.stamp_path("train-started");
+        antibody_base::atomic::write_bytes(&started, inputs.as_bytes())
+            .with_context(|| format!("writing {}", started.display()))?;
         self.run("antibody-train", &a)?;
         self.finish("train", &inputs)
     }

@@ -257,7 +257,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    antibody_base::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, bytes))
+    antibody_base::atomic::write_bytes(path, bytes)
         .with_context(|| format!("writing {}", path.display()))
 }
 

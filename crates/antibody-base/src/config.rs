@@ -12,6 +12,19 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+/// The command-line flags by which every stage's binary names its configuration:
+/// `--config FILE` (default `configs/default.toml`) and `--set SECTION.KEY=VALUE`, repeated
+/// (TOML values; a stage's own section may be left out of the key).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// The configuration file.
+    #[arg(long, default_value = "configs/default.toml")]
+    pub config: PathBuf,
+    /// Override a key: `--set train.lat.epsilon=2.0` (TOML values).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
 /// Where a configuration value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -182,8 +195,18 @@ pub fn load_section<T: DeserializeOwned>(
     name: &str,
     overrides: &[String],
 ) -> Result<T, ConfigError> {
-    let mut table = read_table(file)?;
-    let mut section = match table.remove(name) {
+    section(file, &read_table(file)?, name, overrides)
+}
+
+/// [`load_section`] on a table already read from `file` (a stage that reads several
+/// sections reads the file once).
+pub fn section<T: DeserializeOwned>(
+    file: &Path,
+    table: &toml::Table,
+    name: &str,
+    overrides: &[String],
+) -> Result<T, ConfigError> {
+    let mut section = match table.get(name).cloned() {
         Some(toml::Value::Table(t)) => t,
         Some(_) => return Err(ConfigError::new(file, name, "must be a table")),
         None => {

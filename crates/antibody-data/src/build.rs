@@ -165,19 +165,12 @@ fn changed_inputs(
     what.join(", ")
 }
 
-/// Whether `out_dir` holds a complete build from `inputs`.
-fn current(out_dir: &Path, inputs: &str) -> Option<Manifest> {
-    let manifest = Manifest::read(&out_dir.join(Manifest::FILE)).ok()?;
-    if manifest.inputs_hash != inputs {
-        return None;
-    }
-    for set in manifest.sets.values() {
-        let digest = antibody_fetch::sha256_file(out_dir.join(&set.file)).ok()?;
-        if digest != set.sha256 {
-            return None;
-        }
-    }
-    Some(manifest)
+/// Whether `manifest` (of `out_dir`) is a complete build from `inputs`.
+fn current(out_dir: &Path, manifest: &Manifest, inputs: &str) -> bool {
+    manifest.inputs_hash == inputs
+        && manifest.sets.values().all(|set| {
+            antibody_fetch::sha256_file(out_dir.join(&set.file)).is_ok_and(|d| d == set.sha256)
+        })
 }
 
 /// Builds the sets `config` describes into `config.out_dir` with models on `device`: the
@@ -205,23 +198,26 @@ pub fn build<B: Backend>(
     let config_hash = config.hash();
     let records: Vec<SourceRecord> = sources.iter().map(|(_, l)| l.record.clone()).collect();
     let inputs = inputs_hash(&config_hash, &records, &models);
+    let old = Manifest::read(&config.out_dir.join(Manifest::FILE)).ok();
     if !options.force
-        && let Some(manifest) = current(&config.out_dir, &inputs)
+        && let Some(manifest) = old
+            .as_ref()
+            .filter(|m| current(&config.out_dir, m, &inputs))
     {
         tracing::info!(
             "{}: up to date (inputs {})",
             config.out_dir.display(),
             &inputs[..12]
         );
-        return Ok(Outcome::UpToDate(manifest));
+        return Ok(Outcome::UpToDate(manifest.clone()));
     }
     if !(options.force || options.replace)
-        && let Ok(old) = Manifest::read(&config.out_dir.join(Manifest::FILE))
+        && let Some(old) = &old
         && old.inputs_hash != inputs
     {
         return Err(DataError::Replace {
             dir: config.out_dir.clone(),
-            what: changed_inputs(&old, &config_hash, &records, &models),
+            what: changed_inputs(old, &config_hash, &records, &models),
         });
     }
     let judge = KeywordJudge::from_config(&d.judge);

@@ -134,6 +134,7 @@ impl Manifest {
     pub fn write(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self)
             .map_err(|e| DataError::io("encode", path, std::io::Error::other(e)))?;
-        std::fs::write(path, json + "\n").map_err(|e| DataError::io("write", path, e))
+        antibody_base::atomic::write_new(path, (json + "\n").as_bytes())
+            .map_err(|e| DataError::io("write", path, e))
     }
 }

@@ -612,13 +612,11 @@ pub fn evaluate<B: AutodiffBackend>(
                 .and_then(|b| serde_json::from_slice::<ModelResult>(&b).ok())
                 .filter(|r| r.key == key)
         };
-        // `write_with` creates the parent directories.
+        // `write_bytes` creates the parent directories.
         let write = |p: &Path, r: &ModelResult| -> Result<(), EvalError> {
             let bytes = serde_json::to_vec_pretty(r).map_err(|e| io(p, e))?;
-            antibody_base::atomic::write_with::<std::io::Error>(p, |tmp| {
-                std::fs::write(tmp, &bytes)
-            })
-            .map_err(|e| io(p, e))
+            antibody_base::atomic::write_bytes(p, &bytes)
+                .map_err(|e| io(p, antibody_base::atomic::describe(&e)))
         };
         let result = if let Some(r) = read(&path) {
             tracing::info!("{name}: result is current ({}), skipped", path.display());

@@ -21,12 +21,9 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct Args {
-    /// The configuration file (its `[eval]` and `[data]` sections).
-    #[arg(long, default_value = "configs/default.toml")]
-    config: PathBuf,
-    /// Override an `[eval]` key: `--set max_new_tokens=32` (TOML values).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    /// `--config FILE`, `--set SECTION.KEY=VALUE`.
+    #[command(flatten)]
+    cfg: antibody_base::config::ConfigArgs,
     /// The data build (default: the configuration's `[data] out_dir`).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -45,7 +42,7 @@ enum Command {
 }
 
 fn load(args: &Args) -> Result<Eval> {
-    let mut eval = Eval::load(&args.config, &args.overrides)?;
+    let mut eval = Eval::load(&args.cfg.config, &args.cfg.overrides)?;
     if let Some(out) = &args.out {
         eval.out_dir.clone_from(out);
     }
@@ -59,7 +56,7 @@ fn main() -> Result<()> {
             let eval = load(&args)?;
             let data = match &args.data {
                 Some(d) => d.clone(),
-                None => antibody_data::Config::load(&args.config, &[])?.out_dir,
+                None => antibody_data::Config::load(&args.cfg.config, &[])?.out_dir,
             };
             let results = with_backend!(args.device, autodiff, |B, device| {
                 Ok::<_, anyhow::Error>(evaluate::<B>(&eval, &data, &device)?)

@@ -41,7 +41,7 @@ pub enum FinetuneError {
     #[error("`{key}`: {reason}")]
     Setting {
         /// The setting (`batch_size`, `optim.accumulation`).
-        key: &'static str,
+        key: String,
         /// What is wrong.
         reason: String,
     },

@@ -42,28 +42,20 @@ impl FinetuneConfig {
         self.optim
             .check()
             .map_err(|(key, reason)| FinetuneError::Setting {
-                key: match key {
-                    "lr" => "optim.lr",
-                    "eps" => "optim.eps",
-                    "max_grad_norm" => "optim.max_grad_norm",
-                    "weight_decay" => "optim.weight_decay",
-                    "min_lr_ratio" => "optim.min_lr_ratio",
-                    "betas" => "optim.betas",
-                    _ => "optim.accumulation",
-                },
+                key: format!("optim.{key}"),
                 reason,
             })?;
         for (key, v) in [("steps", self.steps), ("batch_size", self.batch_size)] {
             if v == 0 {
                 return Err(FinetuneError::Setting {
-                    key,
+                    key: key.into(),
                     reason: "must be at least 1".into(),
                 });
             }
         }
         if self.optim.accumulation > self.batch_size {
             return Err(FinetuneError::Setting {
-                key: "optim.accumulation",
+                key: "optim.accumulation".into(),
                 reason: format!(
                     "{} micro-batches cannot split a batch of {}",
                     self.optim.accumulation, self.batch_size
@@ -78,7 +70,7 @@ impl FinetuneConfig {
     pub fn check_flags(&self) -> Result<(), String> {
         self.check().map_err(|e| match e {
             FinetuneError::Setting { key, reason } => {
-                let flag = match key {
+                let flag = match key.as_str() {
                     "optim.lr" => "--lr",
                     "optim.max_grad_norm" => "--max-grad-norm",
                     "optim.accumulation" => "--accumulation",
@@ -221,7 +213,7 @@ impl<B: AutodiffBackend> SftRun<B> {
         config.check()?;
         if examples.len() != self.state.examples {
             return Err(FinetuneError::Setting {
-                key: "examples",
+                key: "examples".into(),
                 reason: format!(
                     "the run was started on {} examples, not {}",
                     self.state.examples,

@@ -14,18 +14,22 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 
 const STEPS: usize = 12;
 
-fn train(data: &Path, run_dir: &Path, resume: bool) -> Command {
+/// `antibody-finetune sft` of the tiny model on the smoke data's `(x, y_h)`.
+fn sft_command(data: &Path, run_dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_antibody-finetune"));
+    c.args(["sft", "--set", "harmful_train", "--response", "y_h"])
+        .args(["--model", "tiny:0"])
+        .arg("--data")
+        .arg(data)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+fn train(data: &Path, run_dir: &Path, resume: bool) -> Command {
+    let mut c = sft_command(data, run_dir);
     c.args([
-        "sft",
-        "--set",
-        "harmful_train",
-        "--response",
-        "y_h",
-        "--model",
-        "tiny:0",
-    ])
-    .args([
         "--steps",
         &STEPS.to_string(),
         "--batch-size",
@@ -43,12 +47,7 @@ fn train(data: &Path, run_dir: &Path, resume: bool) -> Command {
         "--seed",
         "3",
     ])
-    .args(["--checkpoint-every", "1"])
-    .arg("--data")
-    .arg(data)
-    .arg("--run-dir")
-    .arg(run_dir)
-    .env("RUST_LOG", "warn");
+    .args(["--checkpoint-every", "1"]);
     if resume {
         c.arg("--resume");
     }
@@ -125,22 +124,8 @@ fn sigkill_then_resume_equals_an_uninterrupted_run() {
 
 /// `antibody-finetune sft` on the smoke data with `args` (steps, lr, ...).
 fn sft(data: &Path, run_dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_antibody-finetune"))
-        .args([
-            "sft",
-            "--set",
-            "harmful_train",
-            "--response",
-            "y_h",
-            "--model",
-            "tiny:0",
-        ])
-        .arg("--data")
-        .arg(data)
-        .arg("--run-dir")
-        .arg(run_dir)
+    let out = sft_command(data, run_dir)
         .args(args)
-        .env("RUST_LOG", "warn")
         .output()
         .expect("spawn");
     (

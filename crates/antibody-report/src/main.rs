@@ -13,12 +13,9 @@ use clap::Parser;
     about = "antibody's report: verdict, table and plots of an evaluation"
 )]
 struct Cli {
-    /// The configuration file (its `[eval]` section).
-    #[arg(long, default_value = "configs/default.toml")]
-    config: PathBuf,
-    /// Override an `[eval]` key: `--set eval.out_dir=...` (TOML values).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    /// `--config FILE`, `--set SECTION.KEY=VALUE`.
+    #[command(flatten)]
+    cfg: antibody_base::config::ConfigArgs,
     /// Where the results are and the report goes (default: `eval.out_dir`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -27,14 +24,14 @@ struct Cli {
 fn main() -> Result<()> {
     antibody_base::logging::init();
     let cli = Cli::parse();
-    let mut eval = Eval::load(&cli.config, &cli.overrides)?;
+    let mut eval = Eval::load(&cli.cfg.config, &cli.cfg.overrides)?;
     if let Some(out) = cli.out {
         eval.out_dir = out;
     }
     let results = antibody_report::read_results(&eval)?;
     let path = antibody_report::write(
         &eval.out_dir,
-        &cli.config,
+        &cli.cfg.config,
         &results,
         eval.train_run.as_deref(),
     )?;

@@ -102,9 +102,18 @@ impl Teachers {
             .filter(|o| !o.starts_with("train.") && !o.starts_with("data."))
             .cloned()
             .collect();
-        let config: TeacherConfig = antibody_base::load_section(file, "teacher", &own)?;
-        let train: TrainModels = section_keys(file, "train", overrides)?;
-        let data: DataDir = section_keys(file, "data", overrides)?;
+        let of = |prefix: &str| -> Vec<String> {
+            overrides
+                .iter()
+                .filter(|o| o.starts_with(prefix))
+                .cloned()
+                .collect()
+        };
+        let table = antibody_base::config::read_table(file)?;
+        use antibody_base::config::section;
+        let config: TeacherConfig = section(file, &table, "teacher", &own)?;
+        let train: TrainModels = section(file, &table, "train", &of("train."))?;
+        let data: DataDir = section(file, &table, "data", &of("data."))?;
         let dir = file.parent().unwrap_or(Path::new("."));
         let model = |key: &str, s: &str| -> Result<ModelSpec, ConfigError> {
             s.parse::<ModelSpec>()
@@ -161,26 +170,6 @@ impl Teachers {
             ..CheckConfig::default()
         }
     }
-}
-
-/// A few keys of another stage's section (that stage checks the rest).
-fn section_keys<T: serde::de::DeserializeOwned>(
-    file: &Path,
-    name: &str,
-    overrides: &[String],
-) -> Result<T, ConfigError> {
-    let prefix = format!("{name}.");
-    let own: Vec<String> = overrides
-        .iter()
-        .filter(|o| o.starts_with(&prefix))
-        .cloned()
-        .collect();
-    let table = antibody_base::config::read_with_overrides(file, &own)?;
-    let section = table
-        .get(name)
-        .cloned()
-        .ok_or_else(|| ConfigError::new(file, name, format!("missing section `[{name}]`")))?;
-    antibody_base::config::deserialize(file, name, section)
 }
 
 /// Thresholds of the check.

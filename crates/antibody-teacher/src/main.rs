@@ -93,13 +93,9 @@ struct MakeArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The configuration file (its `[teacher]` section; `train.student`,
-    /// `train.harmful_teacher`, `train.benign_teacher` and `data.out_dir`).
-    #[arg(long, default_value = "configs/default.toml")]
-    config: PathBuf,
-    /// Override a key: `--set teacher.break_steps=20` (also `train.*`, `data.out_dir`).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    overrides: Vec<String>,
+    /// `--config FILE`, `--set SECTION.KEY=VALUE`.
+    #[command(flatten)]
+    cfg: antibody_base::config::ConfigArgs,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -173,7 +169,7 @@ fn main() -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let t = Teachers::load(&args.config, &args.overrides)?;
+    let t = Teachers::load(&args.cfg.config, &args.cfg.overrides)?;
     let c = &t.config;
     let student = t.student.to_string();
     let harmful_out = t.harmful.path().map(std::path::Path::to_path_buf);

@@ -85,7 +85,7 @@ struct SftArgs {
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    antibody_base::atomic::write_with::<std::io::Error>(path, |tmp| std::fs::write(tmp, text))
+    antibody_base::atomic::write_bytes(path, text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
 }
 

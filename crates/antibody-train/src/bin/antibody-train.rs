@@ -222,12 +222,9 @@ fn bench_config(args: &BenchArgs, harmful: bool) -> Result<antibody_train::confi
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// The configuration file (its `[train]` and `[data]` sections).
-    #[arg(long, default_value = "configs/default.toml")]
-    config: PathBuf,
-    /// Override a `[train]` key: `--set lat.epsilon=2.0` (TOML values).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    /// `--config FILE`, `--set SECTION.KEY=VALUE`.
+    #[command(flatten)]
+    cfg: antibody_base::config::ConfigArgs,
     /// The data build (default: the configuration's `[data] out_dir`).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -251,7 +248,7 @@ struct RunArgs {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let mut train = antibody_train::config::Train::load(&args.config, &args.overrides)?;
+    let mut train = antibody_train::config::Train::load(&args.cfg.config, &args.cfg.overrides)?;
     if let Some(dir) = &args.run_dir {
         train.run_dir.clone_from(dir);
     }
@@ -259,7 +256,7 @@ fn run(args: RunArgs) -> Result<()> {
         .with_context(|| format!("{}: train.log", train.run_dir.display()))?;
     let data_dir = match &args.data {
         Some(d) => d.clone(),
-        None => antibody_data::Config::load(&args.config, &[])?.out_dir,
+        None => antibody_data::Config::load(&args.cfg.config, &[])?.out_dir,
     };
     let name = args.device.to_string();
     with_backend!(args.device, autodiff, |B, device| {
