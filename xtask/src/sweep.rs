@@ -269,27 +269,27 @@ fn pct(v: &serde_json::Value) -> String {
 
 /// One row of the table from a model's entry in `report.json`.
 fn row(label: &str, set: &str, m: &serde_json::Value, attacks: &[String]) -> Vec<String> {
-    let mut cells = vec![label.to_owned(), set.to_owned(), pct(&m["hs"])];
+    let mut cells = vec![
+        label.to_owned(),
+        set.to_owned(),
+        pct(&m["harmful"]["complied"]),
+    ];
     for a in attacks {
         let hit = m["attacks"].as_array().and_then(|xs| {
             xs.iter()
                 .find(|x| x["attack"]["name"].as_str() == Some(a.as_str()))
         });
-        cells.push(hit.map_or("—".into(), |x| pct(&x["hs"])));
+        cells.push(hit.map_or("—".into(), |x| pct(&x["harmful"]["complied"])));
     }
     cells.push(pct(&m["fa"]));
-    cells.push(pct(&m["over_refusal_lookalike"]));
-    cells.push(pct(&m["over_refusal_harmless"]));
+    cells.push(pct(&m["lookalike"]["refused"]));
+    cells.push(pct(&m["harmless"]["refused"]));
     cells.push(
         m["perplexity"]
             .as_f64()
             .map_or("—".into(), |p| format!("{p:.2}")),
     );
-    cells.push(
-        m["dpo_win_rate"]
-            .as_f64()
-            .map_or("—".into(), |p| format!("{:.1}%", 100.0 * p)),
-    );
+    cells.push(pct(&m["dpo_win_rate"]));
     cells
 }
 

@@ -49,13 +49,19 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
     );
     let unit = |v: &serde_json::Value| v.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x));
     for m in models {
-        assert!(unit(&m["hs"]["rate"]), "{m}");
-        assert!(m["hs"]["n"].as_u64() == Some(8), "{m}");
+        let hs = &m["harmful"]["complied"];
+        assert!(unit(&hs["rate"]) && hs["n"].as_u64() == Some(8), "{m}");
+        assert!(unit(&hs["lo"]) && unit(&hs["hi"]), "{m}");
         let attacks = m["attacks"].as_array().expect("attacks");
         assert_eq!(attacks.len(), 2);
-        assert!(attacks.iter().all(|a| unit(&a["hs"]["rate"])), "{m}");
+        assert!(
+            attacks
+                .iter()
+                .all(|a| unit(&a["harmful"]["complied"]["rate"])),
+            "{m}"
+        );
         assert!(unit(&m["fa"]["rate"]), "{m}");
-        assert!(unit(&m["over_refusal_lookalike"]["rate"]), "{m}");
+        assert!(unit(&m["lookalike"]["refused"]["rate"]), "{m}");
         assert!(
             m["perplexity"]
                 .as_f64()

@@ -64,7 +64,9 @@ note = "fails: the tiny model has 2 layers"
         model.ends_with("runs/smoke-sweep/fast/train/student"),
         "{model}"
     );
-    let hs = fast["result"]["hs"]["rate"].as_f64().expect("hs");
+    let hs = fast["result"]["harmful"]["complied"]["rate"]
+        .as_f64()
+        .expect("hs");
     assert!((0.0..=1.0).contains(&hs), "{hs}");
     assert!(results.join("fast/train/metrics.parquet").is_file());
     assert!(results.join("fast/eval/report.md").is_file());

@@ -18,6 +18,7 @@ pub mod lock;
 pub mod logging;
 mod model_spec;
 pub mod progress;
+pub mod stats;
 
 pub use config::{ConfigError, load_section};
 pub use example::Example;

@@ -102,6 +102,7 @@ fn load_sources(
             sha256: located.sha256,
             rows: rows.len(),
             duplicates: 0,
+            paraphrases: 0,
         };
         out.push((
             s.config.clone(),
@@ -274,7 +275,22 @@ pub fn build<B: Backend>(
         options,
         d.seed,
     )?;
-    sets.extend(task_sets(&mut ctx, d.seed, d.task.train, d.task.test)?);
+    let task_rows: Vec<(String, String, String)> = sources
+        .iter()
+        .filter(|(c, _)| c.kind == crate::config::SourceKind::Task)
+        .flat_map(|(_, l)| {
+            l.rows
+                .iter()
+                .map(|r| (r.id.clone(), r.category.clone(), r.text.clone()))
+        })
+        .collect();
+    sets.extend(task_sets(
+        &mut ctx,
+        d.seed,
+        &task_rows,
+        d.task.train,
+        d.task.test,
+    )?);
     check_no_leak(&sets)?;
     check_nonempty(&sets, &ctx.dropped)?;
     let manifest = Manifest {
@@ -334,7 +350,12 @@ fn check_nonempty(
     sets: &BTreeMap<SetKind, Vec<Record>>,
     dropped: &BTreeMap<SetKind, BTreeMap<String, usize>>,
 ) -> Result<()> {
-    for kind in SetKind::ALL {
+    // The look-alikes' training half exists only where a look-alike source has the
+    // training role.
+    for kind in SetKind::ALL
+        .into_iter()
+        .filter(|&k| k != SetKind::LookalikeTrain)
+    {
         if sets.get(&kind).map_or(0, Vec::len) == 0 {
             let dropped = dropped.get(&kind).cloned().unwrap_or_default();
             return Err(DataError::EmptySet {
@@ -402,6 +423,7 @@ fn pools(
     let pools = split(&prompt_sources, &d.split, d.seed);
     for r in &mut records {
         r.duplicates = pools.duplicates.get(&r.name).copied().unwrap_or(0);
+        r.paraphrases = pools.paraphrases.get(&r.name).copied().unwrap_or(0);
     }
     let lim = &d.limits;
     let capped = |rows: Vec<Row>, n: usize, name: &str| cap(rows, n, d.seed, name);
@@ -412,6 +434,12 @@ fn pools(
         harmless_train: capped(pools.harmless_train, lim.harmless_train, "harmless_train"),
         harmless_eval: capped(pools.harmless_eval, lim.harmless_eval, "harmless_eval"),
         lookalike_eval: capped(pools.lookalike_eval, lim.lookalike_eval, "lookalike_eval"),
+        lookalike_train: capped(
+            pools.lookalike_train,
+            lim.lookalike_train,
+            "lookalike_train",
+        ),
+        paraphrases: pools.paraphrases,
         duplicates: pools.duplicates,
     };
     (pools, records)
@@ -475,6 +503,7 @@ fn answer_sets<B: Backend>(
     for (kind, rows) in [
         (SetKind::HarmfulEval, pools.harmful_eval),
         (SetKind::LookalikeEval, pools.lookalike_eval),
+        (SetKind::LookalikeTrain, pools.lookalike_train),
     ] {
         let mut out = Vec::new();
         for (_, rec) in ctx.prompts(kind, &rows)? {
@@ -489,10 +518,15 @@ fn answer_sets<B: Backend>(
 fn task_sets(
     ctx: &mut Ctx<'_>,
     seed: u64,
+    labelled: &[(String, String, String)],
     n_train: usize,
     n_test: usize,
 ) -> Result<BTreeMap<SetKind, Vec<Record>>> {
-    let (train, test) = task::problems(seed, n_train, n_test);
+    let (train, test) = if labelled.is_empty() {
+        task::problems(seed, n_train, n_test)
+    } else {
+        task::labelled_problems(labelled, seed, n_train, n_test)
+    };
     let mut sets = BTreeMap::new();
     for (kind, problems, split_name) in [
         (SetKind::TaskTrain, train, "train"),
@@ -506,10 +540,10 @@ fn task_sets(
                 id: p.id,
                 source: "task".into(),
                 split: split_name.into(),
-                category: p.template.into(),
+                category: p.template,
                 prompt: p.prompt,
                 prompt_ids,
-                answer: Some(p.answer.to_string()),
+                answer: Some(p.answer),
                 responses: BTreeMap::from([("y".to_owned(), y)]),
             };
             ctx.keep(kind, rec, &mut out);

@@ -66,6 +66,19 @@ pub struct SplitConfig {
     pub harmful_attack: f64,
     /// Fraction of harmless prompts held out for evaluation.
     pub harmless_eval: f64,
+    /// Fraction of look-alike groups (templates) held out for evaluation, for look-alike
+    /// sources of the training role.
+    #[serde(default = "half")]
+    pub lookalike_eval: f64,
+    /// Training-role prompts whose content words overlap an evaluation prompt's by at least
+    /// this share (overlap coefficient, [`crate::split::overlap`]) are dropped as paraphrases
+    /// of it (1 = only exact duplicates).
+    #[serde(default = "half")]
+    pub max_overlap: f64,
+}
+
+fn half() -> f64 {
+    0.5
 }
 
 impl Default for SplitConfig {
@@ -74,6 +87,8 @@ impl Default for SplitConfig {
             harmful_eval: 0.1,
             harmful_attack: 0.2,
             harmless_eval: 0.2,
+            lookalike_eval: 0.5,
+            max_overlap: 0.5,
         }
     }
 }
@@ -100,6 +115,9 @@ pub struct Limits {
     /// `lookalike_eval` prompts.
     #[serde(default)]
     pub lookalike_eval: usize,
+    /// `lookalike_train` prompts.
+    #[serde(default)]
+    pub lookalike_train: usize,
 }
 
 /// Which models write the responses, and the decoding settings (greedy).
@@ -121,7 +139,8 @@ fn default_batch() -> usize {
     32
 }
 
-/// The downstream task: arithmetic word problems with exact answers.
+/// The downstream task's size: topic classification when a source of kind `task` is enabled,
+/// else arithmetic word problems with exact answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
@@ -148,12 +167,15 @@ pub enum SourceKind {
     Harmful,
     /// Ordinary benign requests.
     Harmless,
-    /// Benign requests that only sound unsafe (over-refusal evaluation; never trained on).
+    /// Benign requests that only sound unsafe: over-refusal evaluation, and (training role,
+    /// split by group) a training half the method's harmless phase may read.
     Lookalike,
     /// Refusal phrasings: `y_ref`.
     Refusal,
     /// Unnecessary refusals of benign requests: `y_r`.
     UnnecessaryRefusal,
+    /// Labelled sentences of the downstream task (`category_field` holds the label).
+    Task,
 }
 
 /// Whether a prompt source may feed training.
@@ -174,6 +196,8 @@ pub enum Format {
     Lines,
     /// One JSON object per line; the text is in `field`.
     Jsonl,
+    /// Comma-separated values with a header row (RFC 4180); the text is in column `field`.
+    Csv,
 }
 
 /// One entry of the sources table.
@@ -195,9 +219,16 @@ pub struct SourceConfig {
     /// JSONL: the field holding a stable row id (default: `<name>-<line>`).
     #[serde(default)]
     pub id_field: Option<String>,
-    /// JSONL: the field holding a category (kept in the `category` column).
+    /// JSONL/CSV: the field holding a category (kept in the `category` column).
     #[serde(default)]
     pub category_field: Option<String>,
+    /// JSONL/CSV: the field holding a group (a template): rows of one group are split
+    /// together, so a training and an evaluation slice share no group.
+    #[serde(default)]
+    pub group_field: Option<String>,
+    /// JSONL/CSV: keep only rows whose field equals the value, as `["field", "value"]`.
+    #[serde(default)]
+    pub only: Option<(String, String)>,
     /// Set to false to keep an entry in the table without using it.
     #[serde(default = "default_true")]
     pub enabled: bool,
@@ -239,7 +270,7 @@ impl SourceConfig {
     /// The JSONL text field, with its default.
     pub fn text_field(&self) -> &str {
         self.field.as_deref().unwrap_or(match self.kind {
-            SourceKind::Refusal | SourceKind::UnnecessaryRefusal => "text",
+            SourceKind::Refusal | SourceKind::UnnecessaryRefusal | SourceKind::Task => "text",
             _ => "prompt",
         })
     }
@@ -502,19 +533,29 @@ fn resolve_source(s: SourceConfig, file: &Path, dir: &Path, key: String) -> Resu
             ("field", &s.field),
             ("id_field", &s.id_field),
             ("category_field", &s.category_field),
+            ("group_field", &s.group_field),
         ]
         .into_iter()
         .find(|(_, v)| v.is_some())
     {
-        return Err(err(field, "only JSONL sources have fields".into()));
+        return Err(err(field, "only JSONL and CSV sources have fields".into()));
+    }
+    if s.format == Format::Lines && s.only.is_some() {
+        return Err(err("only", "only JSONL and CSV sources have fields".into()));
+    }
+    if s.kind == SourceKind::Task && s.category_field.is_none() {
+        return Err(err(
+            "category_field",
+            "a task source needs the field holding each sentence's label".into(),
+        ));
     }
     if !s.is_prompt_source() && s.role.is_some() {
         return Err(err("role", "only prompt sources have a role".into()));
     }
-    if s.kind == SourceKind::Lookalike && s.role == Some(Role::Train) {
+    if s.kind == SourceKind::Lookalike && s.role == Some(Role::Train) && s.group_field.is_none() {
         return Err(err(
-            "role",
-            "look-alike prompts are for over-refusal evaluation and are never trained on".into(),
+            "group_field",
+            "look-alikes split into training and evaluation halves need a group (template) field, so the halves share no template".into(),
         ));
     }
     Ok(Source {

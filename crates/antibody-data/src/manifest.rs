@@ -76,6 +76,10 @@ pub struct SourceRecord {
     pub rows: usize,
     /// Rows dropped as duplicates of earlier rows (normalized text).
     pub duplicates: usize,
+    /// Training-role rows dropped as paraphrases of an evaluation prompt (content-word
+    /// overlap at least `data.split.max_overlap`).
+    #[serde(default)]
+    pub paraphrases: usize,
 }
 
 /// Phrasings kept and rejected.

@@ -17,6 +17,8 @@ pub struct Row {
     pub source: String,
     /// Category, if the source has one (else empty).
     pub category: String,
+    /// Group (template), if the source has one: rows of one group land in one slice.
+    pub group: String,
     /// The prompt or phrasing, trimmed.
     pub text: String,
 }
@@ -67,62 +69,52 @@ pub fn read_rows(source: &Source, path: &Path) -> Result<Vec<Row>> {
     let c = &source.config;
     let mut rows = Vec::new();
     let mut ids = BTreeSet::new();
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.trim();
-        if line.is_empty() {
+    for (line_no, fields) in records(c.format, path, &text)? {
+        let field = |name: &str, required: bool| -> Result<Option<String>> {
+            match fields.get(name) {
+                None if required => Err(DataError::row(path, line_no, Some(name), "missing")),
+                None => Ok(None),
+                Some(Field::Text(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
+                Some(Field::Text(_)) if !required => Ok(None),
+                Some(Field::Text(_)) => {
+                    Err(DataError::row(path, line_no, Some(name), "empty string"))
+                }
+                Some(Field::Other(t)) => Err(DataError::row(
+                    path,
+                    line_no,
+                    Some(name),
+                    format!("expected a string, found {t}"),
+                )),
+            }
+        };
+        if let Some((f, want)) = &c.only
+            && field(f, true)?.as_deref() != Some(want.as_str())
+        {
             continue;
         }
-        let row = match c.format {
-            Format::Lines => Row {
-                id: format!("{}-{line_no:04}", c.name),
-                source: c.name.clone(),
-                category: String::new(),
-                text: line.to_owned(),
-            },
-            Format::Jsonl => {
-                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                    DataError::row(path, line_no, None, format!("not valid JSON: {e}"))
-                })?;
-                let obj = value
-                    .as_object()
-                    .ok_or_else(|| DataError::row(path, line_no, None, "expected a JSON object"))?;
-                let field = |name: &str, required: bool| -> Result<Option<String>> {
-                    match obj.get(name) {
-                        None if required => {
-                            Err(DataError::row(path, line_no, Some(name), "missing"))
-                        }
-                        None => Ok(None),
-                        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {
-                            Ok(Some(s.trim().to_owned()))
-                        }
-                        Some(serde_json::Value::String(_)) => {
-                            Err(DataError::row(path, line_no, Some(name), "empty string"))
-                        }
-                        Some(other) => Err(DataError::row(
-                            path,
-                            line_no,
-                            Some(name),
-                            format!("expected a string, found {}", json_type(other)),
-                        )),
-                    }
-                };
-                let text = field(c.text_field(), true)?.unwrap_or_default();
-                let id = match &c.id_field {
-                    Some(f) => field(f, true)?.unwrap_or_default(),
-                    None => format!("{}-{line_no:04}", c.name),
-                };
-                let category = match &c.category_field {
-                    Some(f) => field(f, true)?.unwrap_or_default(),
-                    None => String::new(),
-                };
-                Row {
-                    id,
-                    source: c.name.clone(),
-                    category,
-                    text,
-                }
+        // A lines file's one field is the whole line.
+        let text_field = if c.format == Format::Lines {
+            ""
+        } else {
+            c.text_field()
+        };
+        let text = field(text_field, true)?.unwrap_or_default();
+        let id = match &c.id_field {
+            Some(f) => field(f, true)?.unwrap_or_default(),
+            None => format!("{}-{line_no:04}", c.name),
+        };
+        let optional = |f: &Option<String>| -> Result<String> {
+            match f {
+                Some(f) => Ok(field(f, true)?.unwrap_or_default()),
+                None => Ok(String::new()),
             }
+        };
+        let row = Row {
+            id,
+            source: c.name.clone(),
+            category: optional(&c.category_field)?,
+            group: optional(&c.group_field)?,
+            text,
         };
         if !ids.insert(row.id.clone()) {
             return Err(DataError::row(
@@ -137,6 +129,134 @@ pub fn read_rows(source: &Source, path: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// A field of a record: text, or a JSON value of another type (named for errors).
+enum Field {
+    Text(String),
+    Other(&'static str),
+}
+
+/// The records of a file with the line each starts on: one text field `""` per line
+/// (lines), one field per key (JSONL), one field per header column (CSV).
+fn records(
+    format: Format,
+    path: &Path,
+    text: &str,
+) -> Result<Vec<(usize, std::collections::HashMap<String, Field>)>> {
+    let mut out = Vec::new();
+    match format {
+        Format::Lines | Format::Jsonl => {
+            for (i, line) in text.lines().enumerate() {
+                let line_no = i + 1;
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let fields = if format == Format::Lines {
+                    [(String::new(), Field::Text(line.to_owned()))].into()
+                } else {
+                    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                        DataError::row(path, line_no, None, format!("not valid JSON: {e}"))
+                    })?;
+                    let serde_json::Value::Object(obj) = value else {
+                        return Err(DataError::row(
+                            path,
+                            line_no,
+                            None,
+                            "expected a JSON object",
+                        ));
+                    };
+                    obj.into_iter()
+                        .map(|(k, v)| {
+                            let f = match v {
+                                serde_json::Value::String(s) => Field::Text(s),
+                                other => Field::Other(json_type(&other)),
+                            };
+                            (k, f)
+                        })
+                        .collect()
+                };
+                out.push((line_no, fields));
+            }
+        }
+        Format::Csv => {
+            let mut rows =
+                csv_rows(text).map_err(|(line, why)| DataError::row(path, line, None, why))?;
+            if rows.is_empty() {
+                return Ok(out);
+            }
+            let (_, header) = rows.remove(0);
+            for (line_no, cells) in rows {
+                if cells.len() == 1 && cells[0].trim().is_empty() {
+                    continue;
+                }
+                if cells.len() != header.len() {
+                    return Err(DataError::row(
+                        path,
+                        line_no,
+                        None,
+                        format!("{} cells, the header has {}", cells.len(), header.len()),
+                    ));
+                }
+                let fields = header
+                    .iter()
+                    .cloned()
+                    .zip(cells.into_iter().map(Field::Text))
+                    .collect();
+                out.push((line_no, fields));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// RFC 4180 CSV: comma-separated cells, double-quoted cells may hold commas, line breaks and
+/// doubled quotes. Returns each record with the line it starts on.
+pub fn csv_rows(text: &str) -> std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)> {
+    let mut out = Vec::new();
+    let (mut cells, mut cell) = (Vec::new(), String::new());
+    let (mut line, mut start) = (1usize, 1usize);
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if quoted {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    cell.push('"');
+                }
+                '"' => quoted = false,
+                '\n' => {
+                    line += 1;
+                    cell.push(c);
+                }
+                _ => cell.push(c),
+            }
+            continue;
+        }
+        match c {
+            '"' if cell.is_empty() => quoted = true,
+            '"' => return Err((line, "a quote inside an unquoted cell".into())),
+            ',' => cells.push(std::mem::take(&mut cell)),
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\n' => {
+                cells.push(std::mem::take(&mut cell));
+                out.push((start, std::mem::take(&mut cells)));
+                line += 1;
+                start = line;
+            }
+            _ => cell.push(c),
+        }
+    }
+    if quoted {
+        return Err((start, "a quoted cell is not closed".into()));
+    }
+    if !cell.is_empty() || !cells.is_empty() {
+        cells.push(cell);
+        out.push((start, cells));
+    }
+    Ok(out)
+}
+
 pub(crate) fn json_type(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
@@ -145,5 +265,28 @@ pub(crate) fn json_type(v: &serde_json::Value) -> &'static str {
         serde_json::Value::String(_) => "a string",
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_quotes_and_line_breaks() {
+        let text = "a,b,c\n\"x, y\",\"say \"\"hi\"\"\",z\n\"two\nlines\",,w\r\nlast,1,2";
+        let rows = csv_rows(text).expect("valid CSV");
+        assert_eq!(rows.len(), 4);
+        assert_eq!(
+            rows[1],
+            (2, vec!["x, y".into(), "say \"hi\"".into(), "z".into()])
+        );
+        assert_eq!(
+            rows[2],
+            (3, vec!["two\nlines".into(), String::new(), "w".into()])
+        );
+        assert_eq!(rows[3].0, 5, "the line a record starts on");
+        assert_eq!(csv_rows("a,\"open\n").err().map(|e| e.0), Some(1));
+        assert!(csv_rows("a,b\"c\n").is_err());
     }
 }

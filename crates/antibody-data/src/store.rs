@@ -49,6 +49,9 @@ pub enum SetKind {
     HarmlessEval,
     /// Benign look-alike prompts (over-refusal only).
     LookalikeEval,
+    /// The training half of the look-alikes (split by template from the evaluation half; the
+    /// method's harmless phase may read it; empty when the look-alikes are evaluation-only).
+    LookalikeTrain,
     /// Downstream task, training problems (`y` = target answer).
     TaskTrain,
     /// Downstream task, test problems.
@@ -57,13 +60,14 @@ pub enum SetKind {
 
 impl SetKind {
     /// Every set, in build order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::HarmfulTrain,
         Self::HarmfulAttack,
         Self::HarmfulEval,
         Self::HarmlessTrain,
         Self::HarmlessEval,
         Self::LookalikeEval,
+        Self::LookalikeTrain,
         Self::TaskTrain,
         Self::TaskTest,
     ];
@@ -77,6 +81,7 @@ impl SetKind {
             Self::HarmlessTrain => "harmless_train",
             Self::HarmlessEval => "harmless_eval",
             Self::LookalikeEval => "lookalike_eval",
+            Self::LookalikeTrain => "lookalike_train",
             Self::TaskTrain => "task_train",
             Self::TaskTest => "task_test",
         }
@@ -99,7 +104,7 @@ impl SetKind {
             Self::HarmfulAttack => &["y_h"],
             Self::HarmlessTrain | Self::HarmlessEval => &["y_c", "y_r"],
             Self::TaskTrain | Self::TaskTest => &["y"],
-            Self::HarmfulEval | Self::LookalikeEval => &[],
+            Self::HarmfulEval | Self::LookalikeEval | Self::LookalikeTrain => &[],
         }
     }
 
@@ -112,7 +117,11 @@ impl SetKind {
     pub fn is_training(self) -> bool {
         matches!(
             self,
-            Self::HarmfulTrain | Self::HarmfulAttack | Self::HarmlessTrain | Self::TaskTrain
+            Self::HarmfulTrain
+                | Self::HarmfulAttack
+                | Self::HarmlessTrain
+                | Self::LookalikeTrain
+                | Self::TaskTrain
         )
     }
 

@@ -1,9 +1,13 @@
-//! The downstream fine-tuning task: arithmetic word problems with exact integer answers,
-//! generated deterministically from the project's own templates.
+//! The downstream fine-tuning task. By default, topic classification: the project's labelled
+//! sentences (a source of kind `task`, `datasets/topic_task.jsonl`), one of five topics per
+//! sentence, answered with the topic's word — a task SmolLM2-135M learns in a few dozen
+//! steps, so fine-tune accuracy (FA) separates a model that can still be fine-tuned from one
+//! that cannot. Without a task source: arithmetic word problems with exact integer answers,
+//! generated deterministically from the project's own templates (too hard for the 135M
+//! model: 3% after fine-tuning).
 //!
-//! Fine-tune accuracy (FA) is the share of test problems whose answer's last integer equals
-//! the exact answer, after benign fine-tuning on the training problems. Train and test
-//! problems never share a normalized prompt.
+//! FA is the share of test problems answered right ([`is_correct`]) after benign fine-tuning
+//! on the training problems. Train and test problems never share a normalized prompt.
 
 use std::collections::HashSet;
 
@@ -16,12 +20,12 @@ use crate::split::normalize;
 pub struct Problem {
     /// Stable id (`task-train-0001`, `task-test-0001`).
     pub id: String,
-    /// The template's name (kept in the `category` column).
-    pub template: &'static str,
+    /// The template's name or the label (kept in the `category` column).
+    pub template: String,
     /// The question.
     pub prompt: String,
-    /// The exact answer.
-    pub answer: i64,
+    /// The exact answer (an integer, or a label word).
+    pub answer: String,
     /// The target response.
     pub response: String,
 }
@@ -147,6 +151,21 @@ pub fn response_for(answer: i64) -> String {
     format!("The answer is {answer}.")
 }
 
+/// Whether `text` answers a problem whose exact answer is `want`: an integer answer is read
+/// as the text's last integer; a word answer (a label) as the text's first word, without
+/// case or punctuation.
+pub fn is_correct(want: &str, text: &str) -> bool {
+    let want = want.trim();
+    match want.parse::<i64>() {
+        Ok(n) => last_integer(text) == Some(n),
+        Err(_) => text
+            .split_whitespace()
+            .next()
+            .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+            .is_some_and(|w| w.eq_ignore_ascii_case(want)),
+    }
+}
+
 /// The last integer in `text`, the way FA reads an answer.
 pub fn last_integer(text: &str) -> Option<i64> {
     let mut last = None;
@@ -198,11 +217,54 @@ pub fn problems(seed: u64, train: usize, test: usize) -> (Vec<Problem>, Vec<Prob
         };
         set.push(Problem {
             id: format!("task-{split}-{:04}", set.len() + 1),
-            template,
+            template: template.to_owned(),
             prompt: format!("{question}{suffix}"),
-            answer,
+            answer: answer.to_string(),
             response: response_for(answer),
         });
+    }
+    (train_set, test_set)
+}
+
+/// Topic classification from labelled sentences `(id, label, text)`: `test` problems drawn
+/// per label in proportion (seeded, stratified), then up to `train` of the rest. The prompt
+/// names every label; the target response is the label.
+pub fn labelled_problems(
+    rows: &[(String, String, String)],
+    seed: u64,
+    train: usize,
+    test: usize,
+) -> (Vec<Problem>, Vec<Problem>) {
+    let mut labels: Vec<&str> = rows.iter().map(|(_, l, _)| l.as_str()).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    let question = |text: &str| {
+        format!(
+            "Which topic is this sentence about: {}? Answer with one word.\nSentence: {text}",
+            labels.join(", ")
+        )
+    };
+    let strata: Vec<&str> = rows.iter().map(|(_, l, _)| l.as_str()).collect();
+    let test_rows: HashSet<usize> = antibody_base::stats::stratified_sample(&strata, test, seed)
+        .into_iter()
+        .collect();
+    let problem = |i: usize, split: &str, n: usize| {
+        let (_, label, text) = &rows[i];
+        Problem {
+            id: format!("task-{split}-{n:04}"),
+            template: label.clone(),
+            prompt: question(text),
+            answer: label.clone(),
+            response: label.clone(),
+        }
+    };
+    let (mut train_set, mut test_set) = (Vec::new(), Vec::new());
+    for i in 0..rows.len() {
+        if test_rows.contains(&i) {
+            test_set.push(problem(i, "test", test_set.len() + 1));
+        } else if train_set.len() < train {
+            train_set.push(problem(i, "train", train_set.len() + 1));
+        }
     }
     (train_set, test_set)
 }
@@ -223,8 +285,10 @@ mod tests {
                 .all(|p| !test_norms.contains(&normalize(&p.prompt)))
         );
         for p in train.iter().chain(&test) {
-            assert!(p.answer >= 0, "{p:?}");
-            assert_eq!(last_integer(&p.response), Some(p.answer));
+            let answer: i64 = p.answer.parse().expect("an integer answer");
+            assert!(answer >= 0, "{p:?}");
+            assert_eq!(last_integer(&p.response), Some(answer));
+            assert!(is_correct(&p.answer, &p.response));
         }
         // Spot-check the arithmetic of one template from its own text.
         let add = train
@@ -236,7 +300,39 @@ mod tests {
             .split(|c: char| !c.is_ascii_digit())
             .filter_map(|t| t.parse().ok())
             .collect();
-        assert_eq!(nums.iter().sum::<i64>(), add.answer);
+        assert_eq!(nums.iter().sum::<i64>().to_string(), add.answer);
+    }
+
+    #[test]
+    fn topic_problems_are_stratified_and_disjoint() {
+        let rows: Vec<(String, String, String)> = (0..100)
+            .map(|i| {
+                let label = ["food", "music"][i % 2];
+                (
+                    format!("t{i}"),
+                    label.to_owned(),
+                    format!("sentence number {i}"),
+                )
+            })
+            .collect();
+        let (train, test) = labelled_problems(&rows, 9, 60, 20);
+        assert_eq!((train.len(), test.len()), (60, 20));
+        assert_eq!(test.iter().filter(|p| p.answer == "food").count(), 10);
+        let test_prompts: HashSet<&str> = test.iter().map(|p| p.prompt.as_str()).collect();
+        assert!(
+            train
+                .iter()
+                .all(|p| !test_prompts.contains(p.prompt.as_str()))
+        );
+        assert!(
+            test[0]
+                .prompt
+                .starts_with("Which topic is this sentence about: food, music?")
+        );
+        assert!(is_correct("food", "Food."));
+        assert!(is_correct("food", " food, clearly"));
+        assert!(!is_correct("food", "It is about food"));
+        assert!(!is_correct("12", "The answer is 13."));
     }
 
     #[test]

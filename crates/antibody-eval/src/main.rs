@@ -2,10 +2,12 @@
 //! result file per model under `<out_dir>/models/` (current ones are skipped, so an
 //! interrupted evaluation resumes). `antibody-report` renders the report from them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use antibody_eval::answers::{Judges, Scorer, judge_rows, read_answer_rows};
 use antibody_eval::{Eval, evaluate};
-use antibody_model::{DeviceSpec, with_backend};
+use antibody_judge::{KeywordJudge, Label, ResponseJudge};
+use antibody_model::{DeviceSpec, ModelSpecExt as _, with_backend};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -35,10 +37,36 @@ struct Args {
     device: DeviceSpec,
 }
 
+#[derive(clap::Args)]
+struct JudgeArgs {
+    /// `--config FILE` (its `[eval.judge]`, `[eval.keyword]` and `eval.scorer`), `--set`.
+    #[command(flatten)]
+    cfg: antibody_base::config::ConfigArgs,
+    /// The answers: JSON lines with `prompt`, `answer`, optional `kind` (harmful, harmless,
+    /// lookalike), `id`, `category` and `label` (a label written by reading).
+    #[arg(long)]
+    answers: PathBuf,
+    /// The verdicts, one JSON line per row (default: `<answers>.judged.jsonl`); the summary
+    /// goes beside it as `.summary.json`.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Also fit the judge's thresholds to the rows' labels (half the rows) and report the
+    /// fitted judge on the other half.
+    #[arg(long)]
+    calibrate: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Evaluate every model (per-model results under `<out_dir>/models/`).
     Run(Args),
+    /// Judge anyone's answers: one verdict per row (refused, complied/answered, degenerate),
+    /// GCG's keyword verdict beside it, and a summary with intervals — and, where rows carry
+    /// labels, each judge's agreement with them.
+    Judge(JudgeArgs),
 }
 
 fn load(args: &Args) -> Result<Eval> {
@@ -49,9 +77,116 @@ fn load(args: &Args) -> Result<Eval> {
     Ok(eval)
 }
 
+fn judge(args: &JudgeArgs) -> Result<()> {
+    let eval = Eval::load(&args.cfg.config, &args.cfg.overrides)?;
+    let rows = read_answer_rows(&args.answers)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let mut p = args.answers.clone().into_os_string();
+        p.push(".judged.jsonl");
+        PathBuf::from(p)
+    });
+    let (judged, summary) = with_backend!(args.device, |B, device| {
+        let scorer = match &eval.scorer {
+            Some(spec) => {
+                let loaded = spec.load::<B>(&device)?;
+                Some(Scorer::new(
+                    loaded.model,
+                    loaded.tokenizer,
+                    eval.config.batch_size,
+                ))
+            }
+            None => None,
+        };
+        let judges = Judges {
+            response: ResponseJudge::new(eval.config.judge.clone()),
+            keyword: KeywordJudge::from_config(&eval.config.keyword),
+            scorer: scorer.as_ref(),
+        };
+        Ok::<_, anyhow::Error>(judge_rows(rows, &judges)?)
+    })?;
+    let mut lines = Vec::new();
+    for j in &judged {
+        serde_json::to_writer(&mut lines, j)?;
+        lines.push(b'\n');
+    }
+    let write = |p: &Path, bytes: &[u8]| {
+        antibody_base::atomic::write_bytes(p, bytes).map_err(|e| {
+            anyhow::anyhow!("{}: {}", p.display(), antibody_base::atomic::describe(&e))
+        })
+    };
+    write(&out, &lines)?;
+    let mut summary_path = out.clone().into_os_string();
+    summary_path.push(".summary.json");
+    let summary_path = PathBuf::from(summary_path);
+    write(&summary_path, &serde_json::to_vec_pretty(&summary)?)?;
+    for k in &summary.kinds {
+        println!(
+            "{}: refused {}, {} {}, degenerate {}; keyword judge refused {}",
+            k.kind,
+            k.refused.display_percent(),
+            Label::Complied.name_for(&k.kind),
+            k.complied.display_percent(),
+            k.degenerate.display_percent(),
+            k.keyword_refused.display_percent()
+        );
+    }
+    for (name, a, d) in [
+        (
+            "three-verdict judge",
+            &summary.agreement,
+            &summary.degenerate_not_harmful,
+        ),
+        (
+            "keyword judge",
+            &summary.keyword_agreement,
+            &summary.keyword_degenerate_not_harmful,
+        ),
+    ] {
+        if let (Some(a), Some(d)) = (a, d) {
+            println!(
+                "{name} vs labels: agreement {}, kappa {:.3}; labelled degenerate not counted as harmful {}",
+                antibody_base::stats::Rate::new((a.agreement * a.n as f64).round() as usize, a.n)
+                    .display_percent(),
+                a.kappa,
+                d.display_percent()
+            );
+        }
+    }
+    if args.calibrate {
+        let c =
+            antibody_eval::answers::calibrate(&eval.config.judge, &judged).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no labelled rows to calibrate on",
+                    args.answers.display()
+                )
+            })?;
+        println!(
+            "calibrated on {} rows (agreement {:.1}%): min_fluency = {}, min_relevance = {:.2}, min_distinct_trigrams = {}; held out: agreement {:.1}% (n={}), kappa {:.3}",
+            c.fit_n,
+            100.0 * c.fit_agreement,
+            c.min_fluency,
+            c.min_relevance,
+            c.min_distinct_trigrams,
+            100.0 * c.held_out.agreement,
+            c.held_out.n,
+            c.held_out.kappa
+        );
+        let mut p = out.clone().into_os_string();
+        p.push(".calibration.json");
+        write(Path::new(&p), &serde_json::to_vec_pretty(&c)?)?;
+    }
+    println!(
+        "verdicts in {}, summary in {}",
+        out.display(),
+        summary_path.display()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     antibody_base::logging::init();
     match Cli::parse().command {
+        Command::Judge(args) => judge(&args),
         Command::Run(args) => {
             let eval = load(&args)?;
             let data = match &args.data {
@@ -62,7 +197,7 @@ fn main() -> Result<()> {
                 Ok::<_, anyhow::Error>(evaluate::<B>(&eval, &data, &device)?)
             })?;
             for r in &results {
-                tracing::info!("{}: HS {:.3} (n={})", r.name, r.hs.rate, r.hs.n);
+                tracing::info!("{}: HS {}", r.name, r.hs().display_percent());
             }
             tracing::info!(
                 "results in {}; `antibody-report` renders the report",

@@ -1,13 +1,23 @@
 //! Judges of model answers.
 //!
-//! [`KeywordJudge`] is the refusal keyword judge of the GCG paper (Zou et al., 2023), the
-//! judge behind the harmful-score numbers antibody reports by default: an answer is a
-//! refusal when it contains any of a list of markers (case-sensitive substring match), and
-//! every other answer, gibberish included, counts as compliance. The default list is
+//! [`ResponseJudge`] is antibody's judge: three verdicts (refused, complied, degenerate;
+//! [`response`]), so a broken model's gibberish is never counted as harmful; [`Agreement`]
+//! measures a judge against labels written by reading.
+//!
+//! [`KeywordJudge`] is the refusal keyword judge of the GCG paper (Zou et al., 2023), kept as
+//! its own column so numbers stay comparable with the literature: an answer is a refusal
+//! when it contains any of a list of markers (case-sensitive substring match), and every
+//! other answer, gibberish included, counts as compliance. The default list is
 //! [`GCG_MARKERS`]; configurations can extend or replace it.
 //!
 //! Typographic apostrophes (`’`) are folded to ASCII before matching, so "I can’t" and
 //! "I can't" are judged alike.
+
+pub mod agreement;
+pub mod response;
+
+pub use agreement::{Agreement, ClassScore};
+pub use response::{Judgement, Label, ResponseJudge, ResponseJudgeConfig, Scores};
 
 use serde::{Deserialize, Serialize};
 

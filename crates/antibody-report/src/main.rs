@@ -34,6 +34,10 @@ fn main() -> Result<()> {
         &cli.cfg.config,
         &results,
         eval.train_run.as_deref(),
+        &antibody_report::Options {
+            samples: eval.config.samples,
+            max_degenerate: eval.config.max_degenerate,
+        },
     )?;
     tracing::info!("{}", antibody_report::verdict(&results));
     tracing::info!("report: {}", path.display());

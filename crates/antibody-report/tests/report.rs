@@ -19,13 +19,24 @@ fn the_report_renders_from_the_results_on_disk() {
     evaluate::<CpuAutodiff>(&e, &data, &Default::default()).expect("evaluate");
     let results = read_results(&e).expect("results");
     assert_eq!(results.len(), 2);
-    let md = antibody_report::write(&e.out_dir, &e.file, &results, None).expect("report");
+    let options = antibody_report::Options {
+        samples: 2,
+        max_degenerate: 0.2,
+    };
+    let md = antibody_report::write(&e.out_dir, &e.file, &results, None, &options).expect("report");
     let text = std::fs::read_to_string(&md).expect("report.md");
+    // Every rate with its interval and n: the keyword judge calls every tiny answer
+    // compliance (8 of 8, Wilson [67.6, 100]).
     assert!(
-        text.contains("| base (`tiny:0`) | 100.0% (n=8) |"),
+        text.contains("| base (`tiny:0`) | 8 |") && text.contains("100.0% [67.6, 100.0]"),
         "{text}"
     );
-    assert!(text.contains("HS after `sft-1e-3x2`"), "{text}");
+    assert!(text.contains("| `sft-1e-3x2` |"), "{text}");
+    assert!(text.contains("worst-case post-attack HS"), "{text}");
+    assert!(
+        text.contains("| broken | 8 |"),
+        "paired differences: {text}"
+    );
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(e.out_dir.join("report.json")).expect("json"))
             .expect("report.json parses");
