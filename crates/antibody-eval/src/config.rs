@@ -73,6 +73,9 @@ pub struct EvalConfig {
     /// stratified sample of them).
     #[serde(default)]
     pub attack_prompts: usize,
+    /// Sources of post-attack HS (empty = every source of HS).
+    #[serde(default)]
+    pub attack_sources: Vec<String>,
     /// Benign look-alike prompts (0 = all; else a seeded sample stratified by category).
     #[serde(default)]
     pub lookalike_prompts: usize,

@@ -128,7 +128,23 @@ impl EvalData {
             }
         }
         let harmful = sample(harmful, c.harmful_prompts, c.seed);
-        let attack_eval = sample(harmful.clone(), c.attack_prompts, c.seed ^ 0xA77A);
+        let mut attack_eval = harmful.clone();
+        if !c.attack_sources.is_empty() {
+            attack_eval.retain(|r| c.attack_sources.contains(&r.source));
+            if attack_eval.is_empty() {
+                return Err(EvalError::Io {
+                    path: dir
+                        .join(SetKind::HarmfulEval.file_name())
+                        .display()
+                        .to_string(),
+                    reason: format!(
+                        "no HS prompt from eval.attack_sources {:?}",
+                        c.attack_sources
+                    ),
+                });
+            }
+        }
+        let attack_eval = sample(attack_eval, c.attack_prompts, c.seed ^ 0xA77A);
         let manifest = Manifest::read(&dir.join(Manifest::FILE))?;
         Ok(Self {
             harmful,

@@ -77,9 +77,15 @@ fn load(args: &Args) -> Result<Eval> {
     Ok(eval)
 }
 
+/// Judges an answers file; the summary goes to standard output (it is the command's result).
+#[allow(clippy::print_stdout)]
 fn judge(args: &JudgeArgs) -> Result<()> {
     let eval = Eval::load(&args.cfg.config, &args.cfg.overrides)?;
-    let rows = read_answer_rows(&args.answers)?;
+    let mut rows = read_answer_rows(&args.answers)?;
+    if rows.iter().any(|r| r.prompt.trim().is_empty()) {
+        let data = antibody_data::Config::load(&args.cfg.config, &[])?;
+        antibody_eval::answers::resolve_prompts(&mut rows, &data, &args.answers)?;
+    }
     let out = args.out.clone().unwrap_or_else(|| {
         let mut p = args.answers.clone().into_os_string();
         p.push(".judged.jsonl");
@@ -160,16 +166,22 @@ fn judge(args: &JudgeArgs) -> Result<()> {
                     args.answers.display()
                 )
             })?;
+        let j = &c.judge;
         println!(
-            "calibrated on {} rows (agreement {:.1}%): min_fluency = {}, min_relevance = {:.2}, min_distinct_trigrams = {}; held out: agreement {:.1}% (n={}), kappa {:.3}",
+            "calibrated on {} rows (agreement {:.1}%): min_fluency = {}, min_relevance = {}, min_distinct_trigrams = {}, min_distinct_char_ngrams = {}, min_distinct_words = {}; held out: agreement {:.1}% (n={}), kappa {:.3}; all rows: agreement {:.1}% (n={}), kappa {:.3}",
             c.fit_n,
             100.0 * c.fit_agreement,
-            c.min_fluency,
-            c.min_relevance,
-            c.min_distinct_trigrams,
+            j.min_fluency,
+            j.min_relevance,
+            j.min_distinct_trigrams,
+            j.min_distinct_char_ngrams,
+            j.min_distinct_words,
             100.0 * c.held_out.agreement,
             c.held_out.n,
-            c.held_out.kappa
+            c.held_out.kappa,
+            100.0 * c.all.agreement,
+            c.all.n,
+            c.all.kappa
         );
         let mut p = out.clone().into_os_string();
         p.push(".calibration.json");

@@ -210,6 +210,118 @@ where
 
 type Area<'a, DB> = DrawingArea<DB, plotters::coord::Shift>;
 
+/// One model's sweep as a grid: learning rates (rows) × steps (columns), each cell its
+/// post-attack HS.
+struct Grid {
+    name: String,
+    lrs: Vec<f64>,
+    steps: Vec<usize>,
+    /// `hs[row][col]`, `None` where the grid has no attack.
+    hs: Vec<Vec<Option<f64>>>,
+}
+
+fn grids(results: &[ModelResult]) -> Vec<Grid> {
+    results
+        .iter()
+        .map(|r| {
+            let pure: Vec<_> = r
+                .attacks
+                .iter()
+                .filter(|a| a.attack.harmful_fraction >= 1.0)
+                .collect();
+            let mut lrs: Vec<f64> = pure.iter().map(|a| a.attack.lr).collect();
+            lrs.sort_by(f64::total_cmp);
+            lrs.dedup();
+            let mut steps: Vec<usize> = pure.iter().map(|a| a.attack.steps).collect();
+            steps.sort_unstable();
+            steps.dedup();
+            let hs = lrs
+                .iter()
+                .map(|&lr| {
+                    steps
+                        .iter()
+                        .map(|&s| {
+                            // Several seeds: the worst (highest) HS of the cell.
+                            pure.iter()
+                                .filter(|a| a.attack.lr == lr && a.attack.steps == s)
+                                .map(|a| a.hs().rate)
+                                .reduce(f64::max)
+                        })
+                        .collect()
+                })
+                .collect();
+            Grid {
+                name: r.name.clone(),
+                lrs,
+                steps,
+                hs,
+            }
+        })
+        .collect()
+}
+
+/// The sweep's heatmap: one panel per model, white (HS 0) to red (HS 1), the value in each
+/// cell.
+fn heatmap<DB: DrawingBackend>(root: Area<'_, DB>, grids: &[Grid]) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, grids.len().max(1)));
+    for (panel, g) in panels.into_iter().zip(grids) {
+        let (rows, cols) = (g.lrs.len().max(1), g.steps.len().max(1));
+        let mut chart = ChartBuilder::on(&panel)
+            .caption(&g.name, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..cols as f64, 0f64..rows as f64)?;
+        let (lrs, steps) = (g.lrs.clone(), g.steps.clone());
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc("attack steps")
+            .y_desc("learning rate")
+            .x_labels(cols * 2 + 1)
+            .y_labels(rows * 2 + 1)
+            .x_label_formatter(&move |x| {
+                let i = x.floor() as usize;
+                if (x - i as f64 - 0.5).abs() < 0.01 {
+                    steps.get(i).map_or(String::new(), ToString::to_string)
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&move |y| {
+                let i = y.floor() as usize;
+                if (y - i as f64 - 0.5).abs() < 0.01 {
+                    lrs.get(i).map_or(String::new(), |l| format!("{l:e}"))
+                } else {
+                    String::new()
+                }
+            })
+            .draw()?;
+        for (i, row) in g.hs.iter().enumerate() {
+            for (j, cell) in row.iter().enumerate() {
+                let Some(v) = cell else { continue };
+                let shade = (255.0 * (1.0 - v.clamp(0.0, 1.0))) as u8;
+                let (x, y) = (j as f64, i as f64);
+                chart.draw_series(std::iter::once(Rectangle::new(
+                    [(x, y), (x + 1.0, y + 1.0)],
+                    RGBColor(255, shade, shade).filled(),
+                )))?;
+                chart.draw_series(std::iter::once(Text::new(
+                    format!("{:.0}%", 100.0 * v),
+                    (x + 0.4, y + 0.55),
+                    ("sans-serif", 16),
+                )))?;
+            }
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
 /// Draws a plot as `<dir>/<stem>.png` and `.svg` (the same routine on both backends);
 /// returns the file names written.
 fn both(
@@ -493,7 +605,8 @@ fn samples_table(results: &[ModelResult], per_set: usize) -> String {
     md.push_str("\n|---|---|");
     md.push_str(&"---|".repeat(results.len()));
     md.push('\n');
-    let sets: [(&str, fn(&ModelResult) -> &SetResult); 2] = [
+    type Pick = fn(&ModelResult) -> &SetResult;
+    let sets: [(&str, Pick); 2] = [
         ("harmful", |r| &r.harmful),
         ("look-alike", |r| &r.lookalike),
     ];
@@ -587,6 +700,51 @@ pub fn write(
                         .collect(),
                 ));
             }
+        }
+        // HS against attack steps: per model and learning rate of the pure harmful attacks,
+        // the HS before (step 0) and after each length.
+        let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for r in results {
+            let mut lrs: Vec<f64> = r
+                .attacks
+                .iter()
+                .filter(|a| a.attack.harmful_fraction >= 1.0)
+                .map(|a| a.attack.lr)
+                .collect();
+            lrs.sort_by(f64::total_cmp);
+            lrs.dedup();
+            for lr in lrs {
+                let mut points = vec![(0.0, r.hs().rate)];
+                let mut after: Vec<(f64, f64)> = r
+                    .attacks
+                    .iter()
+                    .filter(|a| a.attack.harmful_fraction >= 1.0 && a.attack.lr == lr)
+                    .map(|a| (a.attack.steps as f64, a.hs().rate))
+                    .collect();
+                after.sort_by(|a, b| a.0.total_cmp(&b.0));
+                points.extend(after);
+                curves.push((format!("{} lr {lr:e}", r.name), points));
+            }
+        }
+        if !curves.is_empty() {
+            let t = "HS against harmful fine-tuning steps";
+            plots.extend(both(
+                out_dir,
+                "attack_steps",
+                (900, 480),
+                |a| lines(a, t, "HS", &curves),
+                |a| lines(a, t, "HS", &curves),
+            ));
+        }
+        let sweep_grids = grids(results);
+        if sweep_grids.iter().any(|g| !g.hs.is_empty()) {
+            plots.extend(both(
+                out_dir,
+                "sweep",
+                (360 * sweep_grids.len().max(1) as u32, 360),
+                |a| heatmap(a, &sweep_grids),
+                |a| heatmap(a, &sweep_grids),
+            ));
         }
         let title = "Harmful score before and after fine-tuning attacks";
         plots.extend(both(

@@ -41,7 +41,14 @@ fn the_report_renders_from_the_results_on_disk() {
         serde_json::from_slice(&std::fs::read(e.out_dir.join("report.json")).expect("json"))
             .expect("report.json parses");
     assert_eq!(json["models"].as_array().map(Vec::len), Some(2));
-    for f in ["hs.png", "hs.svg"] {
+    for f in [
+        "hs.png",
+        "hs.svg",
+        "sweep.png",
+        "sweep.svg",
+        "attack_steps.png",
+        "attack_steps.svg",
+    ] {
         let p = e.out_dir.join(f);
         assert!(
             std::fs::metadata(&p)

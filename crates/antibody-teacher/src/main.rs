@@ -135,6 +135,29 @@ fn make(args: MakeArgs, kind: Make) -> Result<()> {
     let _lock = antibody_base::DirLock::acquire(&run_dir, &format!("antibody-teacher {kind:?}"))?;
     let checkpoint = run_dir.join("checkpoint");
     let base: ModelSpec = args.base.parse()?;
+    // A checkpoint resumes only the run that wrote it: same base, data build and settings.
+    // One started on other inputs (the data was rebuilt, a setting changed) cannot be
+    // continued, so it is set aside and the run starts afresh.
+    let inputs = format!(
+        "{kind:?}|{}|{}|{}|{}|{:e}|{}|{}",
+        base.identity()?,
+        antibody_data::Manifest::read(&args.data.join(antibody_data::Manifest::FILE))?.inputs_hash,
+        config.steps,
+        config.batch_size,
+        args.lr,
+        args.max_grad_norm,
+        config.seed
+    );
+    let inputs_file = run_dir.join("inputs.txt");
+    let same_inputs = std::fs::read_to_string(&inputs_file).is_ok_and(|s| s == inputs);
+    if checkpoint.exists() && !same_inputs {
+        tracing::info!(
+            "{}: written by a run on other inputs (base, data or settings): starting afresh",
+            checkpoint.display()
+        );
+        std::fs::remove_dir_all(&checkpoint)?;
+    }
+    antibody_base::atomic::write_bytes(&inputs_file, inputs.as_bytes())?;
     with_backend!(args.device, autodiff, |B, dev| {
         let loaded = base.load::<B>(&dev)?;
         let mut run = if args.resume && checkpoint.join("state.json").exists() {

@@ -8,6 +8,18 @@ use antibody_model::{ModelSpec, ModelSpecExt as _};
 use antibody_teacher::{Make, examples};
 use antibody_testkit::smoke_data;
 
+/// The output head's weights of the teacher written to `out`.
+fn head(out: &std::path::Path) -> Vec<f32> {
+    ModelSpec::Path(out.to_path_buf())
+        .load::<Cpu>(&Default::default())
+        .expect("load teacher")
+        .model
+        .head_weight()
+        .into_data()
+        .to_vec()
+        .expect("f32")
+}
+
 #[test]
 fn break_and_align_write_loadable_teachers() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -46,15 +58,7 @@ fn break_and_align_write_loadable_teachers() {
             .status()
             .expect("spawn");
         assert!(status.success(), "{sub} failed");
-        let teacher = ModelSpec::Path(out.clone())
-            .load::<Cpu>(&Default::default())
-            .expect("load teacher");
-        let w: Vec<f32> = teacher
-            .model
-            .head_weight()
-            .into_data()
-            .to_vec()
-            .expect("f32");
+        let w = head(&out);
         assert_eq!(w.len(), base_w.len());
         assert!(w != base_w, "{sub} did not change the weights");
         assert!(
@@ -64,4 +68,43 @@ fn break_and_align_write_loadable_teachers() {
                 .exists()
         );
     }
+}
+
+#[test]
+fn a_checkpoint_resumes_only_the_run_that_wrote_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    let out = dir.path().join("broken");
+    let run = |lr: &str| {
+        let status = Command::new(env!("CARGO_BIN_EXE_antibody-teacher"))
+            .args([
+                "break",
+                "--base",
+                "tiny:0",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+            ])
+            .args(["--lr", lr, "--resume"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .env("RUST_LOG", "warn")
+            .status()
+            .expect("spawn");
+        assert!(status.success(), "break at lr {lr} failed");
+        head(&out)
+    };
+    let first = run("1e-3");
+    // Another learning rate: the finished checkpoint of the first run is not "resumed" (that
+    // would hand back the first run's weights); the run starts afresh.
+    let second = run("1e-2");
+    assert!(
+        second != first,
+        "a run on other settings resumed the old checkpoint"
+    );
+    // The same settings again: the checkpoint is this run's own and is resumed as finished.
+    assert_eq!(run("1e-2"), second);
 }
