@@ -218,6 +218,7 @@ fn report_numbers(project: &Path) -> serde_json::Value {
         let m = m.as_object_mut().expect("model");
         m.remove("seconds");
         m.remove("generation_seconds");
+        m.remove("seconds_without_attacks");
         for a in m
             .get_mut("attacks")
             .and_then(|a| a.as_array_mut())

@@ -14,7 +14,8 @@
 //! - [`store`]: the [`Record`]/[`Dataset`] types and the documented Parquet/JSONL schema.
 //! - [`gencache`]: generated responses persisted batch by batch, so an interrupted build
 //!   resumes without regenerating.
-//! - [`task`]: the arithmetic word-problem task with exact answers.
+//! - [`task`]: the downstream task: topic classification from a `task` source (the
+//!   project's labelled sentences), else arithmetic word problems with exact answers.
 
 pub mod build;
 pub mod config;
