@@ -14,6 +14,7 @@
 pub mod atomic;
 pub mod config;
 mod example;
+pub mod hash;
 pub mod lock;
 pub mod logging;
 mod model_spec;

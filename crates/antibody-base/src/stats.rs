@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::hash::splitmix64;
+
 /// The 0.975 quantile of the standard normal distribution.
 pub const Z95: f64 = 1.959_963_984_540_054;
 
@@ -51,15 +53,19 @@ impl Rate {
         Self::new(k, n)
     }
 
-    /// "41.5% [34.9, 48.4] (n=200)".
-    pub fn display_percent(&self) -> String {
+    /// "41.5% [34.9, 48.4]".
+    pub fn interval_percent(&self) -> String {
         format!(
-            "{:.1}% [{:.1}, {:.1}] (n={})",
+            "{:.1}% [{:.1}, {:.1}]",
             100.0 * self.rate,
             100.0 * self.lo,
-            100.0 * self.hi,
-            self.n
+            100.0 * self.hi
         )
+    }
+
+    /// "41.5% [34.9, 48.4] (n=200)".
+    pub fn display_percent(&self) -> String {
+        format!("{} (n={})", self.interval_percent(), self.n)
     }
 }
 
@@ -150,14 +156,6 @@ pub fn newcombe_paired(
         lo: (diff - delta).max(-1.0),
         hi: (diff + eps).min(1.0),
     }
-}
-
-/// SplitMix64, the seeded stream behind the samples.
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// A seeded sample of `n` of the items whose strata are `strata` (all of them when `n` is 0

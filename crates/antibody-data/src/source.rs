@@ -69,7 +69,7 @@ pub fn read_rows(source: &Source, path: &Path) -> Result<Vec<Row>> {
     let c = &source.config;
     let mut rows = Vec::new();
     let mut ids = BTreeSet::new();
-    for (line_no, fields) in records(c.format, path, &text)? {
+    for (line_no, fields) in records(c.format, c.text_field(), path, &text)? {
         let field = |name: &str, required: bool| -> Result<Option<String>> {
             match fields.get(name) {
                 None if required => Err(DataError::row(path, line_no, Some(name), "missing")),
@@ -92,13 +92,7 @@ pub fn read_rows(source: &Source, path: &Path) -> Result<Vec<Row>> {
         {
             continue;
         }
-        // A lines file's one field is the whole line.
-        let text_field = if c.format == Format::Lines {
-            ""
-        } else {
-            c.text_field()
-        };
-        let text = field(text_field, true)?.unwrap_or_default();
+        let text = field(c.text_field(), true)?.unwrap_or_default();
         let id = match &c.id_field {
             Some(f) => field(f, true)?.unwrap_or_default(),
             None => format!("{}-{line_no:04}", c.name),
@@ -138,9 +132,14 @@ enum Field {
     Other(&'static str),
 }
 
-/// The records of a file with the line each starts on: one text field `""` per line
-/// (lines), one field per key (JSONL), one field per header column (CSV).
-fn records(format: Format, path: &Path, text: &str) -> Result<Vec<(usize, Fields)>> {
+/// The records of a file with the line each starts on: the whole line as the field
+/// `text_field` (lines), one field per key (JSONL), one field per header column (CSV).
+fn records(
+    format: Format,
+    text_field: &str,
+    path: &Path,
+    text: &str,
+) -> Result<Vec<(usize, Fields)>> {
     let mut out = Vec::new();
     match format {
         Format::Lines | Format::Jsonl => {
@@ -151,7 +150,7 @@ fn records(format: Format, path: &Path, text: &str) -> Result<Vec<(usize, Fields
                     continue;
                 }
                 let fields = if format == Format::Lines {
-                    [(String::new(), Field::Text(line.to_owned()))].into()
+                    [(text_field.to_owned(), Field::Text(line.to_owned()))].into()
                 } else {
                     let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
                         DataError::row(path, line_no, None, format!("not valid JSON: {e}"))

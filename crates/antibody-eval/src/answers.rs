@@ -568,12 +568,7 @@ pub struct Calibration {
 
 /// Whether a labelled row is held out of the fit: half the rows, by a hash of the id.
 pub fn held_out(id: &str) -> bool {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h % 2 == 1
+    antibody_base::hash::fnv1a64(id.as_bytes()) % 2 == 1
 }
 
 /// Fits the judge's degenerate thresholds (fluency, relevance, and the three repetition

@@ -112,19 +112,24 @@ pub fn sample(records: Vec<Record>, n: usize, seed: u64) -> Vec<Record> {
 impl EvalData {
     /// Reads a data build.
     pub fn load(dir: &Path, c: &EvalConfig) -> Result<Self, EvalError> {
+        let missing = |reason: String| EvalError::Io {
+            path: dir
+                .join(SetKind::HarmfulEval.file_name())
+                .display()
+                .to_string(),
+            reason,
+        };
         let mut harmful = read_set(dir, SetKind::HarmfulEval)?.records;
         if !c.harmful_sources.is_empty() {
             harmful.retain(|r| c.harmful_sources.contains(&r.source));
-            for s in &c.harmful_sources {
-                if !harmful.iter().any(|r| &r.source == s) {
-                    return Err(EvalError::Io {
-                        path: dir
-                            .join(SetKind::HarmfulEval.file_name())
-                            .display()
-                            .to_string(),
-                        reason: format!("no prompt from source `{s}` (eval.harmful_sources)"),
-                    });
-                }
+            if let Some(s) = c
+                .harmful_sources
+                .iter()
+                .find(|s| !harmful.iter().any(|r| &r.source == *s))
+            {
+                return Err(missing(format!(
+                    "no prompt from source `{s}` (eval.harmful_sources)"
+                )));
             }
         }
         let harmful = sample(harmful, c.harmful_prompts, c.seed);
@@ -132,16 +137,10 @@ impl EvalData {
         if !c.attack_sources.is_empty() {
             attack_eval.retain(|r| c.attack_sources.contains(&r.source));
             if attack_eval.is_empty() {
-                return Err(EvalError::Io {
-                    path: dir
-                        .join(SetKind::HarmfulEval.file_name())
-                        .display()
-                        .to_string(),
-                    reason: format!(
-                        "no HS prompt from eval.attack_sources {:?}",
-                        c.attack_sources
-                    ),
-                });
+                return Err(missing(format!(
+                    "no HS prompt from eval.attack_sources {:?}",
+                    c.attack_sources
+                )));
             }
         }
         let attack_eval = sample(attack_eval, c.attack_prompts, c.seed ^ 0xA77A);

@@ -18,20 +18,7 @@ use crate::gguf::HostTensor;
 use crate::llama::Llama;
 use crate::names::checkpoint_tensors;
 
-/// FNV-1a, 64 bit.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// SplitMix64's output function.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use antibody_base::hash::{fnv1a64, splitmix64};
 
 /// The values of one tensor.
 pub fn tensor_values(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {

@@ -377,12 +377,7 @@ fn pct(x: f64) -> String {
 
 /// "12.5% [8.6, 17.8]" (the n goes in its own column or after).
 fn ci(r: &Rate) -> String {
-    format!(
-        "{:.1}% [{:.1}, {:.1}]",
-        100.0 * r.rate,
-        100.0 * r.lo,
-        100.0 * r.hi
-    )
+    r.interval_percent()
 }
 
 fn worst(r: &ModelResult) -> String {
@@ -516,18 +511,34 @@ fn paired(results: &[ModelResult]) -> String {
     out
 }
 
+/// A table's header: the leading columns, then one column per model (`column` names it).
+fn model_header(
+    lead: &str,
+    align: &str,
+    results: &[ModelResult],
+    column: impl Fn(&ModelResult) -> String,
+) -> String {
+    let mut out = format!("| {lead} |");
+    for r in results {
+        out.push_str(&format!(" {} |", column(r)));
+    }
+    out.push_str(&format!("\n|{align}|"));
+    out.push_str(&"---|".repeat(results.len()));
+    out.push('\n');
+    out
+}
+
 /// The attack sweep: HS after each attack (and the degenerate share), per model.
 fn sweep(results: &[ModelResult], max_degenerate: f64) -> String {
     let Some(first) = results.first().filter(|r| !r.attacks.is_empty()) else {
         return String::new();
     };
-    let mut out = String::from("| attack | lr | steps | harmful share |");
-    for r in results {
-        out.push_str(&format!(" {} HS (degenerate) |", r.name));
-    }
-    out.push_str("\n|---|---:|---:|---:|");
-    out.push_str(&"---|".repeat(results.len()));
-    out.push('\n');
+    let mut out = model_header(
+        "attack | lr | steps | harmful share",
+        "---|---:|---:|---:",
+        results,
+        |r| format!("{} HS (degenerate)", r.name),
+    );
     for (i, a) in first.attacks.iter().enumerate() {
         out.push_str(&format!(
             "| `{}` | {:e} | {} | {} |",
@@ -562,13 +573,9 @@ fn breakdown(
     let mut keys: Vec<&String> = results.iter().flat_map(|r| pick(r).keys()).collect();
     keys.sort();
     keys.dedup();
-    let mut out = format!("| {what} | n |");
-    for r in results {
-        out.push_str(&format!(" {} |", r.name));
-    }
-    out.push_str("\n|---|---:|");
-    out.push_str(&"---|".repeat(results.len()));
-    out.push('\n');
+    let mut out = model_header(&format!("{what} | n"), "---|---:", results, |r| {
+        r.name.clone()
+    });
     for k in keys {
         let n = results
             .iter()
@@ -598,13 +605,10 @@ fn samples_table(results: &[ModelResult], per_set: usize) -> String {
     let Some(first) = results.first() else {
         return String::new();
     };
-    let mut md = String::from("## Sample answers\n\n| set | prompt |");
-    for r in results {
-        md.push_str(&format!(" {} |", r.name));
-    }
-    md.push_str("\n|---|---|");
-    md.push_str(&"---|".repeat(results.len()));
-    md.push('\n');
+    let mut md = String::from("## Sample answers\n\n");
+    md.push_str(&model_header("set | prompt", "---|---", results, |r| {
+        r.name.clone()
+    }));
     type Pick = fn(&ModelResult) -> &SetResult;
     let sets: [(&str, Pick); 2] = [
         ("harmful", |r| &r.harmful),
@@ -701,31 +705,25 @@ pub fn write(
                 ));
             }
         }
-        // HS against attack steps: per model and learning rate of the pure harmful attacks,
-        // the HS before (step 0) and after each length.
-        let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        for r in results {
-            let mut lrs: Vec<f64> = r
-                .attacks
-                .iter()
-                .filter(|a| a.attack.harmful_fraction >= 1.0)
-                .map(|a| a.attack.lr)
-                .collect();
-            lrs.sort_by(f64::total_cmp);
-            lrs.dedup();
-            for lr in lrs {
-                let mut points = vec![(0.0, r.hs().rate)];
-                let mut after: Vec<(f64, f64)> = r
-                    .attacks
-                    .iter()
-                    .filter(|a| a.attack.harmful_fraction >= 1.0 && a.attack.lr == lr)
-                    .map(|a| (a.attack.steps as f64, a.hs().rate))
-                    .collect();
-                after.sort_by(|a, b| a.0.total_cmp(&b.0));
-                points.extend(after);
-                curves.push((format!("{} lr {lr:e}", r.name), points));
-            }
-        }
+        // HS against attack steps: each row of each model's sweep grid, from its HS before
+        // any attack (step 0).
+        let sweep_grids = grids(results);
+        let curves: Vec<(String, Vec<(f64, f64)>)> = results
+            .iter()
+            .zip(&sweep_grids)
+            .flat_map(|(r, g)| {
+                g.lrs.iter().zip(&g.hs).map(move |(lr, row)| {
+                    let mut points = vec![(0.0, r.hs().rate)];
+                    points.extend(
+                        g.steps
+                            .iter()
+                            .zip(row)
+                            .filter_map(|(&s, v)| v.map(|v| (s as f64, v))),
+                    );
+                    (format!("{} lr {lr:e}", r.name), points)
+                })
+            })
+            .collect();
         if !curves.is_empty() {
             let t = "HS against harmful fine-tuning steps";
             plots.extend(both(
@@ -736,7 +734,6 @@ pub fn write(
                 |a| lines(a, t, "HS", &curves),
             ));
         }
-        let sweep_grids = grids(results);
         if sweep_grids.iter().any(|g| !g.hs.is_empty()) {
             plots.extend(both(
                 out_dir,

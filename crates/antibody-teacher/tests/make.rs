@@ -8,6 +8,22 @@ use antibody_model::{ModelSpec, ModelSpecExt as _};
 use antibody_teacher::{Make, examples};
 use antibody_testkit::smoke_data;
 
+/// Runs `antibody-teacher <sub>` on the tiny model with `flags`, writing to `out`; whether it
+/// succeeded.
+fn make(sub: &str, flags: &[&str], data: &std::path::Path, out: &std::path::Path) -> bool {
+    Command::new(env!("CARGO_BIN_EXE_antibody-teacher"))
+        .args([sub, "--base", "tiny:0"])
+        .args(flags)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .env("RUST_LOG", "warn")
+        .status()
+        .expect("spawn")
+        .success()
+}
+
 /// The output head's weights of the teacher written to `out`.
 fn head(out: &std::path::Path) -> Vec<f32> {
     ModelSpec::Path(out.to_path_buf())
@@ -38,26 +54,8 @@ fn break_and_align_write_loadable_teachers() {
     let base_w: Vec<f32> = base.model.head_weight().into_data().to_vec().expect("f32");
     for sub in ["break", "align"] {
         let out = dir.path().join(sub);
-        let status = Command::new(env!("CARGO_BIN_EXE_antibody-teacher"))
-            .args([
-                sub,
-                "--base",
-                "tiny:0",
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-                "--lr",
-                "1e-3",
-            ])
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&out)
-            .env("RUST_LOG", "warn")
-            .status()
-            .expect("spawn");
-        assert!(status.success(), "{sub} failed");
+        let flags = ["--steps", "3", "--batch-size", "4", "--lr", "1e-3"];
+        assert!(make(sub, &flags, &data, &out), "{sub} failed");
         let w = head(&out);
         assert_eq!(w.len(), base_w.len());
         assert!(w != base_w, "{sub} did not change the weights");
@@ -76,25 +74,11 @@ fn a_checkpoint_resumes_only_the_run_that_wrote_it() {
     let data = smoke_data(dir.path());
     let out = dir.path().join("broken");
     let run = |lr: &str| {
-        let status = Command::new(env!("CARGO_BIN_EXE_antibody-teacher"))
-            .args([
-                "break",
-                "--base",
-                "tiny:0",
-                "--steps",
-                "2",
-                "--batch-size",
-                "2",
-            ])
-            .args(["--lr", lr, "--resume"])
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&out)
-            .env("RUST_LOG", "warn")
-            .status()
-            .expect("spawn");
-        assert!(status.success(), "break at lr {lr} failed");
+        let flags = ["--steps", "2", "--batch-size", "2", "--lr", lr, "--resume"];
+        assert!(
+            make("break", &flags, &data, &out),
+            "break at lr {lr} failed"
+        );
         head(&out)
     };
     let first = run("1e-3");
