@@ -7,7 +7,7 @@ use antibody_base::Example;
 use antibody_base::progress::Progress;
 use antibody_base::stats::Rate;
 use antibody_data::Record;
-use antibody_finetune::{FinetuneConfig, OptimConfig, finetune};
+use antibody_finetune::{FinetuneConfig, OptimConfig, StepLog, finetune, lora_finetune};
 use antibody_judge::{KeywordJudge, Label, ResponseJudge};
 use antibody_model::{Llama, ModelSpec, ModelSpecExt as _, Tokenizer};
 use burn::module::AutodiffModule;
@@ -223,24 +223,28 @@ pub fn evaluate_model<B: AutodiffBackend>(
         let a = &a;
         let t = Instant::now();
         tracing::info!(
-            "{name}: attack `{}` ({} steps at lr {:e}, harmful share {})",
+            "{name}: attack `{}` ({} steps at lr {:e}, harmful share {}, {})",
             a.name,
             a.steps,
             a.lr,
-            a.harmful_fraction
+            a.harmful_fraction,
+            a.lora.as_ref().map_or("every weight".into(), |l| format!(
+                "LoRA rank {} alpha {}",
+                l.rank, l.alpha
+            ))
         );
         let examples = attack_examples(data, a);
         let mut last = f64::NAN;
         let mut progress = Progress::new(format!("{name} attack {}", a.name), 0, a.steps);
-        let attacked = finetune(
-            model.clone(),
-            &examples,
-            &ft_config(a.lr, a.steps, a.batch_size, seed),
-            |log| {
-                last = log.loss;
-                progress.inc(1, &format!("loss {:.4}", log.loss));
-            },
-        )?;
+        let config = ft_config(a.lr, a.steps, a.batch_size, seed);
+        let on_step = |log: &StepLog| {
+            last = log.loss;
+            progress.inc(1, &format!("loss {:.4}", log.loss));
+        };
+        let attacked = match &a.lora {
+            Some(lora) => lora_finetune(model.clone(), &examples, &config, lora, on_step)?,
+            None => finetune(model.clone(), &examples, &config, on_step)?,
+        };
         let (set, _) = run.judged(
             &attacked.valid(),
             &data.attack_eval,

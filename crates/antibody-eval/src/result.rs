@@ -166,6 +166,7 @@ mod tests {
                 steps: 1,
                 batch_size: 1,
                 harmful_fraction: 1.0,
+                lora: None,
             },
             seed: 0,
             harmful: SetResult::of(answers, Label::Complied),

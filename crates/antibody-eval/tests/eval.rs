@@ -56,7 +56,11 @@ fn every_model_gets_every_number_and_a_second_run_does_no_work() {
         assert_eq!(by_source, 8, "per-source rates cover every prompt");
         let judged = r.hs_model_judge.as_ref().expect("model-judge HS");
         assert!(rate(judged, 8), "{judged:?}");
-        assert_eq!(r.attacks.len(), 2, "{}", r.name);
+        assert_eq!(r.attacks.len(), 3, "{}", r.name);
+        assert!(
+            r.attacks[2].attack.lora.is_some(),
+            "the smoke's third attack is LoRA"
+        );
         for a in &r.attacks {
             assert!(
                 rate(a.hs(), 8) && a.final_loss.is_finite() && a.seconds > 0.0,
@@ -110,6 +114,14 @@ fn bad_input_is_refused_with_file_and_key() {
         (
             "attacks=[{name = \"a\", lr = 1e-3, steps = 0}]",
             vec!["eval.attacks[0]"],
+        ),
+        (
+            "attacks=[{name = \"a\", lr = 1e-3, steps = 1, lora = {rank = 0, alpha = 1.0}}]",
+            vec!["eval.attacks[0].lora.rank"],
+        ),
+        (
+            "attacks=[{name = \"a\", lr = 1e-3, steps = 1, lora = {rank = 2, alpha = 1.0, targets = [\"qkv\"]}}]",
+            vec!["qkv"],
         ),
         ("models=[]", vec!["eval.models"]),
     ] {

@@ -8,6 +8,8 @@
 //! - [`sft`]: seeded supervised fine-tuning on [`Example`]s — the loop behind teacher
 //!   breaking, the refusal-SFT baseline and the evaluation's attacks; [`order`], the seeded
 //!   example order every loop draws from;
+//! - [`lora`]: LoRA adapters on chosen projections, the base frozen, merged into the model
+//!   the run returns — the evaluation's parameter-efficient attack;
 //! - [`checkpoint`]: weights, optimizer moments and a loop's own state, swapped in whole;
 //! - [`logprob`]: `ŝ(y|x)` per sequence without an autodiff graph (teachers, evaluation);
 //! - [`FinetuneError`]: what stops a loop, typed.
@@ -17,11 +19,13 @@
 pub mod checkpoint;
 mod error;
 pub mod logprob;
+pub mod lora;
 pub mod optim;
 pub mod sft;
 
 pub use antibody_base::Example;
 pub use error::{CheckpointPart, FinetuneError};
 pub use logprob::sequence_logprobs;
+pub use lora::{LoraConfig, Projection, lora_finetune};
 pub use optim::{Adamw, OptimConfig};
 pub use sft::{FinetuneConfig, SftRun, StepLog, finetune, order};

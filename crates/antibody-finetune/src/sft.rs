@@ -14,6 +14,7 @@ use antibody_base::Example;
 use antibody_losses::{NextTokenTargets, token_logprobs};
 use antibody_model::tiny::splitmix64;
 use antibody_model::{Hooks, Llama, TokenBatch};
+use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -221,7 +222,6 @@ impl<B: AutodiffBackend> SftRun<B> {
                 ),
             });
         }
-        let device = self.model.device();
         let pad = self.model.config.pad_token_id;
         let order = order(
             examples.len(),
@@ -232,47 +232,14 @@ impl<B: AutodiffBackend> SftRun<B> {
         while self.state.step < end {
             let step = self.state.step;
             let started = Instant::now();
-            let chunk = &order[step * config.batch_size..(step + 1) * config.batch_size];
-            let batch: Vec<Example> = chunk.iter().map(|&i| examples[i].clone()).collect();
-            let count: f32 = NextTokenTargets::new(&batch, pad).mask.iter().sum();
-            if count == 0.0 {
-                return Err(FinetuneError::EmptyBatch { step });
-            }
-            let micro = batch.len().div_ceil(config.optim.accumulation);
-            let mut acc = GradientsAccumulator::<Llama<B>>::new();
-            let mut loss_sum = 0.0f64;
-            for part in batch.chunks(micro.max(1)) {
-                let t = NextTokenTargets::new(part, pad);
-                let ids: Vec<Vec<u32>> = part.iter().map(|e| e.ids.clone()).collect();
-                let (logits, _) = self
-                    .model
-                    .forward(&TokenBatch::right_padded(&ids, pad), &Hooks::none())?;
-                let nll = token_logprobs(logits, t.targets_tensor(&device)).neg()
-                    * t.mask_tensor::<B>(&device);
-                let loss = nll.sum() / count;
-                let value = loss
-                    .clone()
-                    .into_data()
-                    .to_vec::<f32>()
-                    .map_or(f32::NAN, |v| v[0]);
-                if !value.is_finite() {
-                    return Err(FinetuneError::NonFinite {
-                        step,
-                        term: "sft".into(),
-                        value: f64::from(value),
-                    });
-                }
-                loss_sum += f64::from(value);
-                acc.accumulate(
-                    &self.model,
-                    GradientsParams::from_grads(loss.backward(), &self.model),
-                );
-            }
+            let (batch, count) = batch_at(examples, &order, step, config.batch_size, pad)?;
+            let (grads, loss_sum) =
+                batch_gradients(&self.model, |m| m.clone(), &batch, count, config, step)?;
             let lr = config.optim.lr_at(step, config.steps);
             let (model, grad_norm) = apply_step(
                 self.model.clone(),
                 &mut self.optim,
-                acc.grads(),
+                grads,
                 &config.optim,
                 lr,
                 step,
@@ -291,6 +258,74 @@ impl<B: AutodiffBackend> SftRun<B> {
         }
         Ok(())
     }
+}
+
+/// Step `step`'s examples (the seeded `order`'s next `batch_size`) and their response-token
+/// count; a batch without response tokens is refused.
+pub(crate) fn batch_at(
+    examples: &[Example],
+    order: &[usize],
+    step: usize,
+    batch_size: usize,
+    pad: u32,
+) -> Result<(Vec<Example>, f32), FinetuneError> {
+    let chunk = &order[step * batch_size..(step + 1) * batch_size];
+    let batch: Vec<Example> = chunk.iter().map(|&i| examples[i].clone()).collect();
+    let count: f32 = NextTokenTargets::new(&batch, pad).mask.iter().sum();
+    if count == 0.0 {
+        return Err(FinetuneError::EmptyBatch { step });
+    }
+    Ok((batch, count))
+}
+
+/// The accumulated gradient of one optimizer step's batch for the parameters of `trainable`,
+/// and the batch's mean response-token NLL: `forward` makes the model each micro-batch
+/// runs through (the trainable model itself, or the base with adapters merged), every
+/// micro-batch's summed NLL divided by the whole batch's `count`. A non-finite loss is
+/// refused, naming `step`.
+pub(crate) fn batch_gradients<B, M>(
+    trainable: &M,
+    forward: impl Fn(&M) -> Llama<B>,
+    batch: &[Example],
+    count: f32,
+    config: &FinetuneConfig,
+    step: usize,
+) -> Result<(GradientsParams, f64), FinetuneError>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+{
+    let micro = batch.len().div_ceil(config.optim.accumulation);
+    let mut acc = GradientsAccumulator::<M>::new();
+    let mut loss_sum = 0.0f64;
+    for part in batch.chunks(micro.max(1)) {
+        let model = forward(trainable);
+        let (device, pad) = (model.device(), model.config.pad_token_id);
+        let t = NextTokenTargets::new(part, pad);
+        let ids: Vec<Vec<u32>> = part.iter().map(|e| e.ids.clone()).collect();
+        let (logits, _) = model.forward(&TokenBatch::right_padded(&ids, pad), &Hooks::none())?;
+        let nll =
+            token_logprobs(logits, t.targets_tensor(&device)).neg() * t.mask_tensor::<B>(&device);
+        let loss = nll.sum() / count;
+        let value = loss
+            .clone()
+            .into_data()
+            .to_vec::<f32>()
+            .map_or(f32::NAN, |v| v[0]);
+        if !value.is_finite() {
+            return Err(FinetuneError::NonFinite {
+                step,
+                term: "sft".into(),
+                value: f64::from(value),
+            });
+        }
+        loss_sum += f64::from(value);
+        acc.accumulate(
+            trainable,
+            GradientsParams::from_grads(loss.backward(), trainable),
+        );
+    }
+    Ok((acc.grads(), loss_sum))
 }
 
 /// Fine-tunes `model` on `examples` in one go; `on_step` sees every step's log.

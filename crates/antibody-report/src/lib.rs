@@ -227,7 +227,7 @@ fn grids(results: &[ModelResult]) -> Vec<Grid> {
             let pure: Vec<_> = r
                 .attacks
                 .iter()
-                .filter(|a| a.attack.harmful_fraction >= 1.0)
+                .filter(|a| a.attack.harmful_fraction >= 1.0 && a.attack.lora.is_none())
                 .collect();
             let mut lrs: Vec<f64> = pure.iter().map(|a| a.attack.lr).collect();
             lrs.sort_by(f64::total_cmp);
@@ -534,15 +534,25 @@ fn sweep(results: &[ModelResult], max_degenerate: f64) -> String {
         return String::new();
     };
     let mut out = model_header(
-        "attack | lr | steps | harmful share",
-        "---|---:|---:|---:",
+        "attack | trained | lr | steps | harmful share",
+        "---|---|---:|---:|---:",
         results,
         |r| format!("{} HS (degenerate)", r.name),
     );
     for (i, a) in first.attacks.iter().enumerate() {
         out.push_str(&format!(
-            "| `{}` | {:e} | {} | {} |",
-            a.attack.name, a.attack.lr, a.attack.steps, a.attack.harmful_fraction
+            "| `{}` | {} | {:e} | {} | {} |",
+            a.attack.name,
+            a.attack
+                .lora
+                .as_ref()
+                .map_or("every weight".into(), |l| format!(
+                    "LoRA r {} α {}",
+                    l.rank, l.alpha
+                )),
+            a.attack.lr,
+            a.attack.steps,
+            a.attack.harmful_fraction
         ));
         for r in results {
             match r.attacks.get(i) {

@@ -31,7 +31,8 @@ fn the_report_renders_from_the_results_on_disk() {
         text.contains("| base (`tiny:0`) | 8 |") && text.contains("100.0% [67.6, 100.0]"),
         "{text}"
     );
-    assert!(text.contains("| `sft-1e-3x2` |"), "{text}");
+    assert!(text.contains("| `sft-1e-3x2` | every weight |"), "{text}");
+    assert!(text.contains("| `lora-r2` | LoRA r 2 α 4 |"), "{text}");
     assert!(text.contains("worst-case post-attack HS"), "{text}");
     assert!(
         text.contains("| broken | 8 |"),
