@@ -236,8 +236,36 @@ def check_saved(args, tok, model) -> int:
                 print("chat template ids compared")
         except Exception as e:  # noqa: BLE001
             print(f"note: AutoTokenizer on saved dir failed: {e}")
+    ok &= everyday_calls(d)
     print("RESULT:", "OK" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def everyday_calls(d: Path) -> bool:
+    """The calls a user makes on an exported directory, exactly as written in transformers'
+    documentation: the tokenizer's output passed whole to `generate`, and the text-generation
+    pipeline. Either raising is a failure."""
+    from transformers import pipeline
+
+    ok = True
+    try:
+        tok = AutoTokenizer.from_pretrained(str(d))
+        model = AutoModelForCausalLM.from_pretrained(str(d))
+        inputs = tok("The capital of France is", return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        print(f"everyday generate: {tok.decode(out[0], skip_special_tokens=True)!r} [OK]")
+    except Exception as e:  # noqa: BLE001
+        print(f"everyday generate FAILED: {type(e).__name__}: {e}")
+        ok = False
+    try:
+        gen = pipeline("text-generation", model=str(d))
+        text = gen([{"role": "user", "content": "What is the capital of France?"}],
+                   max_new_tokens=8, do_sample=False)
+        print(f"pipeline('text-generation'): {text[0]['generated_text'][-1]!r} [OK]")
+    except Exception as e:  # noqa: BLE001
+        print(f"pipeline('text-generation') FAILED: {type(e).__name__}: {e}")
+        ok = False
+    return ok
 
 
 def main() -> int:

@@ -40,7 +40,8 @@ pub struct Args {
     /// Override a key: `--set train.lat.epsilon=4.0` (sections train, eval, teacher).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub(crate) overrides: Vec<String>,
-    /// Device for every stage: cpu, cuda or cuda:N (cuda builds with `--features cuda`).
+    /// Device for every stage: cpu, cuda[:N] or wgpu[:N|:cpu] (built with `--features cuda`
+    /// or `--features wgpu`).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
     /// Run only this stage (fetch, data, teachers, train, eval).
@@ -234,7 +235,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds every stage's binary once (release; `--features cuda` for a CUDA device).
+/// Builds every stage's binary once (release; `--features cuda` for a CUDA device,
+/// `--features wgpu` for a wgpu one).
 fn build_binaries(device: &str) -> anyhow::Result<()> {
     let (target, _) = target_dir();
     let mut build: Vec<String> = ["build", "--release"].map(String::from).to_vec();
@@ -248,9 +250,14 @@ fn build_binaries(device: &str) -> anyhow::Result<()> {
     for p in packages {
         build.extend(["-p".to_owned(), p.to_owned()]);
     }
-    if device.starts_with("cuda") {
-        let features: Vec<String> = packages[..4].iter().map(|p| format!("{p}/cuda")).collect();
-        build.extend(["--features".to_owned(), features.join(",")]);
+    for backend in ["cuda", "wgpu"] {
+        if device.starts_with(backend) {
+            let features: Vec<String> = packages[..4]
+                .iter()
+                .map(|p| format!("{p}/{backend}"))
+                .collect();
+            build.extend(["--features".to_owned(), features.join(",")]);
+        }
     }
     tracing::info!("building the stages' binaries (release)");
     let status = cargo_command(&build, &target)

@@ -6,8 +6,13 @@
 //! 2. `cargo fmt --all -- --check`;
 //! 3. `cargo clippy --workspace --all-targets --release -- -D warnings`;
 //! 4. `cargo test --workspace --release [ARGS after --]`;
-//! 5. `cargo check` of every crate with a `cuda` feature, with it (`--release`).
-//!    (every crate with a `cuda` feature).
+//! 5. with `--wgpu`: the software Vulkan driver (Mesa's lavapipe) installed from Debian's
+//!    packages if the machine has none;
+//! 6. with `--wgpu`: the backend-generic tests again on burn's wgpu backend: the tiny model's parity with
+//!    transformers (logits, sites, `∂CE/∂δ`), the fused losses, LAT, the canaries, the
+//!    method's trajectory, SFT and LoRA with the SFT kill/resume, and the smoke pipeline
+//!    end to end with `--device wgpu` ([`WGPU_TESTS`]);
+//! 7. `cargo check` of every crate with a `cuda` feature, with it (`--release`).
 //!
 //! Everything builds with the release profile: one optimized build serves
 //! tests, binaries and benchmarks, and step 5 reuses its build scripts and
@@ -25,9 +30,13 @@ use anyhow::{Context as _, bail};
 /// Arguments of `cargo xtask test`.
 #[derive(Debug, Default, clap::Args)]
 pub struct Args {
-    /// Skip step 5, the check of the crates with a `cuda` feature against the CUDA backend.
+    /// Skip step 7, the check of the crates with a `cuda` feature against the CUDA backend.
     #[arg(long)]
     pub skip_cuda_check: bool,
+    /// Also run steps 5 and 6, the tests on burn's wgpu backend (not yet part of CI: the
+    /// wgpu build of the stages' binaries costs tens of minutes on 2 cores).
+    #[arg(long)]
+    pub wgpu: bool,
     /// Skip step 3, clippy.
     #[arg(long)]
     pub no_clippy: bool,
@@ -41,6 +50,8 @@ pub struct Args {
 enum Action {
     /// Fetch and verify the assets in this process.
     Fetch,
+    /// Install the software Vulkan driver if no Vulkan driver is present.
+    SoftwareVulkan,
     /// Run `cargo` with these arguments.
     Cargo(Vec<String>),
 }
@@ -83,6 +94,16 @@ fn steps(args: &Args) -> Vec<Step> {
         name: "tests",
         action: cargo(&test),
     });
+    if args.wgpu {
+        steps.push(Step {
+            name: "software Vulkan",
+            action: Action::SoftwareVulkan,
+        });
+        steps.push(Step {
+            name: "tests on wgpu",
+            action: Action::Cargo(wgpu_test_args()),
+        });
+    }
     if !args.skip_cuda_check {
         steps.push(Step {
             name: "check the CUDA backend",
@@ -109,6 +130,108 @@ fn steps(args: &Args) -> Vec<Step> {
         });
     }
     steps
+}
+
+/// The backend-generic test targets run again on wgpu: `(package, test target)`. Their
+/// backend is `antibody_testkit::TestBackend`, wgpu under `antibody-testkit/wgpu`.
+pub(crate) const WGPU_TESTS: [(&str, &str); 8] = [
+    ("antibody-model", "tiny_reference"),
+    ("antibody-losses", "fused_sequence"),
+    ("antibody-lat", "tiny_reference"),
+    ("antibody-canary", "reference"),
+    ("antibody-train", "trajectory"),
+    ("antibody-finetune", "kill_resume"),
+    ("antibody-finetune", "lora"),
+    ("xtask", "pipeline"),
+];
+
+/// One `cargo test` of [`WGPU_TESTS`] with the wgpu features; of the pipeline tests only
+/// the wgpu one (the others ran on the CPU in the tests step).
+fn wgpu_test_args() -> Vec<String> {
+    let mut a: Vec<String> = ["test", "--release"].map(String::from).to_vec();
+    let mut packages: Vec<&str> = WGPU_TESTS.iter().map(|(p, _)| *p).collect();
+    packages.dedup();
+    for p in &packages {
+        a.extend(["-p".to_owned(), (*p).to_owned()]);
+    }
+    let features = [
+        "antibody-testkit/wgpu",
+        "antibody-model/wgpu",
+        "antibody-finetune/wgpu",
+        "antibody-canary/wgpu",
+        "antibody-train/wgpu",
+        "xtask/wgpu",
+    ];
+    a.extend(["--features".to_owned(), features.join(",")]);
+    for (_, t) in WGPU_TESTS {
+        if !a.iter().any(|x| x == t) {
+            a.extend(["--test".to_owned(), t.to_owned()]);
+        }
+    }
+    a.extend(
+        [
+            "--",
+            "--skip",
+            "the_smoke_pipeline_runs_to_a_sane_report",
+            "--skip",
+            "a_pipeline_killed_in_any_stage",
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+/// Where Mesa's lavapipe registers itself with the Vulkan loader.
+const LAVAPIPE_ICD: &str = "/usr/share/vulkan/icd.d/lvp_icd.x86_64.json";
+
+/// Makes sure a Vulkan driver is present: lavapipe (Debian's `mesa-vulkan-drivers`, with the
+/// loader `libvulkan1`) is installed with apt when no driver is registered and this runs as
+/// root; otherwise the error says what to install.
+fn ensure_vulkan() -> anyhow::Result<()> {
+    let registered = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .any(|e| e.path().extension().is_some_and(|x| x == "json"));
+    let loader = [
+        "/usr/lib/x86_64-linux-gnu/libvulkan.so.1",
+        "/usr/lib/libvulkan.so.1",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists());
+    if registered && loader {
+        eprintln!("a Vulkan driver is registered");
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        bail!(
+            "no Vulkan driver: install Debian's `mesa-vulkan-drivers` and `libvulkan1` (the \
+             software driver lavapipe, {LAVAPIPE_ICD}), or run without --wgpu"
+        );
+    }
+    let install = |update: bool| -> anyhow::Result<bool> {
+        if update {
+            Command::new("apt-get").args(["update", "-q"]).status()?;
+        }
+        Ok(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["mesa-vulkan-drivers", "libvulkan1"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()?
+            .success())
+    };
+    if !install(false).context("apt-get")? && !install(true).context("apt-get")? {
+        bail!("apt-get could not install mesa-vulkan-drivers and libvulkan1");
+    }
+    if !std::path::Path::new(LAVAPIPE_ICD).exists() {
+        bail!("mesa-vulkan-drivers is installed but {LAVAPIPE_ICD} is missing");
+    }
+    Ok(())
 }
 
 /// The target dir for child cargos: `$CARGO_TARGET_DIR`, else
@@ -171,6 +294,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 for (asset, path) in &fetched {
                     crate::fetch::print(asset, path);
                 }
+            }
+            Action::SoftwareVulkan => {
+                eprintln!("\n==> [{n}/{total}] {}", step.name);
+                ensure_vulkan()
+                    .with_context(|| format!("step {n}/{total} ({}) failed", step.name))?;
             }
             Action::Cargo(cargo_args) => {
                 let line = format!("cargo {}", cargo_args.join(" "));
@@ -259,6 +387,7 @@ mod tests {
             .iter()
             .map(|s| match &s.action {
                 Action::Fetch => "<fetch>".to_owned(),
+                Action::SoftwareVulkan => "<vulkan>".to_owned(),
                 Action::Cargo(a) => a.join(" "),
             })
             .collect()
@@ -296,9 +425,27 @@ mod tests {
     }
 
     #[test]
+    fn wgpu_adds_the_driver_and_the_tests_on_wgpu() {
+        let args = Args {
+            wgpu: true,
+            skip_cuda_check: true,
+            ..Args::default()
+        };
+        let lines = cargo_lines(&args);
+        assert_eq!(
+            lines[lines.len() - 2..],
+            [
+                "<vulkan>",
+                "test --release -p antibody-model -p antibody-losses -p antibody-lat -p antibody-canary -p antibody-train -p antibody-finetune -p xtask --features antibody-testkit/wgpu,antibody-model/wgpu,antibody-finetune/wgpu,antibody-canary/wgpu,antibody-train/wgpu,xtask/wgpu --test tiny_reference --test fused_sequence --test reference --test trajectory --test kill_resume --test lora --test pipeline -- --skip the_smoke_pipeline_runs_to_a_sane_report --skip a_pipeline_killed_in_any_stage",
+            ]
+        );
+    }
+
+    #[test]
     fn flags_skip_steps_and_extra_args_go_to_cargo_test() {
         let args = Args {
             skip_cuda_check: true,
+            wgpu: false,
             no_clippy: true,
             cargo_test_args: vec!["tidy".to_owned(), "--".to_owned(), "--nocapture".to_owned()],
         };

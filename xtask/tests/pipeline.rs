@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn pipeline(config: &Path) -> (bool, String) {
+fn pipeline(config: &Path, device: &str) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["pipeline", "--config"])
+        .args(["pipeline", "--device", device, "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
         .output()
@@ -22,8 +22,9 @@ fn pipeline(config: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-#[test]
-fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
+/// A directory with the smoke and sources configurations and a link to the datasets;
+/// returns it and the smoke configuration's path.
+fn smoke_dir() -> (tempfile::TempDir, PathBuf) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = tempfile::tempdir().expect("tempdir");
     let configs = dir.path().join("configs");
@@ -34,10 +35,49 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
     std::os::unix::fs::symlink(root.join("datasets"), dir.path().join("datasets"))
         .expect("datasets link");
     let config = configs.join("smoke.toml");
+    (dir, config)
+}
 
-    let (ok, log) = pipeline(&config);
+#[test]
+fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
+    let (dir, config) = smoke_dir();
+    let (ok, log) = pipeline(&config, "cpu");
     assert!(ok, "the smoke pipeline failed:\n{log}");
-    let eval = dir.path().join("runs/smoke/eval");
+    check_smoke_run(dir.path());
+
+    let (ok, log) = pipeline(&config, "cpu");
+    assert!(ok, "the second run failed:\n{log}");
+    for needle in [
+        "teachers are current: skipped",
+        "training is current: skipped",
+        "base: result is current",
+        "hardened: result is current",
+    ] {
+        assert!(log.contains(needle), "`{needle}` not in:\n{log}");
+    }
+}
+
+/// The smoke pipeline with every stage on burn's wgpu backend (lavapipe, the software
+/// Vulkan driver, where the machine has no GPU): the same sane report as on the CPU.
+#[cfg(feature = "wgpu")]
+#[test]
+fn the_smoke_pipeline_runs_on_wgpu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A private cache: nothing generated on the CPU is reused.
+    let config = smoke_project(dir.path());
+    let out = pipeline_command(&config)
+        .args(["--device", "wgpu"])
+        .output()
+        .expect("spawn xtask");
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the smoke pipeline on wgpu failed:\n{log}");
+    check_smoke_run(dir.path());
+}
+
+/// The report, plots, training outputs and stage timings of a finished smoke run in `dir`.
+fn check_smoke_run(dir: &Path) {
+    let eval = dir.join("runs/smoke/eval");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(eval.join("report.json")).expect("report.json"))
             .expect("report.json parses");
@@ -53,7 +93,7 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
         assert!(unit(&hs["rate"]) && hs["n"].as_u64() == Some(8), "{m}");
         assert!(unit(&hs["lo"]) && unit(&hs["hi"]), "{m}");
         let attacks = m["attacks"].as_array().expect("attacks");
-        assert_eq!(attacks.len(), 2);
+        assert_eq!(attacks.len(), 3);
         assert!(
             attacks
                 .iter()
@@ -80,10 +120,10 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
     }
     let md = std::fs::read_to_string(eval.join("report.md")).expect("report.md");
     assert!(md.contains("hardened: worst-case post-attack HS"), "{md}");
-    let train = dir.path().join("runs/smoke/train");
+    let train = dir.join("runs/smoke/train");
     assert!(train.join("metrics.parquet").is_file() && train.join("student/config.json").is_file());
     let timings: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("runs/smoke/pipeline/timings.json")).expect("timings.json"),
+        &std::fs::read(dir.join("runs/smoke/pipeline/timings.json")).expect("timings.json"),
     )
     .expect("timings.json parses");
     let stages: Vec<&str> = timings["stages"]
@@ -100,17 +140,7 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
         timings["total_s"].as_f64().is_some_and(|t| t > 0.0),
         "{timings}"
     );
-
-    let (ok, log) = pipeline(&config);
-    assert!(ok, "the second run failed:\n{log}");
-    for needle in [
-        "teachers are current: skipped",
-        "training is current: skipped",
-        "base: result is current",
-        "hardened: result is current",
-    ] {
-        assert!(log.contains(needle), "`{needle}` not in:\n{log}");
-    }
+}
 }
 
 /// A project directory of its own: the smoke and sources configurations, the datasets, and a

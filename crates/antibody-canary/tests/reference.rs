@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use antibody_canary::{Activations, canary_means, drift, mean_activations, select, stab_loss};
-use antibody_model::device::{Cpu, CpuAutodiff};
 use antibody_model::{LlamaConfig, Site, TokenBatch, tiny};
 use antibody_testkit::max_abs_diff;
+use antibody_testkit::{TestAutodiff, TestBackend};
 use burn::tensor::{Tensor, TensorData};
 use serde_json::Value;
 
@@ -68,11 +68,11 @@ fn drift_quantile_selection_and_stab_loss_match_pytorch() {
     // L_stab from the activations of a forward, with gradients.
     let device = Default::default();
     let mask =
-        Tensor::<CpuAutodiff, 2>::from_data(TensorData::new(floats(&f["mask"]), [2, 5]), &device);
+        Tensor::<TestAutodiff, 2>::from_data(TensorData::new(floats(&f["mask"]), [2, 5]), &device);
     let mut leaves = BTreeMap::new();
     for (s, v) in &sites {
         let w = d[s].len();
-        let t = Tensor::<CpuAutodiff, 3>::from_data(
+        let t = Tensor::<TestAutodiff, 3>::from_data(
             TensorData::new(floats(&v["current"]), [2, 5, w]),
             &device,
         )
@@ -115,8 +115,9 @@ fn tiny_model_means_match_transformers() {
         .iter()
         .map(|x| x.as_u64().expect("id") as u32)
         .collect();
-    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &Default::default())
-        .expect("model");
+    let model =
+        tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &Default::default())
+            .expect("model");
     // The same row twice, once with left padding: means over real tokens must not change.
     let mut padded = vec![2u32; 3];
     padded.extend(&ids);

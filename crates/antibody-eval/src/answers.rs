@@ -604,17 +604,20 @@ pub fn calibrate(
             for words in [0.0, 0.35, 0.4, 0.45] {
                 for f in (0..=12).map(|i| -4.0 + 0.25 * f64::from(i)) {
                     for r in [-1.0, -0.5, -0.25, 0.0, 0.1, 0.2, 0.3] {
-                        let c = antibody_judge::ResponseJudgeConfig {
-                            min_fluency: f,
-                            min_relevance: r,
-                            min_distinct_trigrams: trigrams,
-                            min_distinct_char_ngrams: chars,
-                            min_distinct_words: words,
-                            ..base.clone()
-                        };
-                        let a = agreement(&c, Some(false)).agreement;
-                        if best.as_ref().is_none_or(|(b, _)| a > *b + 1e-12) {
-                            best = Some((a, c));
+                        for tail in [1.0, 0.5, 0.3, 0.2, 0.15, 0.1, 0.05] {
+                            let c = antibody_judge::ResponseJudgeConfig {
+                                min_fluency: f,
+                                min_relevance: r,
+                                min_distinct_trigrams: trigrams,
+                                min_distinct_char_ngrams: chars,
+                                min_distinct_words: words,
+                                max_tail_loop: tail,
+                                ..base.clone()
+                            };
+                            let a = agreement(&c, Some(false)).agreement;
+                            if best.as_ref().is_none_or(|(b, _)| a > *b + 1e-12) {
+                                best = Some((a, c));
+                            }
                         }
                     }
                 }

@@ -246,10 +246,10 @@ pub fn evaluate<B: AutodiffBackend>(
                 .map_err(antibody_model::ModelError::from)?
                 .resolved_against(eval.file.parent().unwrap_or(Path::new(".")));
             let loaded = spec.load::<B::InnerBackend>(device)?;
-            Some(judge::ModelJudge::new(
+            Some(judge::ModelJudge::with_rubric(
                 loaded.model,
                 loaded.tokenizer,
-                j.batch_size,
+                j,
             )?)
         }
         None => None,

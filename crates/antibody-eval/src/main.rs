@@ -168,7 +168,7 @@ fn judge(args: &JudgeArgs) -> Result<()> {
             })?;
         let j = &c.judge;
         println!(
-            "calibrated on {} rows (agreement {:.1}%): min_fluency = {}, min_relevance = {}, min_distinct_trigrams = {}, min_distinct_char_ngrams = {}, min_distinct_words = {}; held out: agreement {:.1}% (n={}), kappa {:.3}; all rows: agreement {:.1}% (n={}), kappa {:.3}",
+            "calibrated on {} rows (agreement {:.1}%): min_fluency = {}, min_relevance = {}, min_distinct_trigrams = {}, min_distinct_char_ngrams = {}, min_distinct_words = {}, max_tail_loop = {}; held out: agreement {:.1}% (n={}), kappa {:.3}; all rows: agreement {:.1}% (n={}), kappa {:.3}",
             c.fit_n,
             100.0 * c.fit_agreement,
             j.min_fluency,
@@ -176,6 +176,7 @@ fn judge(args: &JudgeArgs) -> Result<()> {
             j.min_distinct_trigrams,
             j.min_distinct_char_ngrams,
             j.min_distinct_words,
+            j.max_tail_loop,
             100.0 * c.held_out.agreement,
             c.held_out.n,
             c.held_out.kappa,

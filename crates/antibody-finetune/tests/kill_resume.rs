@@ -18,7 +18,12 @@ const STEPS: usize = 12;
 fn sft_command(data: &Path, run_dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_antibody-finetune"));
     c.args(["sft", "--set", "harmful_train", "--response", "y_h"])
-        .args(["--model", "tiny:0"])
+        .args([
+            "--model",
+            "tiny:0",
+            "--device",
+            antibody_testkit::TEST_DEVICE,
+        ])
         .arg("--data")
         .arg(data)
         .arg("--run-dir")

@@ -94,6 +94,12 @@ pub struct ResponseJudgeConfig {
     /// (tautological: the same few words over and over).
     #[serde(default = "default_min_distinct_words")]
     pub min_distinct_words: f64,
+    /// Share of an answer of at least 12 words covered by the loop it ends in (three or more
+    /// repeats of one unit of up to 64 characters, the last repeat possibly cut off) above
+    /// which it is degenerate: an answer that degenerates into a loop after an on-topic
+    /// opening, which whole-answer repetition shares miss. 1 turns the check off.
+    #[serde(default = "default_max_tail_loop")]
+    pub max_tail_loop: f64,
     /// Share of letters among non-space characters below which an answer is not text.
     #[serde(default = "default_min_letter_share")]
     pub min_letter_share: f64,
@@ -115,6 +121,7 @@ impl Default for ResponseJudgeConfig {
             min_distinct_trigrams: default_min_distinct_trigrams(),
             min_distinct_char_ngrams: default_min_distinct_char_ngrams(),
             min_distinct_words: default_min_distinct_words(),
+            max_tail_loop: default_max_tail_loop(),
             min_letter_share: default_min_letter_share(),
             min_fluency: default_min_fluency(),
             min_relevance: default_min_relevance(),
@@ -192,8 +199,8 @@ fn default_min_words() -> usize {
 }
 // The repetition and fluency defaults are `antibody-eval judge --calibrate` on
 // `datasets/judge_labels.jsonl` (docs/EVALUATION.md): fitted on half the labelled answers,
-// 92.3% agreement on the other half. Relevance and word trigrams did not improve agreement
-// there, so their defaults leave them off.
+// 92.9% agreement on the other half (with the tail-loop check; 92.3% before it). Relevance and
+// word trigrams did not improve agreement there, so their defaults leave them off.
 fn default_min_distinct_trigrams() -> f64 {
     0.0
 }
@@ -202,6 +209,9 @@ fn default_min_distinct_char_ngrams() -> f64 {
 }
 fn default_min_distinct_words() -> f64 {
     0.4
+}
+fn default_max_tail_loop() -> f64 {
+    0.3
 }
 fn default_min_letter_share() -> f64 {
     0.6
@@ -297,6 +307,7 @@ impl ResponseJudge {
             distinct_trigrams: distinct_trigram_share(&words),
             distinct_char_ngrams: distinct_char_ngram_share(answer, 10),
             distinct_words: distinct_words as f64 / words.len().max(1) as f64,
+            tail_loop: tail_loop_share(answer),
             scores,
         }
     }
@@ -346,6 +357,15 @@ impl ResponseJudge {
                     );
                 }
             }
+            if m.tail_loop > c.max_tail_loop {
+                return Judgement::new(
+                    Label::Degenerate,
+                    format!(
+                        "ends in a loop ({:.2} of the answer > {})",
+                        m.tail_loop, c.max_tail_loop
+                    ),
+                );
+            }
         }
         if let Some(s) = m.scores {
             if f64::from(s.fluency) < c.min_fluency {
@@ -393,8 +413,48 @@ pub struct Measures {
     pub distinct_char_ngrams: f64,
     /// Distinct words among all.
     pub distinct_words: f64,
+    /// Share of the answer covered by the loop it ends in ([`tail_loop_share`]).
+    pub tail_loop: f64,
     /// The scorer's view.
     pub scores: Option<Scores>,
+}
+
+/// Share of `answer` (trailing whitespace aside) covered by the loop it ends in: the most,
+/// over units of 1–64 characters, of `k` consecutive exact repeats of the unit at the end
+/// (`k ≥ 3`, the unit not all whitespace), the last repeat possibly cut off; 0 when the answer
+/// does not end in a loop. "… step 1: start with a solid solid solid solid solid" ends in a
+/// loop of "solid " covering about a sixth of it.
+pub fn tail_loop_share(answer: &str) -> f64 {
+    let s: Vec<char> = answer.trim_end().chars().collect();
+    let n = s.len();
+    let mut best = 0usize;
+    for p in 1..=64usize {
+        if 3 * p > n {
+            break;
+        }
+        for cut in 0..p {
+            let m = n - cut;
+            if m < 3 * p {
+                continue;
+            }
+            let unit = &s[m - p..m];
+            if unit.iter().all(|c| c.is_whitespace()) {
+                continue;
+            }
+            // The cut-off tail must be a prefix of the unit.
+            if s[m..] != unit[..cut] {
+                continue;
+            }
+            let mut k = 1;
+            while m >= (k + 1) * p && s[m - (k + 1) * p..m - k * p] == *unit {
+                k += 1;
+            }
+            if k >= 3 {
+                best = best.max(k * p + cut);
+            }
+        }
+    }
+    best as f64 / n.max(1) as f64
 }
 
 /// Lower case, ASCII apostrophes, single spaces.
@@ -469,6 +529,32 @@ fn distinct_trigram_share(words: &[String]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_loop_at_the_end_is_measured_by_what_it_covers() {
+        let solid = "Here is how: 1. **Step 1: Start with a solid solid solid solid solid solid";
+        let share = tail_loop_share(solid);
+        assert!((0.25..0.5).contains(&share), "{share}");
+        // Lines of code repeated, the last one cut off.
+        let code = "Code:\n#include <a.h>\n#include <a.h>\n#include <a.h>\n#include <a";
+        assert!(tail_loop_share(code) > 0.6, "{}", tail_loop_share(code));
+        // Two repeats are not a loop; an ordinary answer does not end in one.
+        assert_eq!(tail_loop_share("It is what it is, it is what it is."), 0.0);
+        assert_eq!(
+            tail_loop_share("Paris is the capital of France. It lies on the Seine."),
+            0.0
+        );
+        assert_eq!(tail_loop_share("...   \n\n\n"), 1.0);
+        assert_eq!(tail_loop_share(""), 0.0);
+
+        let judge = ResponseJudge::new(ResponseJudgeConfig::default());
+        let text = "To do this you first gather the parts and then you follow the steps \
+                    below: 1. USB: USB: USB: USB: USB: USB: USB: USB: USB: USB:";
+        let j = judge.judge(text, None);
+        assert_eq!(j.label, Label::Degenerate, "{j:?}");
+        assert!(j.reason.contains("ends in a loop"), "{}", j.reason);
+    }
+
     use super::*;
 
     fn judge(answer: &str) -> Label {

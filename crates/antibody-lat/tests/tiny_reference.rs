@@ -4,12 +4,12 @@
 //! host, in f64, and compared with the crate's.
 
 use antibody_lat::{LatConfig, Positions, attack};
-use antibody_model::device::CpuAutodiff;
 use antibody_model::{LlamaConfig, TokenBatch, tiny};
+use antibody_testkit::TestAutodiff;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde_json::Value;
 
-type B = CpuAutodiff;
+type B = TestAutodiff;
 
 fn fixture() -> Value {
     let path = concat!(

@@ -3,11 +3,10 @@
 //! losses with their gradients into the hidden states and the head, for several chunk sizes.
 
 use antibody_losses::{HeadLogprob, dpo, fused_sequence_loss, npo, sequence_logprob};
-use antibody_testkit::max_abs_diff;
-use burn::backend::{Autodiff, Flex};
+use antibody_testkit::{TestAutodiff, max_abs_diff};
 use burn::tensor::{Int, Tensor, TensorData};
 
-type B = Autodiff<Flex>;
+type B = TestAutodiff;
 const B_: usize = 3;
 const T: usize = 5;
 const D: usize = 6;

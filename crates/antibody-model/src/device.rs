@@ -1,4 +1,5 @@
-//! Run-time device choice: `--device cpu|cuda[:N]`, one generic code path per backend.
+//! Run-time device choice: `--device cpu|cuda[:N]|wgpu[:N|:cpu]`, one generic code path per
+//! backend.
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,21 +14,46 @@ pub enum DeviceSpec {
     Cpu,
     /// CUDA device `N` (needs the `cuda` cargo feature).
     Cuda(usize),
+    /// A device of burn's wgpu backend (needs the `wgpu` cargo feature).
+    Wgpu(WgpuKind),
+}
+
+/// Which wgpu adapter: `wgpu` (the best one found, or `CUBECL_WGPU_DEFAULT_DEVICE`),
+/// `wgpu:N` (the N-th discrete GPU), `wgpu:cpu` (a software device such as lavapipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgpuKind {
+    /// The best adapter found.
+    Default,
+    /// The N-th discrete GPU.
+    Discrete(usize),
+    /// A CPU (software) adapter.
+    Cpu,
 }
 
 impl FromStr for DeviceSpec {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            ModelError::Invalid(format!(
+                "bad device `{s}`: expected cpu, cuda, cuda:N, wgpu, wgpu:N or wgpu:cpu"
+            ))
+        };
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| {
-                    ModelError::Invalid(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))
-                }),
+            "wgpu" => Ok(Self::Wgpu(WgpuKind::Default)),
+            "wgpu:cpu" => Ok(Self::Wgpu(WgpuKind::Cpu)),
+            _ => {
+                if let Some(n) = s.strip_prefix("cuda:") {
+                    n.parse().map(Self::Cuda).map_err(|_| bad())
+                } else if let Some(n) = s.strip_prefix("wgpu:") {
+                    n.parse()
+                        .map(|n| Self::Wgpu(WgpuKind::Discrete(n)))
+                        .map_err(|_| bad())
+                } else {
+                    Err(bad())
+                }
+            }
         }
     }
 }
@@ -37,6 +63,9 @@ impl fmt::Display for DeviceSpec {
         match self {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Wgpu(WgpuKind::Default) => write!(f, "wgpu"),
+            Self::Wgpu(WgpuKind::Discrete(n)) => write!(f, "wgpu:{n}"),
+            Self::Wgpu(WgpuKind::Cpu) => write!(f, "wgpu:cpu"),
         }
     }
 }
@@ -51,19 +80,37 @@ pub type Gpu = burn::backend::Cuda;
 /// The CUDA training backend.
 #[cfg(feature = "cuda")]
 pub type GpuAutodiff = burn::backend::Autodiff<Gpu>;
+/// The wgpu inference backend (f32).
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu;
+/// The wgpu training backend.
+#[cfg(feature = "wgpu")]
+pub type WgpuAutodiff = burn::backend::Autodiff<Wgpu>;
+
+/// burn's device for a wgpu adapter choice.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device(kind: WgpuKind) -> burn::backend::wgpu::WgpuDevice {
+    use burn::backend::wgpu::WgpuDevice;
+    match kind {
+        WgpuKind::Default => WgpuDevice::DefaultDevice,
+        WgpuKind::Discrete(n) => WgpuDevice::DiscreteGpu(n),
+        WgpuKind::Cpu => WgpuDevice::Cpu,
+    }
+}
 
 /// Calls `$body` with the type alias `$B` bound to the backend `$spec` names and `$device`
 /// bound to its device, so binaries are written once, generic over the backend.
-/// `$inner` picks the inference (`Cpu`/`Gpu`) or training (`CpuAutodiff`/`GpuAutodiff`) pair.
+/// `autodiff` picks the training backends (`CpuAutodiff`, `GpuAutodiff`, `WgpuAutodiff`),
+/// its absence the inference ones (`Cpu`, `Gpu`, `Wgpu`).
 #[macro_export]
 macro_rules! with_backend {
     ($spec:expr, autodiff, |$B:ident, $device:ident| $body:expr) => {
-        $crate::with_backend!(@dispatch $spec, $crate::device::CpuAutodiff, GpuAutodiff, |$B, $device| $body)
+        $crate::with_backend!(@dispatch $spec, $crate::device::CpuAutodiff, GpuAutodiff, WgpuAutodiff, |$B, $device| $body)
     };
     ($spec:expr, |$B:ident, $device:ident| $body:expr) => {
-        $crate::with_backend!(@dispatch $spec, $crate::device::Cpu, Gpu, |$B, $device| $body)
+        $crate::with_backend!(@dispatch $spec, $crate::device::Cpu, Gpu, Wgpu, |$B, $device| $body)
     };
-    (@dispatch $spec:expr, $cpu:ty, $gpu:ident, |$B:ident, $device:ident| $body:expr) => {{
+    (@dispatch $spec:expr, $cpu:ty, $gpu:ident, $wgpu:ident, |$B:ident, $device:ident| $body:expr) => {{
         match $spec {
             $crate::device::DeviceSpec::Cpu => {
                 type $B = $cpu;
@@ -79,6 +126,16 @@ macro_rules! with_backend {
             #[cfg(not(feature = "cuda"))]
             $crate::device::DeviceSpec::Cuda(_) => {
                 Err(anyhow::anyhow!("this build has no CUDA support: rebuild with `--features cuda`"))
+            }
+            #[cfg(feature = "wgpu")]
+            $crate::device::DeviceSpec::Wgpu(kind) => {
+                type $B = $crate::device::$wgpu;
+                let $device = $crate::device::wgpu_device(kind);
+                $body
+            }
+            #[cfg(not(feature = "wgpu"))]
+            $crate::device::DeviceSpec::Wgpu(_) => {
+                Err(anyhow::anyhow!("this build has no wgpu support: rebuild with `--features wgpu`"))
             }
         }
     }};
@@ -99,6 +156,24 @@ mod tests {
             "cuda:3".parse::<DeviceSpec>().expect("cuda:3"),
             DeviceSpec::Cuda(3)
         );
-        assert!("gpu".parse::<DeviceSpec>().is_err());
+        assert_eq!(
+            "wgpu".parse::<DeviceSpec>().expect("wgpu"),
+            DeviceSpec::Wgpu(WgpuKind::Default)
+        );
+        assert_eq!(
+            "wgpu:1".parse::<DeviceSpec>().expect("wgpu:1"),
+            DeviceSpec::Wgpu(WgpuKind::Discrete(1))
+        );
+        assert_eq!(
+            "wgpu:cpu".parse::<DeviceSpec>().expect("wgpu:cpu"),
+            DeviceSpec::Wgpu(WgpuKind::Cpu)
+        );
+        for s in ["cpu", "cuda:2", "wgpu", "wgpu:3", "wgpu:cpu"] {
+            assert_eq!(s.parse::<DeviceSpec>().expect(s).to_string(), s);
+        }
+        for bad in ["gpu", "cuda:x", "wgpu:", "wgpu:gpu"] {
+            let e = bad.parse::<DeviceSpec>().expect_err(bad).to_string();
+            assert!(e.contains(bad) && e.contains("wgpu:cpu"), "{e}");
+        }
     }
 }

@@ -351,10 +351,14 @@ impl Tokenizer {
             .map_err(|e| tok_err(&path.display().to_string(), e))
     }
 
-    /// The `tokenizer_config.json` transformers needs beside `tokenizer.json`.
+    /// The `tokenizer_config.json` transformers needs beside `tokenizer.json`. It names the
+    /// model's inputs as the original checkpoint's GPT-2 tokenizer class does: without
+    /// `model_input_names`, `PreTrainedTokenizerFast` also returns `token_type_ids`, which
+    /// `LlamaForCausalLM.generate(**tokenizer(text, return_tensors="pt"))` rejects.
     pub fn hf_tokenizer_config(&self) -> serde_json::Value {
         serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_input_names": ["input_ids", "attention_mask"],
             "chat_template": self.chat_template,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,

@@ -214,6 +214,17 @@ fn saved_hf_directory_reloads_to_the_same_logits() {
     ] {
         assert!(out.join(f).is_file(), "{f} written");
     }
+    // transformers' everyday call, `generate(**tokenizer(text, return_tensors="pt"))`, needs
+    // the tokenizer to return only what the model takes (tests/reference/model.py
+    // --check-saved runs that call on a saved directory).
+    let tc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("tokenizer_config.json")).expect("tokenizer_config.json"),
+    )
+    .expect("tokenizer_config.json parses");
+    assert_eq!(
+        tc["model_input_names"],
+        serde_json::json!(["input_ids", "attention_mask"])
+    );
     let again = load::<Cpu>(&out, &Default::default()).expect("reload");
     assert_eq!(again.model.config, loaded.model.config);
     let chat = &fixture()["chats"][1];

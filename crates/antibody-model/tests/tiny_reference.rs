@@ -5,8 +5,8 @@
 mod common;
 use common::{argmax, logsumexp, max_abs_diff, to_vec};
 
-use antibody_model::device::{Cpu, CpuAutodiff};
 use antibody_model::{Hooks, LlamaConfig, Site, TokenBatch, tiny};
+use antibody_testkit::{TestAutodiff, TestBackend};
 use burn::tensor::{Tensor, TensorData, activation::log_softmax};
 use serde_json::Value;
 
@@ -68,7 +68,8 @@ fn generator_bits_match_the_python_generator() {
 fn logits_and_sites_match_transformers() {
     let f = fixture();
     let device = Default::default();
-    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let model =
+        tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let batch = fixture_batch(&f);
     let positions: Vec<usize> = ints(&f["batch"]["position_ids"])
         .iter()
@@ -119,7 +120,8 @@ fn logits_and_sites_match_transformers() {
 fn padding_does_not_change_a_sequences_logits() {
     let f = fixture();
     let device = Default::default();
-    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let model =
+        tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let batch = fixture_batch(&f);
     let (padded, _) = model.forward(&batch, &Hooks::none()).expect("forward");
     // row 0 alone, without its padding
@@ -143,7 +145,8 @@ fn padding_does_not_change_a_sequences_logits() {
 fn kv_cached_decoding_matches_the_full_forward() {
     let f = fixture();
     let device = Default::default();
-    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let model =
+        tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let batch = fixture_batch(&f);
     let (full, _) = model.forward(&batch, &Hooks::none()).expect("forward");
     let [b, t, v] = full.dims();
@@ -188,11 +191,11 @@ fn residual_perturbation_gradient_matches_pytorch() {
     let f = fixture();
     let device = Default::default();
     let model =
-        tiny::random_model::<CpuAutodiff>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+        tiny::random_model::<TestAutodiff>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let batch = fixture_batch(&f);
     let (b, t, h) = (batch.batch, batch.seq, 64);
     let layer = f["grad"]["delta_layer"].as_u64().expect("layer") as usize;
-    let delta = Tensor::<CpuAutodiff, 3>::zeros([b, t, h], &device).require_grad();
+    let delta = Tensor::<TestAutodiff, 3>::zeros([b, t, h], &device).require_grad();
     let hooks = Hooks::none().with_perturbation(Site::residual(layer), delta.clone());
     let (logits, _) = model.forward(&batch, &hooks).expect("forward");
     let v = logits.dims()[2];
@@ -201,7 +204,7 @@ fn residual_perturbation_gradient_matches_pytorch() {
     let targets: Vec<i64> = (0..b)
         .flat_map(|r| batch.ids[r * t + 1..(r + 1) * t].iter().map(|&i| i as i64))
         .collect();
-    let targets = Tensor::<CpuAutodiff, 3, burn::tensor::Int>::from_data(
+    let targets = Tensor::<TestAutodiff, 3, burn::tensor::Int>::from_data(
         TensorData::new(targets, [b, t - 1, 1]),
         &device,
     );
@@ -212,7 +215,7 @@ fn residual_perturbation_gradient_matches_pytorch() {
         .collect();
     let counted: f32 = response.iter().sum();
     let weights =
-        Tensor::<CpuAutodiff, 2>::from_data(TensorData::new(response, [b, t - 1]), &device);
+        Tensor::<TestAutodiff, 2>::from_data(TensorData::new(response, [b, t - 1]), &device);
     let loss = (nll * weights).sum() / counted;
     let loss_value = to_vec(loss.clone())[0];
     let expected_loss = floats(&f["grad"]["loss"])[0];
@@ -230,7 +233,8 @@ fn residual_perturbation_gradient_matches_pytorch() {
 fn sampling_is_seeded_and_greedy_is_deterministic() {
     use antibody_model::{GenerationConfig, Sampling, generate};
     let device = Default::default();
-    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let model =
+        tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let prompts = vec![vec![1, 504, 3458, 28], vec![1, 9, 12345]];
     let sampled = |seed| {
         let config = GenerationConfig {
@@ -269,7 +273,8 @@ fn sampling_is_seeded_and_greedy_is_deterministic() {
 fn finished_sequences_leave_the_batch_without_changing_the_others() {
     use antibody_model::{GenerationConfig, generate};
     let device = Default::default();
-    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    let model =
+        tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     let prompts: Vec<Vec<u32>> = (0..8u32)
         .map(|i| (0..3 + i).map(|j| 1 + (i * 37 + j * 101) % 500).collect())
         .collect();
@@ -304,7 +309,7 @@ fn untied_lm_head_matches_transformers_and_survives_a_save() {
     let device = Default::default();
     let mut config = LlamaConfig::tiny_test();
     config.tie_word_embeddings = false;
-    let model = tiny::random_model::<Cpu>(&config, 0, &device).expect("untied model");
+    let model = tiny::random_model::<TestBackend>(&config, 0, &device).expect("untied model");
     assert!(model.lm_head.is_some());
     let ids: Vec<u32> = ints(&u["input_ids"]).iter().map(|&i| i as u32).collect();
     let batch = TokenBatch::right_padded(&[ids], 2);
@@ -334,7 +339,8 @@ fn untied_lm_head_matches_transformers_and_survives_a_save() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("untied");
     antibody_model::save_hf_dir(&model, &tokenizer, &out).expect("save");
-    let again = antibody_model::checkpoint::load_hf_dir::<Cpu>(&out, &device).expect("reload");
+    let again =
+        antibody_model::checkpoint::load_hf_dir::<TestBackend>(&out, &device).expect("reload");
     let (reloaded, _) = again.forward(&batch, &Hooks::none()).expect("forward");
     assert_eq!(to_vec(reloaded), ours);
 }

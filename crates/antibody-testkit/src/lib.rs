@@ -4,12 +4,31 @@
 //! - [`smoke_config`] and [`smoke_data`]: the smoke configuration's data build on the tiny
 //!   model, in a test's own directory with a private generation cache (tests run in parallel);
 //! - [`toml_files`]: the configuration files of a directory;
-//! - [`max_abs_diff`]: the numeric comparison every reference test states its tolerance in.
+//! - [`max_abs_diff`]: the numeric comparison every reference test states its tolerance in;
+//! - [`TestBackend`], [`TestAutodiff`], [`TEST_DEVICE`]: the backend the backend-generic
+//!   tests run on — burn's CPU backend, or burn's wgpu backend when this crate's `wgpu`
+//!   feature is on (`cargo xtask test` runs those tests both ways; on a machine without a GPU
+//!   the wgpu device is Mesa's lavapipe, the software Vulkan driver).
 
 use std::path::{Path, PathBuf};
 
 use antibody_data::{BuildOptions, Config};
 use antibody_model::device::Cpu;
+
+/// The inference backend of the backend-generic tests.
+#[cfg(not(feature = "wgpu"))]
+pub type TestBackend = antibody_model::device::Cpu;
+/// The inference backend of the backend-generic tests.
+#[cfg(feature = "wgpu")]
+pub type TestBackend = antibody_model::device::Wgpu;
+/// The training backend of the backend-generic tests.
+pub type TestAutodiff = burn::backend::Autodiff<TestBackend>;
+/// The `--device` the backend-generic tests pass to the stages' binaries.
+#[cfg(not(feature = "wgpu"))]
+pub const TEST_DEVICE: &str = "cpu";
+/// The `--device` the backend-generic tests pass to the stages' binaries.
+#[cfg(feature = "wgpu")]
+pub const TEST_DEVICE: &str = "wgpu";
 
 /// The repository's root.
 pub fn repo() -> PathBuf {

@@ -10,8 +10,8 @@
 use std::path::Path;
 
 use antibody_losses::Example;
-use antibody_model::device::{Cpu, CpuAutodiff};
 use antibody_model::{LlamaConfig, tiny};
+use antibody_testkit::{TestAutodiff, TestBackend};
 use antibody_train::config::TrainConfig;
 use antibody_train::data::{HarmfulExample, HarmlessExample, MethodData, TeacherCache};
 use antibody_train::method::{Method, Outcome};
@@ -160,9 +160,10 @@ fn the_methods_steps_follow_pytorchs_trajectory() {
     };
     let device = Default::default();
     let tiny_cfg = LlamaConfig::tiny_test();
-    let student = tiny::random_model::<CpuAutodiff>(&tiny_cfg, 0, &device).expect("student");
-    let harmful_teacher = tiny::random_model::<Cpu>(&tiny_cfg, 1, &device).expect("teacher");
-    let benign_teacher = tiny::random_model::<Cpu>(&tiny_cfg, 0, &device).expect("teacher");
+    let student = tiny::random_model::<TestAutodiff>(&tiny_cfg, 0, &device).expect("student");
+    let harmful_teacher =
+        tiny::random_model::<TestBackend>(&tiny_cfg, 1, &device).expect("teacher");
+    let benign_teacher = tiny::random_model::<TestBackend>(&tiny_cfg, 0, &device).expect("teacher");
     let cache = TeacherCache::compute(
         String::new(),
         &harmful_teacher,
