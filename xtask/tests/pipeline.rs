@@ -71,7 +71,10 @@ fn the_smoke_pipeline_runs_on_wgpu() {
         .expect("spawn xtask");
     let log =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the smoke pipeline on wgpu failed:\n{log}");
+    assert!(
+        out.status.success(),
+        "the smoke pipeline on wgpu failed:\n{log}"
+    );
     check_smoke_run(dir.path());
 }
 
@@ -140,7 +143,6 @@ fn check_smoke_run(dir: &Path) {
         timings["total_s"].as_f64().is_some_and(|t| t > 0.0),
         "{timings}"
     );
-}
 }
 
 /// A project directory of its own: the smoke and sources configurations, the datasets, and a
