@@ -312,7 +312,14 @@ mod tests {
         let c: EvalConfig =
             toml::from_str("out_dir = \"x\"\nmodels = []\n").expect("a minimal section");
         let names: Vec<&str> = c.attacks.iter().map(|a| a.name.as_str()).collect();
-        assert_eq!(names.len(), 7, "{names:?}");
+        assert_eq!(names.len(), 9, "{names:?}");
+        let lora: Vec<usize> = c
+            .attacks
+            .iter()
+            .filter(|a| a.lora.as_ref().is_some_and(|l| l.rank == 16))
+            .map(|a| a.steps)
+            .collect();
+        assert_eq!(lora, [10, 30], "{names:?}");
         for lr in [2e-5, 5e-5, 1e-4] {
             for steps in [10, 30] {
                 assert!(

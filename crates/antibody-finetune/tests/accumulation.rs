@@ -7,27 +7,13 @@ use antibody_losses::Example;
 use antibody_losses::{NextTokenTargets, sft, token_logprobs};
 use antibody_model::device::CpuAutodiff;
 use antibody_model::{Hooks, Llama, LlamaConfig, TokenBatch, tiny};
+use antibody_testkit::tiny_examples;
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 
 type B = CpuAutodiff;
-
-/// Eight sequences of different lengths with a response part.
-fn sequences() -> Vec<Example> {
-    (0..8u32)
-        .map(|r| {
-            let len = 6 + (r as usize * 3) % 7;
-            let ids: Vec<u32> = (0..len as u32)
-                .map(|i| 100 + (r * 7919 + i * 104_729) % 40_000)
-                .collect();
-            let prompt = 2 + r as usize % 3;
-            let mask = (0..len).map(|i| i >= prompt).collect();
-            (ids, mask).into()
-        })
-        .collect()
-}
 
 /// Σ nll over response targets / `count` (the whole batch's count).
 fn loss(model: &Llama<B>, seqs: &[Example], count: f32) -> Tensor<B, 1> {
@@ -68,7 +54,7 @@ impl ModuleVisitor<B> for MaxDiff<'_> {
 fn batch_8_equals_2_x_4_accumulated() {
     let device = Default::default();
     let model = tiny::random_model::<B>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
-    let seqs = sequences();
+    let seqs = tiny_examples();
     let n = count(&seqs);
 
     let full = loss(&model, &seqs, n);
@@ -126,7 +112,7 @@ fn batch_8_equals_2_x_4_accumulated() {
 fn global_norm_clipping_clips_to_the_norm_asked_for() {
     let device = Default::default();
     let model = tiny::random_model::<B>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
-    let seqs = sequences();
+    let seqs = tiny_examples();
     let t = NextTokenTargets::new(&seqs, 2);
     let batch =
         TokenBatch::right_padded(&seqs.iter().map(|s| s.ids.clone()).collect::<Vec<_>>(), 2);
@@ -152,7 +138,7 @@ fn global_norm_clipping_clips_to_the_norm_asked_for() {
 fn finetuning_lowers_the_loss_and_the_same_seed_gives_the_same_weights() {
     use antibody_finetune::sft::{FinetuneConfig, finetune};
     let device = Default::default();
-    let seqs = sequences();
+    let seqs = tiny_examples();
     let config = FinetuneConfig {
         optim: OptimConfig {
             max_grad_norm: Some(1.0),
@@ -192,7 +178,7 @@ fn finetuning_lowers_the_loss_and_the_same_seed_gives_the_same_weights() {
 fn a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_one() {
     use antibody_finetune::sft::{FinetuneConfig, SftRun};
     let device = Default::default();
-    let seqs = sequences();
+    let seqs = tiny_examples();
     let config = FinetuneConfig {
         optim: OptimConfig {
             max_grad_norm: Some(1.0),

@@ -9,27 +9,12 @@ use antibody_finetune::lora::{Lora, LoraConfig, Projection, lora_finetune};
 use antibody_finetune::optim::OptimConfig;
 use antibody_finetune::sft::FinetuneConfig;
 use antibody_losses::{Example, NextTokenTargets, token_logprobs};
-use antibody_model::device::CpuAutodiff;
 use antibody_model::{Hooks, Llama, LlamaConfig, TokenBatch, tiny};
-use antibody_testkit::max_abs_diff;
+use antibody_testkit::{TestAutodiff, max_abs_diff, tiny_examples};
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData};
 
-type B = CpuAutodiff;
-
-fn sequences() -> Vec<Example> {
-    (0..8u32)
-        .map(|r| {
-            let len = 6 + (r as usize * 3) % 7;
-            let ids: Vec<u32> = (0..len as u32)
-                .map(|i| 100 + (r * 7919 + i * 104_729) % 40_000)
-                .collect();
-            let prompt = 2 + r as usize % 3;
-            let mask = (0..len).map(|i| i >= prompt).collect();
-            (ids, mask).into()
-        })
-        .collect()
-}
+type B = TestAutodiff;
 
 fn loss(model: &Llama<B>, seqs: &[Example]) -> Tensor<B, 1> {
     let device = Default::default();
@@ -44,7 +29,7 @@ fn loss(model: &Llama<B>, seqs: &[Example]) -> Tensor<B, 1> {
 }
 
 fn logits(model: &Llama<B>) -> Vec<f32> {
-    let ids: Vec<Vec<u32>> = sequences().iter().map(|s| s.ids.clone()).collect();
+    let ids: Vec<Vec<u32>> = tiny_examples().iter().map(|s| s.ids.clone()).collect();
     let (l, _) = model
         .forward(&TokenBatch::right_padded(&ids, 2), &Hooks::none())
         .expect("forward");
@@ -161,7 +146,7 @@ fn the_gradients_of_a_and_b_are_the_chain_rule_of_the_weight_gradient() {
         .no_grad();
     let c = config(vec![Projection::VProj, Projection::GateProj]);
     let adapters = with_nonzero_b(Lora::<B>::new(&base, &c, 3));
-    let seqs = sequences();
+    let seqs = tiny_examples();
 
     // Through the adapters.
     let grads = loss(&adapters.merge(&base), &seqs).backward();
@@ -232,7 +217,7 @@ fn the_gradients_of_a_and_b_are_the_chain_rule_of_the_weight_gradient() {
 fn a_lora_run_lowers_the_loss_is_seeded_and_moves_only_the_targets() {
     let device = Default::default();
     let base = tiny::random_model::<B>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
-    let seqs = sequences();
+    let seqs = tiny_examples();
     let ft = FinetuneConfig {
         optim: OptimConfig {
             max_grad_norm: Some(1.0),

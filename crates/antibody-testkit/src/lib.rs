@@ -4,6 +4,7 @@
 //! - [`smoke_config`] and [`smoke_data`]: the smoke configuration's data build on the tiny
 //!   model, in a test's own directory with a private generation cache (tests run in parallel);
 //! - [`toml_files`]: the configuration files of a directory;
+//! - [`tiny_examples`]: the fine-tuning tests' batch for the tiny model;
 //! - [`max_abs_diff`]: the numeric comparison every reference test states its tolerance in;
 //! - [`TestBackend`], [`TestAutodiff`], [`TEST_DEVICE`]: the backend the backend-generic
 //!   tests run on — burn's CPU backend, or burn's wgpu backend when this crate's `wgpu`
@@ -29,6 +30,22 @@ pub const TEST_DEVICE: &str = "cpu";
 /// The `--device` the backend-generic tests pass to the stages' binaries.
 #[cfg(feature = "wgpu")]
 pub const TEST_DEVICE: &str = "wgpu";
+
+/// Eight token sequences of 6–12 tokens, the first 2–4 the prompt and the rest the response:
+/// the fine-tuning tests' batch for the tiny model (pad id 2 never occurs).
+pub fn tiny_examples() -> Vec<antibody_base::Example> {
+    (0..8u32)
+        .map(|r| {
+            let len = 6 + (r as usize * 3) % 7;
+            let ids: Vec<u32> = (0..len as u32)
+                .map(|i| 100 + (r * 7919 + i * 104_729) % 40_000)
+                .collect();
+            let prompt = 2 + r as usize % 3;
+            let mask = (0..len).map(|i| i >= prompt).collect();
+            (ids, mask).into()
+        })
+        .collect()
+}
 
 /// The repository's root.
 pub fn repo() -> PathBuf {
