@@ -60,7 +60,8 @@ impl Projection {
         Self::DownProj,
     ];
 
-    fn of<B: Backend>(self, layer: &DecoderLayer<B>) -> &Linear<B> {
+    /// This projection of `layer`.
+    pub fn of<B: Backend>(self, layer: &DecoderLayer<B>) -> &Linear<B> {
         match self {
             Self::QProj => &layer.self_attn.q_proj,
             Self::KProj => &layer.self_attn.k_proj,

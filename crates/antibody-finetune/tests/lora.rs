@@ -254,15 +254,7 @@ fn a_lora_run_lowers_the_loss_is_seeded_and_moves_only_the_targets() {
             host(lb.input_layernorm.weight.val())
         );
         for p in Projection::ALL {
-            let (wa, wb) = match p {
-                Projection::QProj => (&la.self_attn.q_proj, &lb.self_attn.q_proj),
-                Projection::KProj => (&la.self_attn.k_proj, &lb.self_attn.k_proj),
-                Projection::VProj => (&la.self_attn.v_proj, &lb.self_attn.v_proj),
-                Projection::OProj => (&la.self_attn.o_proj, &lb.self_attn.o_proj),
-                Projection::GateProj => (&la.mlp.gate_proj, &lb.mlp.gate_proj),
-                Projection::UpProj => (&la.mlp.up_proj, &lb.mlp.up_proj),
-                Projection::DownProj => (&la.mlp.down_proj, &lb.mlp.down_proj),
-            };
+            let (wa, wb) = (p.of(la), p.of(lb));
             assert!(
                 max_abs_diff(&host(wa.weight.val()), &host(wb.weight.val())) > 0.0,
                 "{p:?}"
