@@ -30,7 +30,7 @@ pub mod judge;
 mod model;
 pub mod result;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use antibody_base::Example;
 use antibody_base::stats::stratified_sample;
@@ -202,14 +202,24 @@ pub fn result_key(
     data: &EvalData,
     c: &EvalConfig,
 ) -> Result<String, EvalError> {
-    let mut settings = c.clone();
-    settings.out_dir = PathBuf::new();
-    settings.models.clear();
-    settings.samples = 0;
-    settings.train_run = None;
-    settings.judge = antibody_judge::ResponseJudgeConfig::default();
-    settings.keyword = antibody_judge::KeywordJudgeConfig::default();
-    settings.max_degenerate = 0.0;
+    // What is measured, without where results go or how stored answers are judged. The
+    // judges' sections are removed from the serialized settings rather than reset to their
+    // defaults, so a new judge setting (a new field, a new default) never invalidates stored
+    // answers: they are judged again under the configured judges.
+    let mut settings = serde_json::to_value(c).map_err(|e| io(Path::new("."), e))?;
+    if let Some(map) = settings.as_object_mut() {
+        for field in [
+            "out_dir",
+            "models",
+            "samples",
+            "train_run",
+            "judge",
+            "keyword",
+            "max_degenerate",
+        ] {
+            map.remove(field);
+        }
+    }
     let mut h = Sha256::new();
     h.update(spec.identity()?.as_bytes());
     if let Some(r) = reference {
@@ -221,7 +231,7 @@ pub fn result_key(
         h.update(s.identity()?.as_bytes());
     }
     h.update(data.inputs_hash.as_bytes());
-    h.update(serde_json::to_vec(&settings).map_err(|e| io(Path::new("."), e))?);
+    h.update(settings.to_string().as_bytes());
     Ok(format!("{:x}", h.finalize()))
 }
 
@@ -285,6 +295,7 @@ pub fn evaluate<B: AutodiffBackend>(
         };
         let key = result_key(spec, reference, eval.scorer.as_ref(), &data, c)?;
         let shared_path = shared.join(format!("{key}.json"));
+        tracing::debug!("{name}: result key {key}");
         let read = |p: &Path| {
             std::fs::read(p)
                 .ok()
@@ -338,6 +349,8 @@ pub fn evaluate<B: AutodiffBackend>(
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn data() -> EvalData {
