@@ -17,10 +17,16 @@ The run, written as the method's authors would in PyTorch:
   over) -> 2 harmless steps;
 * harmful step: PGD LAT (2 steps, alpha = 2.5 eps / steps, per-token L2 ball of radius eps)
   at the residual stream after layers 1 and 2, attack loss = CE of y_h; then under delta
-  L_adv = (1-g) NPO(s_H(y_h) vs s(y_h)) + g (-mean min(KL(pi_H||pi), cap)) + rho SFT(y_ref);
+  L_adv = (1-g) NPO(s_H(y_h) vs s(y_h)) + g (-mean min(KL(pi_H||pi), cap)) + rho SFT(y_ref),
+  the x ++ y_ref forward under the same delta on its prompt positions (METHOD.md, LAT step 4);
 * harmless step: L = (1-a) DPO(y_c > y_r, ref pi_B) + a KL(pi_B||pi) + lam MSE(canary means);
 * AdamW (PyTorch defaults: eps 1e-8, weight decay 0.01), global-norm clipping at 1.0
   (scale max/(norm+1e-6)), lr with 1 warmup step then cosine to 0 over the run's 8 steps.
+
+Two variants, each its own fixture (``VARIANTS``): ``method_per_phase.json`` gives each phase
+its own AdamW (moments kept across cycles) and restarts the schedule (warmup + cosine) in every
+phase block; ``method_reset.json`` starts every phase block with fresh AdamW moments, restarts
+the schedule every cycle, and trains the refusal term without delta.
 
 Every batch is the whole set (batch size 4 = examples), so the order of rows does not matter
 (every loss is a mean over rows or counted tokens).
@@ -68,7 +74,19 @@ SETTINGS = dict(
     lat_epsilon=0.5,
     lat_steps=2,
     q=0.9,
+    lat_refusal="prompt",
+    optimizer_state="shared",
+    lr_scope="run",
 )
+
+# Variants of the default run, each its own fixture: how the refusal term sees delta and how
+# the optimizer carries state and rate across phase boundaries (METHOD.md, LAT step 4 and
+# Schedules).
+VARIANTS = {
+    "method.json": {},
+    "method_per_phase.json": dict(optimizer_state="per_phase", lr_scope="phase"),
+    "method_reset.json": dict(optimizer_state="reset", lr_scope="cycle", lat_refusal="none"),
+}
 
 
 def make_data():
@@ -178,8 +196,7 @@ def order_key(key):
     return (layer, 0 if kind == "attn" else 1)
 
 
-def lr_at(step, total):
-    s = SETTINGS
+def lr_at(step, total, s):
     if step < s["warmup_steps"]:
         return s["lr"] * (step + 1) / s["warmup_steps"]
     span = max(total - s["warmup_steps"], 1)
@@ -190,7 +207,23 @@ def lr_at(step, total):
 
 def main():
     torch.set_num_threads(2)
-    s = SETTINGS
+    for name, overrides in VARIANTS.items():
+        run(name, dict(SETTINGS, **overrides))
+
+
+def prompt_shared(deltas, harmful, t):
+    """delta for x ++ y_ref: delta of x ++ y_h on each row's prompt positions, 0 elsewhere."""
+    out = {}
+    for l, d in deltas.items():
+        r = torch.zeros(d.shape[0], t, d.shape[2])
+        for b, e in enumerate(harmful):
+            p = len(e["prompt"])
+            r[b, :p] = d[b, :p]
+        out[l] = r
+    return out
+
+
+def run(name, s):
     harmful, harmless = make_data()
     student, _ = build_model(0)
     harmful_teacher, _ = build_model(1)
@@ -213,15 +246,38 @@ def main():
         tb_logits = logits_of(benign_teacher, C[0], C[1])
 
     params = list(student.parameters())
-    opt = torch.optim.AdamW(params, lr=s["lr"], betas=tuple(s["betas"]), eps=s["eps_adam"],
-                            weight_decay=s["weight_decay"])
+
+    def adamw():
+        return torch.optim.AdamW(params, lr=s["lr"], betas=tuple(s["betas"]),
+                                 eps=s["eps_adam"], weight_decay=s["weight_decay"])
+
+    # shared: one AdamW; per_phase: one per phase, each keeping its moments across cycles;
+    # reset: fresh moments at the first step of every phase block.
+    opts = {"harmful": adamw(), "harmless": adamw()}
+    if s["optimizer_state"] == "shared":
+        opts["harmless"] = opts["harmful"]
     total = s["cycles"] * (s["harmful_steps"] + s["harmless_steps"])
     steps, canaries = [], []
     step = 0
     canary_idx, target = None, None
+    last_phase = None
 
-    def finish(loss, row):
-        nonlocal step
+    def schedule(phase, cycle, k):
+        """(index, length) of the step within the span the learning-rate schedule runs over."""
+        if s["lr_scope"] == "run":
+            return step, total
+        if s["lr_scope"] == "cycle":
+            per = s["harmful_steps"] + s["harmless_steps"]
+            return step - cycle * per, per
+        return k, s["harmful_steps"] if phase == "harmful" else s["harmless_steps"]
+
+    def finish(loss, row, k):
+        nonlocal step, last_phase
+        phase = row["phase"]
+        if s["optimizer_state"] == "reset" and phase != last_phase:
+            opts[phase] = adamw()
+        last_phase = phase
+        opt = opts[phase]
         opt.zero_grad()
         loss.backward()
         norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
@@ -231,7 +287,7 @@ def main():
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(f)
-        lr = lr_at(step, total)
+        lr = lr_at(*schedule(phase, row["cycle"], k), s)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
@@ -241,7 +297,7 @@ def main():
 
     for cycle in range(s["cycles"]):
         pre = activations_mean(student, sites, [e["prompt"] for e in harmful])
-        for _ in range(s["harmful_steps"]):
+        for k in range(s["harmful_steps"]):
             ids, att, tgt, m = H
             positions = att.unsqueeze(-1).float()
             eps, n_steps = s["lat_epsilon"], s["lat_steps"]
@@ -278,13 +334,16 @@ def main():
             kl_imm = -(capped * m).sum() / m.sum()
             cap_rate = float((kl[counted] > s["kl_cap"]).float().mean())
             rids, ratt, rtgt, rm = R
+            if s["lat_refusal"] == "prompt":
+                sites.deltas = prompt_shared(deltas, harmful, rids.shape[1])
             s_ref = seq_logprob(logits_of(student, rids, ratt), rtgt, rm)
+            sites.deltas = {}
             ref = -s_ref.sum() / rm.sum()
             loss = (1 - s["gamma"]) * npo + s["gamma"] * kl_imm + s["rho"] * ref
             finish(loss, dict(phase="harmful", cycle=cycle, forget=float(npo),
                               kl_imm=float(kl_imm), kl_cap_rate=cap_rate, refusal=float(ref),
                               harmful_logp=float(s_h.sum() / m.sum()),
-                              lat_loss_start=lat_losses[0], lat_loss_end=lat_losses[-1]))
+                              lat_loss_start=lat_losses[0], lat_loss_end=lat_losses[-1]), k)
         post = activations_mean(student, sites, [e["prompt"] for e in harmful])
         keys = sorted(pre, key=order_key)
         drift = {k: (post[k] - pre[k]).abs() for k in keys}
@@ -296,7 +355,7 @@ def main():
         target = torch.cat([tgt_acts[k][canary_idx[k]] for k in sorted(canary_idx, key=order_key)])
         canaries.append(dict(cycle=cycle, count=int(sum(len(v) for v in canary_idx.values())),
                              threshold=threshold))
-        for _ in range(s["harmless_steps"]):
+        for k in range(s["harmless_steps"]):
             ids, att, tgt, m = C
             sites.capture = True
             lg = logits_of(student, ids, att)
@@ -318,18 +377,18 @@ def main():
             finish(loss, dict(phase="harmless", cycle=cycle, pref=float(dpo),
                               kl_align=float(kl_align), stab=float(stab),
                               chosen_logp=float(s_c.sum() / m.sum()),
-                              dpo_margin=float(margin.mean())))
+                              dpo_margin=float(margin.mean())), k)
 
     out = dict(
         generator="tests/reference/method.py",
         torch=torch.__version__,
-        settings=SETTINGS,
+        settings=s,
         harmful=harmful,
         harmless=harmless,
         steps=steps,
         canaries=canaries,
     )
-    path = Path(__file__).parent / "fixtures" / "method.json"
+    path = Path(__file__).parent / "fixtures" / name
     path.write_text(json.dumps(out, indent=1) + "\n")
     for r in steps:
         print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})

@@ -31,6 +31,18 @@ pub enum Positions {
     Response,
 }
 
+/// What perturbation the refusal term's forward (`x ++ y_ref`) runs under (METHOD.md, LAT
+/// step 4: all of `L_adv` is computed under `δ`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalDelta {
+    /// None: the refusal term is trained on unperturbed activations.
+    None,
+    /// The `δ` found on `x ++ y_h`, on the prompt positions the two sequences share; zero on
+    /// the refusal's own positions.
+    Prompt,
+}
+
 /// LAT settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +67,9 @@ pub struct LatConfig {
     /// Also evaluate the attack loss at the final `δ` (one more forward, no backward).
     #[serde(default)]
     pub report_final_loss: bool,
+    /// The perturbation of the refusal term's forward.
+    #[serde(default = "prompt")]
+    pub refusal: RefusalDelta,
 }
 
 fn one() -> usize {
@@ -65,6 +80,36 @@ fn yes() -> bool {
 }
 fn all() -> Positions {
     Positions::All
+}
+fn prompt() -> RefusalDelta {
+    RefusalDelta::Prompt
+}
+
+/// The `δ` of the refusal forward under [`RefusalDelta::Prompt`]: for each site, `delta`
+/// (`[b, t, hidden]`, found on `x ++ y_h`) on row `i`'s first `prompt_lens[i]` positions, zero
+/// elsewhere, over `t_ref` positions. The two sequences share their prompt tokens, so the
+/// perturbation of the prompt is the same one; the refusal's own positions are unperturbed.
+pub fn prompt_shared<B: burn::tensor::backend::Backend>(
+    delta: Tensor<B, 3>,
+    prompt_lens: &[usize],
+    t_ref: usize,
+) -> Tensor<B, 3> {
+    let [b, t, hidden] = delta.dims();
+    let device = delta.device();
+    let fitted = if t_ref <= t {
+        delta.slice([0..b, 0..t_ref, 0..hidden])
+    } else {
+        Tensor::cat(
+            vec![delta, Tensor::zeros([b, t_ref - t, hidden], &device)],
+            1,
+        )
+    };
+    let mask: Vec<f32> = prompt_lens
+        .iter()
+        .flat_map(|&p| (0..t_ref).map(move |i| if i < p { 1.0 } else { 0.0 }))
+        .collect();
+    let mask = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(mask, [b, t_ref]), &device);
+    fitted * mask.reshape([b, t_ref, 1])
 }
 
 impl LatConfig {
@@ -253,6 +298,7 @@ mod tests {
             step_size: None,
             positions: Positions::All,
             report_final_loss: false,
+            refusal: RefusalDelta::Prompt,
         };
         let err = c.sites(30).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(

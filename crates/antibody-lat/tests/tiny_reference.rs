@@ -5,7 +5,7 @@
 
 use antibody_lat::{LatConfig, Positions, attack};
 use antibody_model::{LlamaConfig, TokenBatch, tiny};
-use antibody_testkit::TestAutodiff;
+use antibody_testkit::{TestAutodiff, TestBackend};
 use burn::tensor::{Int, Tensor, TensorData};
 use serde_json::Value;
 
@@ -82,6 +82,42 @@ fn config(steps: usize, epsilon: f64, step_size: Option<f64>, positions: Positio
         step_size,
         positions,
         report_final_loss: true,
+        refusal: antibody_lat::RefusalDelta::Prompt,
+    }
+}
+
+/// The refusal forward's `δ` is the harmful forward's on each row's prompt positions and zero
+/// elsewhere, whether the refusal sequence is shorter or longer than `x ++ y_h`.
+#[test]
+fn the_refusal_forward_shares_the_prompts_perturbation_only() {
+    let device = Default::default();
+    let (b, t, h) = (2usize, 5usize, 3usize);
+    let values: Vec<f32> = (0..b * t * h).map(|i| i as f32 + 1.0).collect();
+    let delta =
+        Tensor::<TestBackend, 3>::from_data(TensorData::new(values.clone(), [b, t, h]), &device);
+    let lens = [2usize, 4];
+    for t_ref in [3usize, 7] {
+        let got: Vec<f32> = antibody_lat::prompt_shared(delta.clone(), &lens, t_ref)
+            .into_data()
+            .to_vec()
+            .expect("f32");
+        assert_eq!(got.len(), b * t_ref * h);
+        for row in 0..b {
+            for pos in 0..t_ref {
+                for k in 0..h {
+                    let want = if pos < lens[row] {
+                        values[(row * t + pos) * h + k]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(
+                        got[(row * t_ref + pos) * h + k],
+                        want,
+                        "row {row} pos {pos} t_ref {t_ref}"
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -25,6 +25,30 @@ pub enum ScheduleKind {
     Mixed,
 }
 
+/// How the optimizer's state (AdamW's moments) crosses a phase boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerState {
+    /// One AdamW for the whole run: a phase starts with the other phase's momentum.
+    Shared,
+    /// One AdamW per phase, each keeping its moments from one of its phases to the next.
+    PerPhase,
+    /// Fresh moments at the first step of every phase block.
+    Reset,
+}
+
+/// The span the learning-rate schedule (warmup, then decay) runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScope {
+    /// All optimizer steps of the run.
+    Run,
+    /// The steps of each cycle (mixed: each canary window), restarted every cycle.
+    Cycle,
+    /// The steps of each phase within a cycle, restarted at every phase block.
+    Phase,
+}
+
 /// Canary identification and stabilization.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,8 +139,14 @@ pub struct TrainConfig {
     /// Checkpoint every this many optimizer steps (and at every phase end).
     #[serde(default = "every")]
     pub checkpoint_every: usize,
-    /// Optimizer and learning-rate schedule (over all optimizer steps of the run).
+    /// Optimizer and learning-rate schedule (over the span `lr_scope` names).
     pub optim: OptimConfig,
+    /// How AdamW's moments cross a phase boundary.
+    #[serde(default = "shared")]
+    pub optimizer_state: OptimizerState,
+    /// The span the learning-rate schedule runs over.
+    #[serde(default = "run_scope")]
+    pub lr_scope: LrScope,
     /// The harmful phase's loss.
     #[serde(default)]
     pub adv: AdvConfig,
@@ -133,6 +163,12 @@ pub struct TrainConfig {
 fn cyclic() -> ScheduleKind {
     ScheduleKind::Cyclic
 }
+fn shared() -> OptimizerState {
+    OptimizerState::Shared
+}
+fn run_scope() -> LrScope {
+    LrScope::Run
+}
 fn one() -> usize {
     1
 }
@@ -144,6 +180,17 @@ fn chunk() -> usize {
 }
 fn every() -> usize {
     10
+}
+
+impl TrainConfig {
+    /// Optimizers a run keeps (and its checkpoints hold): two when each phase has its own.
+    pub fn optimizers(&self) -> usize {
+        if self.optimizer_state == OptimizerState::PerPhase {
+            2
+        } else {
+            1
+        }
+    }
 }
 
 /// A loaded `[train]` section with its paths resolved.

@@ -73,7 +73,11 @@ pub enum Outcome {
 pub struct Method<B: AutodiffBackend> {
     /// The student.
     pub model: Llama<B>,
+    /// The optimizer of every step (`optimizer_state = "shared"` or `"reset"`), or of the
+    /// harmful phase (`"per_phase"`).
     pub(crate) optim: Adamw<B>,
+    /// The harmless phase's own optimizer (`optimizer_state = "per_phase"` only).
+    pub(crate) optim_harmless: Option<Adamw<B>>,
     /// Where the run stands.
     pub state: MethodState,
     pub(crate) harmful_teacher: Llama<B::InnerBackend>,
@@ -89,11 +93,12 @@ pub struct Method<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Method<B> {
-    /// A run at its start (or, with `state`, at a checkpoint's position).
+    /// A run at its start (or, with `state` and the checkpoint's optimizers, at a
+    /// checkpoint's position: one optimizer, two under `optimizer_state = "per_phase"`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: Llama<B>,
-        optim: Option<Adamw<B>>,
+        optims: Vec<Adamw<B>>,
         state: Option<MethodState>,
         harmful_teacher: Llama<B::InnerBackend>,
         benign_teacher: Llama<B::InnerBackend>,
@@ -151,8 +156,24 @@ impl<B: AutodiffBackend> Method<B> {
             config.canary.harmless_sample,
             PROBE_SALT ^ 1,
         );
+        let wanted = config.optimizers();
+        if !(optims.is_empty() || optims.len() == wanted) {
+            return Err(TrainError::Setting {
+                key: "optimizer_state",
+                reason: format!(
+                    "the checkpoint holds {} optimizer states, {:?} needs {wanted}",
+                    optims.len(),
+                    config.optimizer_state
+                ),
+            });
+        }
+        let mut optims = optims.into_iter();
+        let fresh = || config.optim.adamw().init::<B, Llama<B>>();
+        let optim = optims.next().unwrap_or_else(fresh);
+        let optim_harmless = (wanted == 2).then(|| optims.next().unwrap_or_else(fresh));
         Ok(Self {
-            optim: optim.unwrap_or_else(|| config.optim.adamw().init::<B, Llama<B>>()),
+            optim,
+            optim_harmless,
             harmful_order: order(examples[0], config.seed ^ HARMFUL_SALT, nh * bs),
             harmless_order: order(examples[1], config.seed ^ HARMLESS_SALT, nl * bs),
             model,
@@ -168,9 +189,11 @@ impl<B: AutodiffBackend> Method<B> {
         })
     }
 
-    /// The optimizer (for checkpoints).
-    pub fn optimizer(&self) -> &Adamw<B> {
-        &self.optim
+    /// The optimizers (for checkpoints): the run's, or the harmful then the harmless phase's.
+    pub fn optimizers(&self) -> Vec<&Adamw<B>> {
+        std::iter::once(&self.optim)
+            .chain(self.optim_harmless.as_ref())
+            .collect()
     }
 
     /// The plan.

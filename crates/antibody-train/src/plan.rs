@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ScheduleKind, TrainConfig};
+use crate::config::{LrScope, ScheduleKind, TrainConfig};
 
 /// One unit of work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +118,40 @@ pub fn plan(c: &TrainConfig) -> Vec<Event> {
     out
 }
 
+/// Where the step at `cursor` stands in the span its learning-rate schedule runs over:
+/// `(index within the span, steps in the span)`.
+pub fn schedule_position(plan: &[Event], cursor: usize, scope: LrScope) -> (usize, usize) {
+    let key = |e: &Event| match (*e, scope) {
+        (_, LrScope::Run) => Some((0, 0)),
+        (Event::Harmful { cycle, .. } | Event::Harmless { cycle, .. }, LrScope::Cycle) => {
+            Some((cycle, 0))
+        }
+        (Event::Harmful { cycle, .. }, LrScope::Phase) => Some((cycle, 1)),
+        (Event::Harmless { cycle, .. }, LrScope::Phase) => Some((cycle, 2)),
+        _ => None,
+    };
+    let Some(mine) = plan.get(cursor).and_then(key) else {
+        return (0, 1);
+    };
+    let same = |e: &Event| e.is_step() && key(e) == Some(mine);
+    let index = plan[..cursor].iter().filter(|e| same(e)).count();
+    let span = plan.iter().filter(|e| same(e)).count();
+    (index, span)
+}
+
+/// Whether the step at `cursor` opens a phase block: no step before it, or the step before
+/// it belongs to the other phase.
+pub fn opens_phase(plan: &[Event], cursor: usize) -> bool {
+    let Some(mine) = plan.get(cursor).filter(|e| e.is_step()) else {
+        return false;
+    };
+    plan[..cursor]
+        .iter()
+        .rev()
+        .find(|e| e.is_step())
+        .is_none_or(|prev| prev.phase() != mine.phase())
+}
+
 /// Optimizer steps in a plan.
 pub fn steps(plan: &[Event]) -> usize {
     plan.iter().filter(|e| e.is_step()).count()
@@ -195,5 +229,30 @@ mod tests {
             })
             .collect();
         assert_eq!(ks, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_schedule_restarts_where_its_scope_says_and_phase_blocks_open_where_the_phase_changes() {
+        // BHHCLLLBHHCLLL: steps at cursors 1 2 | 4 5 6 | 8 9 | 11 12 13.
+        let p = plan(&config(ScheduleKind::Cyclic));
+        let at = |scope| -> Vec<(usize, usize)> {
+            (0..p.len())
+                .filter(|&c| p[c].is_step())
+                .map(|c| schedule_position(&p, c, scope))
+                .collect()
+        };
+        let run: Vec<(usize, usize)> = (0..10).map(|i| (i, 10)).collect();
+        assert_eq!(at(LrScope::Run), run);
+        let cycle: Vec<(usize, usize)> = (0..2).flat_map(|_| (0..5).map(|i| (i, 5))).collect();
+        assert_eq!(at(LrScope::Cycle), cycle);
+        let block = [(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)];
+        let phase: Vec<(usize, usize)> = block.iter().chain(block.iter()).copied().collect();
+        assert_eq!(at(LrScope::Phase), phase);
+        let opens: Vec<usize> = (0..p.len()).filter(|&c| opens_phase(&p, c)).collect();
+        assert_eq!(opens, [1, 4, 8, 11]);
+        // Mixed (BHLLHCLHLLCHL): every change of phase opens a block.
+        let m = plan(&config(ScheduleKind::Mixed));
+        let opens: Vec<usize> = (0..m.len()).filter(|&c| opens_phase(&m, c)).collect();
+        assert_eq!(opens, [1, 2, 4, 6, 7, 8, 11, 12]);
     }
 }

@@ -224,13 +224,17 @@ pub fn run<B: AutodiffBackend>(
     let cache = teacher_cache(train, &data, &models)?;
     let ckpt = dir.join("checkpoint");
     let (model, optim, state) = if resuming {
-        let (m, o, s): (_, _, MethodState) =
-            checkpoint::load(&ckpt, models.student, &train.config.optim)
-                .map_err(TrainError::from)?;
+        let (m, o, s): (_, _, MethodState) = checkpoint::load_all(
+            &ckpt,
+            models.student,
+            &train.config.optim,
+            train.config.optimizers(),
+        )
+        .map_err(TrainError::from)?;
         tracing::info!("resuming at event {} (optimizer step {})", s.cursor, s.step);
-        (m, Some(o), Some(s))
+        (m, o, Some(s))
     } else {
-        (models.student, None, None)
+        (models.student, Vec::new(), None)
     };
     let mut method = Method::new(
         model,
@@ -491,7 +495,7 @@ fn drive<B: AutodiffBackend>(
         .map_err(|e| io(&metrics_path, e))?;
     let mut progress = Progress::new("train", method.state.step, steps(method.plan()));
     let save = |method: &Method<B>, rows: &[StepMetrics]| -> Result<(), RunError> {
-        checkpoint::save(&ckpt, &method.model, method.optimizer(), &method.state)
+        checkpoint::save_all(&ckpt, &method.model, &method.optimizers(), &method.state)
             .map_err(TrainError::from)?;
         let parquet = dir.join("metrics.parquet");
         write_parquet(&parquet, rows).map_err(|e| io(&parquet, e))

@@ -7,7 +7,7 @@
 //! - **harmful** (`x ++ y_h`): LAT finds `δ` at the configured residual sites; under it,
 //!   `L_adv = (1 − γ)·L_forget + γ·L_KL_imm + ρ·L_ref` (NPO against the cached `ŝ_H(y_h|x)`,
 //!   the capped immunization KL against π_H fused with the output head, the refusal term on
-//!   `x ++ y_ref`);
+//!   `x ++ y_ref` under the same `δ` on the prompt positions the two share, `lat.refusal`);
 //! - **harmless** (`x ++ y_c`): `L_align = (1 − α)·L_DPO + α·KL(π_B ‖ π_θ) + λ_stab·L_stab`,
 //!   the canaries' means read from the same forward that computes the DPO term.
 //!
@@ -25,7 +25,7 @@ use std::time::Instant;
 use antibody_base::Example;
 use antibody_canary::{CanarySet, canary_means, stab_loss};
 use antibody_finetune::optim::apply_step;
-use antibody_lat::Positions;
+use antibody_lat::{Positions, RefusalDelta};
 use antibody_losses::combine::{AdvKl, ForgetLoss, NpoReference, PrefLoss, RefusalLoss};
 use antibody_losses::{
     HeadKl, HeadLogprob, KlDirection, NextTokenTargets, dpo, fused_sequence_loss,
@@ -37,10 +37,11 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::TrainError;
+use crate::config::OptimizerState;
 use crate::error::check;
 use crate::method::Method;
 use crate::metrics::StepMetrics;
-use crate::plan::steps;
+use crate::plan::{opens_phase, schedule_position};
 
 /// Term values of one step, summed over micro-batches.
 #[derive(Default)]
@@ -141,10 +142,20 @@ impl<B: AutodiffBackend> Method<B> {
                 GradientsParams::from_grads(loss.backward(), &self.model),
             );
         }
-        let lr = self.config.optim.lr_at(step, steps(&self.plan));
+        let cursor = self.state.cursor;
+        let (index, span) = schedule_position(&self.plan, cursor, self.config.lr_scope);
+        let lr = self.config.optim.lr_at(index, span);
+        let fresh = || self.config.optim.adamw().init::<B, Llama<B>>();
+        if self.config.optimizer_state == OptimizerState::Reset && opens_phase(&self.plan, cursor) {
+            self.optim = fresh();
+        }
+        let optim = match (&mut self.optim_harmless, harmful) {
+            (Some(own), false) => own,
+            _ => &mut self.optim,
+        };
         let (model, grad_norm) = apply_step(
             self.model.clone(),
-            &mut self.optim,
+            optim,
             acc.grads(),
             &self.config.optim,
             lr,
@@ -208,16 +219,18 @@ impl<B: AutodiffBackend> Method<B> {
         )
     }
 
-    /// A second sequence of the same rows (`y_ref`, `y_r`): its own forward, scored.
+    /// A second sequence of the same rows (`y_ref`, `y_r`): its own forward (under `hooks`),
+    /// scored.
     fn score_side(
         &self,
         seqs: &[Example],
         head: Tensor<B, 2>,
+        hooks: &Hooks<B>,
         sums: &mut Sums,
     ) -> Result<HeadLogprob<B>, TrainError> {
         let device = self.model.device();
         let m = Micro::<B>::new(seqs, self.model.config.pad_token_id, &device, sums);
-        let hidden = self.model.forward_hidden(&m.batch, &Hooks::none())?.hidden;
+        let hidden = self.model.forward_hidden(&m.batch, hooks)?.hidden;
         Ok(self.score(hidden, head, &m))
     }
 
@@ -227,18 +240,18 @@ impl<B: AutodiffBackend> Method<B> {
         Tensor::from_data(TensorData::new(vals, [part.len()]), &self.model.device())
     }
 
-    /// The LAT hooks of a harmful micro-batch (none when LAT is off); the attack's first and
-    /// last losses go into the record.
-    fn lat_hooks(
+    /// The LAT attack on a harmful micro-batch (none when LAT is off); its first and last
+    /// losses go into the record.
+    fn lat_attack(
         &self,
         seqs: &[Example],
         m: &Micro<B>,
         share: f64,
         sums: &mut Sums,
-    ) -> Result<Hooks<B>, TrainError> {
+    ) -> Result<Option<antibody_lat::Attack<B>>, TrainError> {
         let cfg = &self.config;
         if !(cfg.lat.enabled && cfg.lat.epsilon > 0.0) {
-            return Ok(Hooks::none());
+            return Ok(None);
         }
         let device = self.model.device();
         let shape = [m.batch.batch, m.batch.seq];
@@ -265,7 +278,48 @@ impl<B: AutodiffBackend> Method<B> {
         let last = attack.losses.last().copied().map_or(f64::NAN, f64::from);
         let prev = sums.lat.unwrap_or((0.0, 0.0));
         sums.lat = Some((prev.0 + first * share, prev.1 + last * share));
-        Ok(attack.hooks())
+        Ok(Some(attack))
+    }
+
+    /// The hooks of the refusal forward over `refs` (the rows of `part` that have a refusal,
+    /// in order): under `lat.refusal = "prompt"`, the attack's `δ` on the prompt positions
+    /// `x ++ y_ref` shares with `x ++ y_h`; otherwise none.
+    fn refusal_hooks(
+        &self,
+        attack: Option<&antibody_lat::Attack<B>>,
+        part: &[usize],
+        refs: &[Example],
+    ) -> Hooks<B> {
+        let Some(attack) = attack else {
+            return Hooks::none();
+        };
+        if self.config.lat.refusal != RefusalDelta::Prompt {
+            return Hooks::none();
+        }
+        let with: Vec<usize> = (0..part.len())
+            .filter(|&j| self.data.harmful[part[j]].refusal.is_some())
+            .collect();
+        let lens: Vec<usize> = with
+            .iter()
+            .map(|&j| self.data.harmful[part[j]].prompt.len())
+            .collect();
+        let t_ref = refs.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let device = self.model.device();
+        let rows = Tensor::<B, 1, burn::tensor::Int>::from_data(
+            TensorData::new(
+                with.iter().map(|&j| j as i64).collect::<Vec<_>>(),
+                [with.len()],
+            ),
+            &device,
+        );
+        attack.deltas.iter().fold(Hooks::none(), |h, (site, d)| {
+            let d = if with.len() == part.len() {
+                d.clone()
+            } else {
+                d.clone().select(0, rows.clone())
+            };
+            h.with_perturbation(*site, antibody_lat::prompt_shared(d, &lens, t_ref))
+        })
     }
 
     fn harmful_micro(
@@ -289,7 +343,10 @@ impl<B: AutodiffBackend> Method<B> {
             sums,
         );
         let token_share = f64::from(m.tokens / totals[0]);
-        let hooks = self.lat_hooks(&seqs, &m, share, sums)?;
+        let attack = self.lat_attack(&seqs, &m, share, sums)?;
+        let hooks = attack
+            .as_ref()
+            .map_or_else(Hooks::none, antibody_lat::Attack::hooks);
         let hidden = self.model.forward_hidden(&m.batch, &hooks)?.hidden;
         let head = self.model.head_weight();
         let s_h = self.score(hidden.clone(), head.clone(), &m);
@@ -349,7 +406,8 @@ impl<B: AutodiffBackend> Method<B> {
                 .iter()
                 .filter_map(|&i| self.data.harmful[i].refusal.clone())
                 .collect();
-            let s_ref = self.score_side(&refs, head, sums)?;
+            let ref_hooks = self.refusal_hooks(attack.as_ref(), part, &refs);
+            let s_ref = self.score_side(&refs, head, &ref_hooks, sums)?;
             let t = match adv.refusal {
                 RefusalLoss::Sft => {
                     fused_sequence_loss(&[&s_ref], |v| v[0].clone().sum().neg() / totals[1])
@@ -406,7 +464,7 @@ impl<B: AutodiffBackend> Method<B> {
                         .iter()
                         .map(|&i| self.data.harmless[i].rejected.clone())
                         .collect();
-                    let s_r = self.score_side(&rejected, head.clone(), sums)?;
+                    let s_r = self.score_side(&rejected, head.clone(), &Hooks::none(), sums)?;
                     let r_values = host(s_r.values());
                     let (bc, br) = (&self.cache.benign_c, &self.cache.benign_r);
                     let margin: f64 = part

@@ -97,9 +97,16 @@ fn steps_logged(run_dir: &Path) -> usize {
 }
 
 fn child(data: &Path, run_dir: &Path, resume: bool) -> Command {
+    child_with(data, run_dir, resume, &[])
+}
+
+fn child_with(data: &Path, run_dir: &Path, resume: bool, sets: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_antibody-train"));
-    c.arg("run")
-        .arg("--config")
+    c.arg("run");
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    c.arg("--config")
         .arg(configs().join("smoke.toml"))
         .arg("--data")
         .arg(data)
@@ -159,6 +166,49 @@ fn sigkill_mid_run_then_resume_equals_an_uninterrupted_run() {
             "{f}"
         );
     }
+}
+
+/// With one AdamW per phase the checkpoint holds both: killed after cycle 0's harmless phase
+/// (4 steps), the resumed run's cycle-1 harmless steps continue that phase's moments.
+#[test]
+fn per_phase_optimizers_survive_a_kill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = smoke_data(dir.path());
+    let sets = ["train.optimizer_state=\"per_phase\""];
+    let straight = dir.path().join("straight");
+    assert!(
+        child_with(&data, &straight, false, &sets)
+            .status()
+            .expect("spawn")
+            .success()
+    );
+    let killed = dir.path().join("killed");
+    let at_kill = kill_when(
+        child_with(&data, &killed, false, &sets),
+        4,
+        Duration::from_secs(180),
+        || steps_logged(&killed),
+    );
+    assert!(!killed.join("student").exists(), "finished before the kill");
+    assert!(
+        killed.join("checkpoint/optimizer.1.mpk").is_file(),
+        "the harmless phase's moments are in the checkpoint"
+    );
+    assert!(
+        child_with(&data, &killed, true, &sets)
+            .status()
+            .expect("spawn")
+            .success()
+    );
+    assert_eq!(
+        losses(&straight),
+        losses(&killed),
+        "killed after step {at_kill}: the metrics differ"
+    );
+    assert!(
+        student_bytes(&straight) == student_bytes(&killed),
+        "killed after step {at_kill} and resumed: weights differ"
+    );
 }
 
 #[test]

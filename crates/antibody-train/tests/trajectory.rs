@@ -1,7 +1,9 @@
 //! The method's trajectory on the tiny model against PyTorch: `tests/reference/method.py`
-//! runs the same 2 cycles (LAT + NPO + capped immunization KL + refusal SFT; canaries;
+//! runs the same 2 cycles (LAT + NPO + capped immunization KL + refusal SFT under the prompt's
+//! `δ`; canaries;
 //! DPO + alignment KL + canary MSE; AdamW, clipping, warmup + cosine) on the same data and
-//! records every step's loss terms in `fixtures/method.json`.
+//! records every step's loss terms in `fixtures/method.json`; two variants change how the
+//! optimizer crosses phase boundaries (`method_per_phase.json`, `method_reset.json`).
 //!
 //! Tolerances: the first step's terms within 1e-4 relative (the same arithmetic in another
 //! order); later steps within 2e-3 relative, 1e-4 absolute (differences compound through
@@ -64,13 +66,33 @@ fn close(what: &str, step: usize, ours: Option<f64>, theirs: &Value, rel: f64) {
 
 #[test]
 fn the_methods_steps_follow_pytorchs_trajectory() {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/fixtures/method.json");
+    follows("method.json");
+}
+
+/// Each phase with its own AdamW (moments kept across cycles) and the schedule restarted in
+/// every phase block.
+#[test]
+fn per_phase_optimizers_follow_pytorchs_trajectory() {
+    follows("method_per_phase.json");
+}
+
+/// Fresh moments at every phase block, the schedule restarted every cycle, and the refusal
+/// term trained without the perturbation.
+#[test]
+fn reset_moments_follow_pytorchs_trajectory() {
+    follows("method_reset.json");
+}
+
+fn follows(name: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/reference/fixtures")
+        .join(name);
     let fixture: Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("json");
     let s = &fixture["settings"];
     let f = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("settings.{k}"));
     let u = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("settings.{k}"));
+    let text = |k: &str| s[k].as_str().unwrap_or_else(|| panic!("settings.{k}"));
     let config: TrainConfig = toml::from_str(&format!(
         r#"
         run_dir = "unused"
@@ -83,6 +105,8 @@ fn the_methods_steps_follow_pytorchs_trajectory() {
         harmless_steps = {ls}
         batch_size = {bs}
         checkpoint_every = 100
+        optimizer_state = "{optimizer_state}"
+        lr_scope = "{lr_scope}"
         [optim]
         lr = {lr}
         warmup_steps = {warmup}
@@ -109,6 +133,7 @@ fn the_methods_steps_follow_pytorchs_trajectory() {
         epsilon = {lat_eps}
         steps = {lat_steps}
         positions = "all"
+        refusal = "{lat_refusal}"
         [canary]
         q = {q}
         harmful_sample = 4
@@ -134,6 +159,9 @@ fn the_methods_steps_follow_pytorchs_trajectory() {
         lat_eps = f("lat_epsilon"),
         lat_steps = u("lat_steps"),
         q = f("q"),
+        optimizer_state = text("optimizer_state"),
+        lr_scope = text("lr_scope"),
+        lat_refusal = text("lat_refusal"),
     ))
     .expect("config");
     let data = MethodData {
@@ -175,7 +203,7 @@ fn the_methods_steps_follow_pytorchs_trajectory() {
     .expect("teacher cache");
     let mut method = Method::new(
         student,
-        None,
+        Vec::new(),
         None,
         harmful_teacher,
         benign_teacher,

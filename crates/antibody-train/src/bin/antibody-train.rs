@@ -91,7 +91,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         )?;
         let mut method = Method::new(
             student,
-            None,
+            Vec::new(),
             None,
             harmful_teacher,
             benign_teacher,
