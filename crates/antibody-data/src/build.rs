@@ -222,7 +222,7 @@ pub fn build<B: Backend>(
         });
     }
     let judge = KeywordJudge::from_config(&d.judge);
-    let mut phrasings = phrasings(&sources, &judge)?;
+    let mut phrasings = phrasings(&sources, &judge, d.disjoint_phrasings)?;
     let (pools, source_records) = pools(config, &sources, records);
 
     // Models: one load when both roles name the same model.
@@ -266,15 +266,7 @@ pub fn build<B: Backend>(
         refusals: &refusals,
         unneeded: &unneeded,
     };
-    let mut sets = answer_sets(
-        &mut ctx,
-        pools,
-        &generators,
-        written,
-        &judge,
-        options,
-        d.seed,
-    )?;
+    let mut sets = answer_sets(&mut ctx, pools, &generators, written, &judge, options, d)?;
     let task_rows: Vec<(String, String, String)> = sources
         .iter()
         .filter(|(c, _)| c.kind == crate::config::SourceKind::Task)
@@ -375,18 +367,28 @@ fn check_nonempty(
 fn phrasings(
     sources: &[(crate::config::SourceConfig, Loaded)],
     judge: &KeywordJudge,
+    disjoint: bool,
 ) -> Result<BTreeMap<SourceKind, (Vec<String>, PhrasingRecord)>> {
     let mut phrasings = BTreeMap::new();
+    let mut refusal_openings = std::collections::BTreeSet::new();
     for kind in [SourceKind::Refusal, SourceKind::UnnecessaryRefusal] {
         let mut kept = Vec::new();
         let mut rec = PhrasingRecord::default();
         for (_, l) in sources.iter().filter(|(_, l)| l.kind == kind) {
             for row in &l.rows {
-                if judge.judge(&row.text).is_refusal() {
+                if !judge.judge(&row.text).is_refusal() {
+                    rec.not_a_refusal_to_the_judge += 1;
+                } else if disjoint
+                    && kind == SourceKind::UnnecessaryRefusal
+                    && refusal_openings.contains(&opening(&row.text))
+                {
+                    rec.same_opening_as_y_ref += 1;
+                } else {
+                    if kind == SourceKind::Refusal {
+                        refusal_openings.insert(opening(&row.text));
+                    }
                     kept.push(row.text.clone());
                     rec.kept += 1;
-                } else {
-                    rec.not_a_refusal_to_the_judge += 1;
                 }
             }
         }
@@ -406,6 +408,23 @@ fn phrasings(
         phrasings.insert(kind, (kept, rec));
     }
     Ok(phrasings)
+}
+
+/// A phrasing's opening: its first three words, lowercased, without punctuation
+/// ("I'm sorry, but ..." and "i’m sorry but ..." open the same way).
+pub fn opening(text: &str) -> String {
+    text.split_whitespace()
+        .map(|w| {
+            w.chars()
+                .map(|c| if c == '\u{2019}' { '\'' } else { c })
+                .filter(|c| c.is_alphanumeric() || *c == '\'')
+                .collect::<String>()
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The prompts split and deduplicated across sources (evaluation first), each set capped
@@ -470,8 +489,9 @@ fn answer_sets<B: Backend>(
     written: Written<'_>,
     judge: &KeywordJudge,
     options: &BuildOptions,
-    seed: u64,
+    d: &crate::config::DataConfig,
 ) -> Result<BTreeMap<SetKind, Vec<Record>>> {
+    let (seed, lookalike_responses) = (d.seed, d.lookalike_responses);
     let cache_dir = &options.generations;
     let mut sets: BTreeMap<SetKind, Vec<Record>> = BTreeMap::new();
     let mut harmful_cache = GenCache::open(cache_dir, &generators.harmful_key)?;
@@ -488,8 +508,15 @@ fn answer_sets<B: Backend>(
         sets.insert(kind, out);
     }
     let mut helpful_cache = GenCache::open(cache_dir, &generators.helpful_key)?;
+    // With `data.lookalike_responses`, the look-alikes' training half is also answered like
+    // the harmless prompts and joins `harmless_train` (its rows keep their source and
+    // category); `lookalike_train` keeps the prompts either way.
+    let mut harmless_train = pools.harmless_train;
+    if lookalike_responses {
+        harmless_train.extend(pools.lookalike_train.iter().cloned());
+    }
     for (kind, rows) in [
-        (SetKind::HarmlessTrain, pools.harmless_train),
+        (SetKind::HarmlessTrain, harmless_train),
         (SetKind::HarmlessEval, pools.harmless_eval),
     ] {
         let answering = Answering {

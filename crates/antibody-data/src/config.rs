@@ -49,6 +49,17 @@ pub struct DataConfig {
     /// The downstream fine-tuning task.
     #[serde(default)]
     pub task: TaskConfig,
+    /// Answer the training half of the look-alikes like the harmless prompts (`y_c`
+    /// generated, `y_r` written) and add them to `harmless_train`, so the method's harmless
+    /// phase sees borderline-benign prompts with what to say and what not to. They are not
+    /// capped by `limits.harmless_train` (`limits.lookalike_train` caps them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lookalike_responses: bool,
+    /// Draw `y_r` only from phrasings whose opening (first three words, case and punctuation
+    /// ignored) no `y_ref` phrasing shares, so SFT on `y_ref` does not raise `ŝ(y_r)` through
+    /// a shared opening.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disjoint_phrasings: bool,
 }
 
 fn default_seed() -> u64 {

@@ -90,6 +90,13 @@ pub struct PhrasingRecord {
     pub kept: usize,
     /// Not recognized as refusals by the judge, and not used.
     pub not_a_refusal_to_the_judge: usize,
+    /// Left out because a `y_ref` phrasing opens the same way (`data.disjoint_phrasings`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub same_opening_as_y_ref: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A built set.

@@ -587,3 +587,76 @@ fn jsonl_import_refuses_an_empty_file_and_ids_outside_the_vocabulary() -> TestRe
     );
     Ok(())
 }
+
+/// `data.lookalike_responses` answers the look-alikes' training half like the harmless
+/// prompts and adds it to `harmless_train`; `data.disjoint_phrasings` keeps every `y_r`
+/// phrasing whose opening a `y_ref` phrasing shares out. Both off, the configuration hashes
+/// as it did before the options existed (a default build is not invalidated by them).
+#[test]
+fn lookalikes_can_join_the_harmless_phase_with_phrasings_disjoint_from_the_refusals() -> TestResult
+{
+    use antibody_data::build::opening;
+    let dir = tempfile::tempdir()?;
+    let plain = Config::load(&write_config(dir.path(), "", "")?, &[])?;
+    let off = Config::load(
+        &write_config(
+            dir.path(),
+            "lookalike_responses = false\ndisjoint_phrasings = false",
+            "",
+        )?,
+        &[],
+    )?;
+    assert_eq!(plain.hash(), off.hash());
+
+    let path = write_config(
+        dir.path(),
+        "lookalike_responses = true\ndisjoint_phrasings = true",
+        "",
+    )?;
+    let config = Config::load(&path, &[])?;
+    assert_ne!(plain.hash(), config.hash());
+    let Outcome::Built(manifest) = run(&config, dir.path())? else {
+        return Err("not a build".into());
+    };
+    let out = &config.out_dir;
+    let harmless = read_set(out, SetKind::HarmlessTrain)?.records;
+    let lookalike_prompts: HashSet<String> = read_set(out, SetKind::LookalikeTrain)?
+        .records
+        .iter()
+        .map(|r| r.prompt.clone())
+        .collect();
+    let joined: Vec<_> = harmless
+        .iter()
+        .filter(|r| r.source == "lookalikes")
+        .collect();
+    assert!(!joined.is_empty(), "no look-alike joined harmless_train");
+    assert!(
+        joined.len() <= lookalike_prompts.len() && manifest.sets["harmless_train"].rows > 6,
+        "harmless_train: 6 harmless prompts plus the look-alikes"
+    );
+    for r in &joined {
+        assert!(lookalike_prompts.contains(&r.prompt), "{}", r.id);
+        assert!(
+            r.sequence("y_c").is_some() && r.sequence("y_r").is_some(),
+            "{}",
+            r.id
+        );
+    }
+    let refusals = std::fs::read_to_string(configs_dir().join("../datasets/refusals.jsonl"))?;
+    let y_ref_openings: HashSet<String> = refusals
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["text"].as_str().map(opening))
+        .collect();
+    assert!(manifest.unnecessary_refusal_phrasings.same_opening_as_y_ref > 0);
+    for r in &harmless {
+        let y_r = &r.responses["y_r"].text;
+        assert!(
+            !y_ref_openings.contains(&opening(y_r)),
+            "{}: y_r {y_r:?} opens like a y_ref",
+            r.id
+        );
+    }
+    assert_eq!(opening("I’m  sorry, but no."), opening("i'm sorry but"));
+    Ok(())
+}
