@@ -26,7 +26,9 @@ The run, written as the method's authors would in PyTorch:
 Two variants, each its own fixture (``VARIANTS``): ``method_per_phase.json`` gives each phase
 its own AdamW (moments kept across cycles) and restarts the schedule (warmup + cosine) in every
 phase block; ``method_reset.json`` starts every phase block with fresh AdamW moments, restarts
-the schedule every cycle, and trains the refusal term without delta.
+the schedule every cycle, and trains the refusal term without delta; ``method_canary_pre.json``
+takes A_target from the model before each harmful phase and scales each site's drift by the
+root mean square of its A_pre.
 
 Every batch is the whole set (batch size 4 = examples), so the order of rows does not matter
 (every loss is a mean over rows or counted tokens).
@@ -77,6 +79,8 @@ SETTINGS = dict(
     lat_refusal="prompt",
     optimizer_state="shared",
     lr_scope="run",
+    canary_target="post",
+    canary_drift="absolute",
 )
 
 # Variants of the default run, each its own fixture: how the refusal term sees delta and how
@@ -86,6 +90,7 @@ VARIANTS = {
     "method.json": {},
     "method_per_phase.json": dict(optimizer_state="per_phase", lr_scope="phase"),
     "method_reset.json": dict(optimizer_state="reset", lr_scope="cycle", lat_refusal="none"),
+    "method_canary_pre.json": dict(canary_target="pre", canary_drift="normalized"),
 }
 
 
@@ -297,6 +302,8 @@ def run(name, s):
 
     for cycle in range(s["cycles"]):
         pre = activations_mean(student, sites, [e["prompt"] for e in harmful])
+        # A_target from the model before the harmful phase (canary_target = "pre").
+        harmless_pre = activations_mean(student, sites, [e["y_c"] for e in harmless])
         for k in range(s["harmful_steps"]):
             ids, att, tgt, m = H
             positions = att.unsqueeze(-1).float()
@@ -347,11 +354,17 @@ def run(name, s):
         post = activations_mean(student, sites, [e["prompt"] for e in harmful])
         keys = sorted(pre, key=order_key)
         drift = {k: (post[k] - pre[k]).abs() for k in keys}
+        if s["canary_drift"] == "normalized":
+            # each site's drift over the root mean square of its A_pre
+            drift = {k: (d.double() / pre[k].double().pow(2).mean().sqrt()).float()
+                     for k, d in drift.items()}
         all_d = torch.cat([drift[k] for k in keys]).double()
         threshold = float(torch.quantile(all_d, s["q"]))
         canary_idx = {k: torch.nonzero(drift[k].double() > threshold).flatten() for k in keys}
         canary_idx = {k: v for k, v in canary_idx.items() if len(v) > 0}
         tgt_acts = activations_mean(student, sites, [e["y_c"] for e in harmless])
+        if s["canary_target"] == "pre":
+            tgt_acts = harmless_pre
         target = torch.cat([tgt_acts[k][canary_idx[k]] for k in sorted(canary_idx, key=order_key)])
         canaries.append(dict(cycle=cycle, count=int(sum(len(v) for v in canary_idx.values())),
                              threshold=threshold))

@@ -84,6 +84,27 @@ pub fn mean_activations<B: Backend>(
     })
 }
 
+/// `|post − pre|` per neuron divided by its site's scale, the root mean square of the site's
+/// `pre` means: sites whose activations are large (attention outputs) and small (MLP hidden
+/// activations) then compete for the quantile on equal terms. A site whose `pre` is all zero
+/// keeps its absolute drift.
+pub fn normalized_drift(pre: &Activations, post: &Activations) -> BTreeMap<Site, Vec<f32>> {
+    drift(pre, post)
+        .into_iter()
+        .map(|(site, d)| {
+            let a = &pre.means[&site];
+            let ms =
+                a.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / a.len().max(1) as f64;
+            let rms = ms.sqrt();
+            let scale = if rms > 0.0 { rms } else { 1.0 };
+            (
+                site,
+                d.iter().map(|&x| (f64::from(x) / scale) as f32).collect(),
+            )
+        })
+        .collect()
+}
+
 /// `|post − pre|` per neuron, for the sites both have.
 pub fn drift(pre: &Activations, post: &Activations) -> BTreeMap<Site, Vec<f32>> {
     pre.means

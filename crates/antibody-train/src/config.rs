@@ -49,6 +49,28 @@ pub enum LrScope {
     Phase,
 }
 
+/// Which model's activations `A_target` is taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CanaryTarget {
+    /// The just-hardened model (after the harmful phase): stabilization holds the new state.
+    Post,
+    /// The model before the harmful phase (or refresh window): stabilization pulls the
+    /// canaries' harmless activations back to where they were.
+    Pre,
+}
+
+/// How drifts are compared across sites before the quantile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftScale {
+    /// `|A_post − A_pre|` as is.
+    Absolute,
+    /// Divided by the root mean square of the site's `A_pre`
+    /// ([`antibody_canary::normalized_drift`]).
+    Normalized,
+}
+
 /// Canary identification and stabilization.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +94,33 @@ pub struct CanaryConfig {
     /// Bins of the drift histogram in the per-cycle report.
     #[serde(default = "bins")]
     pub histogram_bins: usize,
+    /// Which model `A_target` comes from.
+    #[serde(default = "post")]
+    pub target: CanaryTarget,
+    /// How drifts are scaled before the quantile.
+    #[serde(default = "absolute")]
+    pub drift: DriftScale,
+}
+
+impl DriftScale {
+    /// The drifts between `pre` and `post` on this scale.
+    pub fn drift(
+        self,
+        pre: &antibody_canary::Activations,
+        post: &antibody_canary::Activations,
+    ) -> std::collections::BTreeMap<antibody_model::Site, Vec<f32>> {
+        match self {
+            Self::Absolute => antibody_canary::drift(pre, post),
+            Self::Normalized => antibody_canary::normalized_drift(pre, post),
+        }
+    }
+}
+
+fn post() -> CanaryTarget {
+    CanaryTarget::Post
+}
+fn absolute() -> DriftScale {
+    DriftScale::Absolute
 }
 
 fn yes() -> bool {
@@ -99,6 +148,8 @@ impl Default for CanaryConfig {
             harmless_sample: sample(),
             batch_size: measure_batch(),
             histogram_bins: bins(),
+            target: post(),
+            drift: absolute(),
         }
     }
 }

@@ -10,7 +10,7 @@
 //!   prompts), drift, the quantile threshold, and `A_target` with the just-updated student on
 //!   a harmless sample's `x ++ y_c` (the tokens `A_current` is averaged over).
 
-use antibody_canary::{Activations, CanarySet, drift, mean_activations, monitored_sites, select};
+use antibody_canary::{Activations, CanarySet, mean_activations, monitored_sites, select};
 use antibody_finetune::{Adamw, order};
 use antibody_model::{Llama, TokenBatch};
 use burn::module::AutodiffModule;
@@ -18,7 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
-use crate::config::TrainConfig;
+use crate::config::{CanaryTarget, TrainConfig};
 use crate::data::{HARMFUL_SALT, HARMLESS_SALT, MethodData, PROBE_SALT, TeacherCache};
 use crate::metrics::StepMetrics;
 use crate::plan::{Event, counts, plan};
@@ -32,6 +32,10 @@ pub struct CanaryState {
     pub set: Option<CanarySet>,
     /// Their `A_target`, in the set's order.
     pub target: Option<Vec<f32>>,
+    /// Under `canary.target = "pre"`: every monitored neuron's mean over the harmless sample,
+    /// measured with the model before the current harmful phase (or refresh window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harmless_baseline: Option<Activations>,
 }
 
 /// Where a run stands.
@@ -219,8 +223,13 @@ impl<B: AutodiffBackend> Method<B> {
         let outcome = match event {
             Event::Baseline { .. } => {
                 let sites = monitored_sites(self.model.config.num_layers);
-                let pre = mean_activations(&self.model.valid(), &self.harmful_probe, &sites)?;
+                let inner = self.model.valid();
+                let pre = mean_activations(&inner, &self.harmful_probe, &sites)?;
                 self.state.canary.baseline = Some(pre);
+                if self.config.canary.target == CanaryTarget::Pre {
+                    let harmless = mean_activations(&inner, &self.harmless_probe, &sites)?;
+                    self.state.canary.harmless_baseline = Some(harmless);
+                }
                 Outcome::Baseline
             }
             Event::Canaries { cycle } => self.canaries(cycle)?,
@@ -241,9 +250,30 @@ impl<B: AutodiffBackend> Method<B> {
             .baseline
             .clone()
             .ok_or(TrainError::NoBaseline)?;
-        let set = select(&drift(&pre, &post), self.config.canary.q);
-        let target = mean_activations(&inner, &self.harmless_probe, &set.sites())?;
-        self.state.canary.target = Some(set.values(&target));
+        let set = select(
+            &self.config.canary.drift.drift(&pre, &post),
+            self.config.canary.q,
+        );
+        let target = match self.config.canary.target {
+            CanaryTarget::Post => set.values(&mean_activations(
+                &inner,
+                &self.harmless_probe,
+                &set.sites(),
+            )?),
+            CanaryTarget::Pre => {
+                // The next window's "before" is this model (mixed schedules; cyclic ones
+                // measure it again at their next baseline).
+                let now = mean_activations(&inner, &self.harmless_probe, &sites)?;
+                let before = self
+                    .state
+                    .canary
+                    .harmless_baseline
+                    .replace(now)
+                    .ok_or(TrainError::NoBaseline)?;
+                set.values(&before)
+            }
+        };
+        self.state.canary.target = Some(target);
         self.state.canary.set = Some(set.clone());
         self.state.canary.baseline = Some(post.clone());
         Ok(Outcome::Canaries {

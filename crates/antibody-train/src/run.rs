@@ -567,7 +567,7 @@ fn write_canaries(
     set: &antibody_canary::CanarySet,
 ) -> Result<(), RunError> {
     let dir = train.run_dir.join("canaries");
-    let drift = antibody_canary::drift(pre, post);
+    let drift = train.config.canary.drift.drift(pre, post);
     let bins = train.config.canary.histogram_bins;
     let summary = report::summarize(Some(cycle), pre, post, &drift, set, bins);
     let table = report::table(pre, post, &drift, set).map_err(|e| io(&dir, e))?;

@@ -3,7 +3,8 @@
 //! `δ`; canaries;
 //! DPO + alignment KL + canary MSE; AdamW, clipping, warmup + cosine) on the same data and
 //! records every step's loss terms in `fixtures/method.json`; two variants change how the
-//! optimizer crosses phase boundaries (`method_per_phase.json`, `method_reset.json`).
+//! optimizer crosses phase boundaries (`method_per_phase.json`, `method_reset.json`), one where
+//! the canaries' targets and drifts are taken differently (`method_canary_pre.json`).
 //!
 //! Tolerances: the first step's terms within 1e-4 relative (the same arithmetic in another
 //! order); later steps within 2e-3 relative, 1e-4 absolute (differences compound through
@@ -83,6 +84,12 @@ fn reset_moments_follow_pytorchs_trajectory() {
     follows("method_reset.json");
 }
 
+/// `A_target` from the model before each harmful phase, drifts scaled per site.
+#[test]
+fn pre_phase_canary_targets_and_normalized_drift_follow_pytorchs_trajectory() {
+    follows("method_canary_pre.json");
+}
+
 fn follows(name: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/reference/fixtures")
@@ -139,6 +146,8 @@ fn follows(name: &str) {
         harmful_sample = 4
         harmless_sample = 4
         batch_size = 4
+        target = "{canary_target}"
+        drift = "{canary_drift}"
         "#,
         cycles = u("cycles"),
         hs = u("harmful_steps"),
@@ -162,6 +171,8 @@ fn follows(name: &str) {
         optimizer_state = text("optimizer_state"),
         lr_scope = text("lr_scope"),
         lat_refusal = text("lat_refusal"),
+        canary_target = text("canary_target"),
+        canary_drift = text("canary_drift"),
     ))
     .expect("config");
     let data = MethodData {
