@@ -28,7 +28,8 @@ its own AdamW (moments kept across cycles) and restarts the schedule (warmup + c
 phase block; ``method_reset.json`` starts every phase block with fresh AdamW moments, restarts
 the schedule every cycle, and trains the refusal term without delta; ``method_canary_pre.json``
 takes A_target from the model before each harmful phase and scales each site's drift by the
-root mean square of its A_pre.
+root mean square of its A_pre; ``method_retain.json`` adds a retain term (0.5 KL(pi_B||pi) on
+the harmless answers, unperturbed) to every harmful step and runs DPO on per-token means.
 
 Every batch is the whole set (batch size 4 = examples), so the order of rows does not matter
 (every loss is a mean over rows or counted tokens).
@@ -81,6 +82,8 @@ SETTINGS = dict(
     lr_scope="run",
     canary_target="post",
     canary_drift="absolute",
+    retain=0.0,
+    dpo_length_normalized=False,
 )
 
 # Variants of the default run, each its own fixture: how the refusal term sees delta and how
@@ -91,6 +94,7 @@ VARIANTS = {
     "method_per_phase.json": dict(optimizer_state="per_phase", lr_scope="phase"),
     "method_reset.json": dict(optimizer_state="reset", lr_scope="cycle", lat_refusal="none"),
     "method_canary_pre.json": dict(canary_target="pre", canary_drift="normalized"),
+    "method_retain.json": dict(retain=0.5, dpo_length_normalized=True),
 }
 
 
@@ -347,7 +351,15 @@ def run(name, s):
             sites.deltas = {}
             ref = -s_ref.sum() / rm.sum()
             loss = (1 - s["gamma"]) * npo + s["gamma"] * kl_imm + s["rho"] * ref
-            finish(loss, dict(phase="harmful", cycle=cycle, forget=float(npo),
+            extra = {}
+            if s["retain"] > 0:
+                # retain: KL(pi_B || pi) on the harmless answers y_c, unperturbed
+                cids, catt, ctgt, cm = C
+                lg_c = logits_of(student, cids, catt)
+                retain = (kl_forward(tb_logits, lg_c) * cm).sum() / cm.sum()
+                loss = loss + s["retain"] * retain
+                extra["retain"] = float(retain)
+            finish(loss, dict(phase="harmful", cycle=cycle, forget=float(npo), **extra,
                               kl_imm=float(kl_imm), kl_cap_rate=cap_rate, refusal=float(ref),
                               harmful_logp=float(s_h.sum() / m.sum()),
                               lat_loss_start=lat_losses[0], lat_loss_end=lat_losses[-1]), k)
@@ -376,7 +388,10 @@ def run(name, s):
             s_c = seq_logprob(lg, tgt, m)
             rids, ratt, rtgt, rm = Rj
             s_r = seq_logprob(logits_of(student, rids, ratt), rtgt, rm)
-            margin = (s_c - sb_C) - (s_r - sb_R)
+            if s["dpo_length_normalized"]:
+                margin = (s_c - sb_C) / m.sum(-1) - (s_r - sb_R) / rm.sum(-1)
+            else:
+                margin = (s_c - sb_C) - (s_r - sb_R)
             dpo = -F.logsigmoid(s["dpo_beta"] * margin).mean()
             kl_align = (kl_forward(tb_logits, lg) * m).sum() / m.sum()
             w = att.unsqueeze(-1).float()

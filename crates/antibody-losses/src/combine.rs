@@ -89,6 +89,10 @@ pub struct AdvConfig {
     /// The refusal term.
     #[serde(default = "default_refusal")]
     pub refusal: RefusalLoss,
+    /// η: the weight of a retain term inside the harmful step, the forward KL to the benign
+    /// teacher on the helpful answers `y_c` of a harmless batch (0 = off).
+    #[serde(default)]
+    pub retain: f64,
 }
 
 /// The harmless phase's preference term.
@@ -120,6 +124,10 @@ pub struct AlignConfig {
     /// λ_stab: the weight of canary stabilization.
     #[serde(default = "default_lambda")]
     pub lambda_stab: f64,
+    /// DPO on per-token log-probabilities (`ŝ/|y|`, student and reference alike), so a long
+    /// helpful answer and a short refusal weigh by their mean rather than their sum.
+    #[serde(default)]
+    pub length_normalized: bool,
 }
 
 fn default_forget() -> ForgetLoss {
@@ -168,6 +176,7 @@ impl Default for AdvConfig {
             kl_cap: default_cap(),
             rho: 0.0,
             refusal: default_refusal(),
+            retain: 0.0,
         }
     }
 }
@@ -180,6 +189,7 @@ impl Default for AlignConfig {
             alpha: default_alpha(),
             kl: default_align_kl(),
             lambda_stab: default_lambda(),
+            length_normalized: false,
         }
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::config::{CanaryTarget, TrainConfig};
-use crate::data::{HARMFUL_SALT, HARMLESS_SALT, MethodData, PROBE_SALT, TeacherCache};
+use crate::data::{HARMFUL_SALT, HARMLESS_SALT, MethodData, PROBE_SALT, RETAIN_SALT, TeacherCache};
 use crate::metrics::StepMetrics;
 use crate::plan::{Event, counts, plan};
 
@@ -92,6 +92,8 @@ pub struct Method<B: AutodiffBackend> {
     pub(crate) plan: Vec<Event>,
     pub(crate) harmful_order: Vec<usize>,
     pub(crate) harmless_order: Vec<usize>,
+    /// Harmless rows of the harmful steps' retain term (`adv.retain > 0`), a batch per step.
+    pub(crate) retain_order: Vec<usize>,
     harmful_probe: Vec<TokenBatch>,
     harmless_probe: Vec<TokenBatch>,
 }
@@ -113,7 +115,7 @@ impl<B: AutodiffBackend> Method<B> {
         if data.harmful.is_empty() && config.harmful_steps > 0 {
             return Err(TrainError::NoExamples { phase: "harmful" });
         }
-        if data.harmless.is_empty() && config.harmless_steps > 0 {
+        if data.harmless.is_empty() && (config.harmless_steps > 0 || config.adv.retain > 0.0) {
             return Err(TrainError::NoExamples { phase: "harmless" });
         }
         if config.adv.rho > 0.0 && data.harmful.iter().any(|e| e.refusal.is_none()) {
@@ -180,6 +182,11 @@ impl<B: AutodiffBackend> Method<B> {
             optim_harmless,
             harmful_order: order(examples[0], config.seed ^ HARMFUL_SALT, nh * bs),
             harmless_order: order(examples[1], config.seed ^ HARMLESS_SALT, nl * bs),
+            retain_order: if config.adv.retain > 0.0 {
+                order(examples[1], config.seed ^ RETAIN_SALT, nh * bs)
+            } else {
+                Vec::new()
+            },
             model,
             state,
             harmful_teacher,

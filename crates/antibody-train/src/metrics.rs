@@ -28,6 +28,9 @@ pub struct StepMetrics {
     pub kl_cap_rate: Option<f64>,
     /// The refusal term.
     pub refusal: Option<f64>,
+    /// The retain term of a harmful step (`adv.retain > 0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain: Option<f64>,
     /// The preference term (DPO, or SFT on `y_c`).
     pub pref: Option<f64>,
     /// The alignment KL.
@@ -87,6 +90,7 @@ pub fn metrics_frame(rows: &[StepMetrics]) -> PolarsResult<DataFrame> {
         f("kl_imm", &|r| r.kl_imm),
         f("kl_cap_rate", &|r| r.kl_cap_rate),
         f("refusal", &|r| r.refusal),
+        f("retain", &|r| r.retain),
         f("pref", &|r| r.pref),
         f("kl_align", &|r| r.kl_align),
         f("stab", &|r| r.stab),

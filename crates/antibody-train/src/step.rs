@@ -50,6 +50,7 @@ struct Sums {
     kl: Option<f64>,
     cap_bound: f64,
     refusal: Option<f64>,
+    retain: Option<f64>,
     pref: Option<f64>,
     kl_align: Option<f64>,
     stab: Option<f64>,
@@ -124,13 +125,26 @@ impl<B: AutodiffBackend> Method<B> {
         if totals[0] == 0.0 {
             return Err(antibody_finetune::FinetuneError::EmptyBatch { step }.into());
         }
+        // The retain term's harmless rows (harmful steps with `adv.retain > 0`), split into
+        // the same micro-batches.
+        let retain_rows: Vec<usize> = if harmful && self.config.adv.retain > 0.0 {
+            self.retain_order[k * bs..(k + 1) * bs].to_vec()
+        } else {
+            Vec::new()
+        };
+        let retain_total = self.chosen_tokens(&retain_rows);
         let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let mut sums = Sums::default();
         let mut loss_total = 0.0;
-        for part in rows.chunks(micro) {
+        for (i, part) in rows.chunks(micro).enumerate() {
             let share = part.len() as f64 / bs as f64;
+            let retain_part = retain_rows.chunks(micro).nth(i).unwrap_or(&[]);
             let loss = if harmful {
-                self.harmful_micro(part, share, totals, &mut sums, step)?
+                let loss = self.harmful_micro(part, share, totals, &mut sums, step)?;
+                match self.retain_micro(retain_part, retain_total, &mut sums, step)? {
+                    Some(retain) => loss + retain * self.config.adv.retain,
+                    None => loss,
+                }
             } else {
                 self.harmless_micro(part, share, totals[0], &mut sums, step)?
             };
@@ -174,6 +188,7 @@ impl<B: AutodiffBackend> Method<B> {
             kl_imm: sums.kl,
             kl_cap_rate: sums.kl.map(|_| sums.cap_bound / tokens_total),
             refusal: sums.refusal,
+            retain: sums.retain,
             pref: sums.pref,
             kl_align: sums.kl_align,
             stab: sums.stab,
@@ -205,6 +220,58 @@ impl<B: AutodiffBackend> Method<B> {
             let chosen = rows.iter().map(|&i| self.data.harmless[i].chosen.clone());
             [count(chosen.collect()), 0.0]
         }
+    }
+
+    /// Counted tokens of the harmless rows' helpful answers `y_c`.
+    fn chosen_tokens(&self, rows: &[usize]) -> f32 {
+        let pad = self.model.config.pad_token_id;
+        let chosen: Vec<Example> = rows
+            .iter()
+            .map(|&i| self.data.harmless[i].chosen.clone())
+            .collect();
+        NextTokenTargets::new(&chosen, pad).mask.iter().sum()
+    }
+
+    /// The retain term of a harmful micro-step: `KL(π_B ‖ π_θ)` on the helpful answers of
+    /// `part` (harmless rows), unperturbed, as its share of the step's `total` counted tokens.
+    fn retain_micro(
+        &self,
+        part: &[usize],
+        total: f32,
+        sums: &mut Sums,
+        step: usize,
+    ) -> Result<Option<Tensor<B, 1>>, TrainError> {
+        if part.is_empty() || total == 0.0 {
+            return Ok(None);
+        }
+        let chosen: Vec<Example> = part
+            .iter()
+            .map(|&i| self.data.harmless[i].chosen.clone())
+            .collect();
+        let device = self.model.device();
+        let mut scratch = Sums::default();
+        let m = Micro::<B>::new(
+            &chosen,
+            self.model.config.pad_token_id,
+            &device,
+            &mut scratch,
+        );
+        sums.tokens += scratch.tokens;
+        let hidden = self.model.forward_hidden(&m.batch, &Hooks::none())?.hidden;
+        let teacher = self
+            .benign_teacher
+            .forward_hidden(&m.batch, &Hooks::none())?
+            .hidden;
+        let kl = HeadKl::new(
+            Tensor::from_inner(teacher),
+            Tensor::from_inner(self.benign_teacher.head_weight()),
+            hidden,
+            self.model.head_weight(),
+            KlDirection::Forward,
+            self.config.vocab_chunk,
+        );
+        let t = head_kl_loss(&kl, m.mask.clone()) * f64::from(m.tokens / total);
+        Ok(Some(term(step, "retain", &mut sums.retain, t)?))
     }
 
     /// The student's fused `ŝ` over a micro-batch's hidden states (`head`: the student's
@@ -466,16 +533,47 @@ impl<B: AutodiffBackend> Method<B> {
                         .collect();
                     let s_r = self.score_side(&rejected, head.clone(), &Hooks::none(), sums)?;
                     let r_values = host(s_r.values());
+                    // Per-token means under `align.length_normalized`: every sequence
+                    // log-probability over its counted tokens.
+                    let lengths = |seqs: &[Example]| -> Vec<f32> {
+                        seqs.iter()
+                            .map(|e| {
+                                if align.length_normalized {
+                                    let n = e.response_mask.iter().skip(1).filter(|&&m| m).count();
+                                    n.max(1) as f32
+                                } else {
+                                    1.0
+                                }
+                            })
+                            .collect()
+                    };
+                    let (len_c, len_r) = (lengths(&chosen), lengths(&rejected));
                     let (bc, br) = (&self.cache.benign_c, &self.cache.benign_r);
                     let margin: f64 = part
                         .iter()
                         .enumerate()
-                        .map(|(j, &i)| f64::from((c_values[j] - bc[i]) - (r_values[j] - br[i])))
+                        .map(|(j, &i)| {
+                            f64::from(
+                                (c_values[j] - bc[i]) / len_c[j] - (r_values[j] - br[i]) / len_r[j],
+                            )
+                        })
                         .sum();
                     add(&mut sums.margin, margin);
-                    let (bc, br) = (self.pick(part, bc), self.pick(part, br));
+                    let per_row = |v: &[f32], lens: &[f32]| -> Tensor<B, 1> {
+                        let vals: Vec<f32> = part
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &i)| v[i] / lens[j])
+                            .collect();
+                        Tensor::from_data(TensorData::new(vals, [part.len()]), &device)
+                    };
+                    let (bc, br) = (per_row(bc, &len_c), per_row(br, &len_r));
+                    let row_tensor = |lens: &[f32]| -> Tensor<B, 1> {
+                        Tensor::from_data(TensorData::new(lens.to_vec(), [lens.len()]), &device)
+                    };
+                    let (lc, lr) = (row_tensor(&len_c), row_tensor(&len_r));
                     fused_sequence_loss(&[&s_c, &s_r], |v| {
-                        dpo(v[0].clone(), bc, v[1].clone(), br, align.beta)
+                        dpo(v[0].clone() / lc, bc, v[1].clone() / lr, br, align.beta)
                     }) * share
                 }
                 PrefLoss::Sft => {

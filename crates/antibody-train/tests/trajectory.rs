@@ -90,6 +90,13 @@ fn pre_phase_canary_targets_and_normalized_drift_follow_pytorchs_trajectory() {
     follows("method_canary_pre.json");
 }
 
+/// A retain term (the benign teacher's KL on harmless answers) in every harmful step, and DPO
+/// on per-token means.
+#[test]
+fn a_retain_term_and_length_normalized_dpo_follow_pytorchs_trajectory() {
+    follows("method_retain.json");
+}
+
 fn follows(name: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/reference/fixtures")
@@ -129,12 +136,14 @@ fn follows(name: &str) {
         kl_cap = {cap}
         rho = {rho}
         refusal = "sft"
+        retain = {retain}
         [align]
         pref = "dpo"
         beta = {dpo_beta}
         alpha = {alpha}
         kl = "forward"
         lambda_stab = {lambda}
+        length_normalized = {dpo_length_normalized}
         [lat]
         layers = [1, 2]
         epsilon = {lat_eps}
@@ -173,6 +182,8 @@ fn follows(name: &str) {
         lat_refusal = text("lat_refusal"),
         canary_target = text("canary_target"),
         canary_drift = text("canary_drift"),
+        retain = f("retain"),
+        dpo_length_normalized = s["dpo_length_normalized"].as_bool().expect("a bool"),
     ))
     .expect("config");
     let data = MethodData {
@@ -264,6 +275,7 @@ fn follows(name: &str) {
             1e-9,
         );
         close("refusal", k, ours.refusal, &theirs["refusal"], rel);
+        close("retain", k, ours.retain, &theirs["retain"], rel);
         close(
             "harmful_logp",
             k,
