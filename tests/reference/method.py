@@ -29,7 +29,9 @@ phase block; ``method_reset.json`` starts every phase block with fresh AdamW mom
 the schedule every cycle, and trains the refusal term without delta; ``method_canary_pre.json``
 takes A_target from the model before each harmful phase and scales each site's drift by the
 root mean square of its A_pre; ``method_retain.json`` adds a retain term (0.5 KL(pi_B||pi) on
-the harmless answers, unperturbed) to every harmful step and runs DPO on per-token means.
+the harmless answers, unperturbed) to every harmful step and runs DPO on per-token means;
+``method_relative_eps.json`` measures epsilon (and the step size) as a fraction of each token's
+residual norm at the site.
 
 Every batch is the whole set (batch size 4 = examples), so the order of rows does not matter
 (every loss is a mean over rows or counted tokens).
@@ -84,6 +86,7 @@ SETTINGS = dict(
     canary_drift="absolute",
     retain=0.0,
     dpo_length_normalized=False,
+    lat_epsilon_scale="absolute",
 )
 
 # Variants of the default run, each its own fixture: how the refusal term sees delta and how
@@ -95,6 +98,7 @@ VARIANTS = {
     "method_reset.json": dict(optimizer_state="reset", lr_scope="cycle", lat_refusal="none"),
     "method_canary_pre.json": dict(canary_target="pre", canary_drift="normalized"),
     "method_retain.json": dict(retain=0.5, dpo_length_normalized=True),
+    "method_relative_eps.json": dict(lat_epsilon_scale="relative", lat_epsilon=0.05),
 }
 
 
@@ -146,6 +150,8 @@ class Sites:
         self.deltas = {}
         self.captured = {}
         self.capture = False
+        self.residuals = {}
+        self.capture_resid = False
         for i, layer in enumerate(model.model.layers):
             layer.register_forward_hook(self._resid(i))
             layer.self_attn.o_proj.register_forward_hook(self._out(("attn", i)))
@@ -153,6 +159,8 @@ class Sites:
 
     def _resid(self, i):
         def hook(_m, _inp, out):
+            if self.capture_resid and i in self.deltas:
+                self.residuals[i] = layer_output_tensor(out).detach()
             if i in self.deltas:
                 h = layer_output_tensor(out) + self.deltas[i]
                 return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
@@ -315,10 +323,22 @@ def run(name, s):
             alpha = 2.5 * eps / n_steps
             deltas = {l: torch.zeros(ids.shape[0], ids.shape[1], 64) for l in s["lat_layers"]}
             lat_losses = []
-            for _ in range(n_steps):
+            radius = {l: eps for l in deltas}
+            step_size = {l: alpha for l in deltas}
+            for i_step in range(n_steps):
                 leaves = {l: d.detach().requires_grad_(True) for l, d in deltas.items()}
                 sites.deltas = leaves
+                sites.capture_resid = i_step == 0
                 lg = logits_of(student, ids, att)
+                sites.capture_resid = False
+                if i_step == 0:
+                    # each token's residual norm at the site, from the unperturbed forward
+                    norms = {l: sites.residuals[l].norm(dim=-1, keepdim=True) for l in deltas}
+                    resid_norm = sum(float((norms[l] * positions).sum() / positions.sum())
+                                     for l in deltas) / len(deltas)
+                    if s["lat_epsilon_scale"] == "relative":
+                        radius = {l: eps * norms[l] for l in deltas}
+                        step_size = {l: alpha * norms[l] for l in deltas}
                 lp = torch.log_softmax(lg, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
                 attack = -(lp * m).sum() / m.sum()
                 lat_losses.append(float(attack))
@@ -327,9 +347,9 @@ def run(name, s):
                 for (l, leaf), g in zip(leaves.items(), grads):
                     norm = g.norm(dim=-1, keepdim=True)
                     unit = g / norm.clamp_min(1e-30) * (norm > 0).float()
-                    d = leaf.detach() - unit * alpha
+                    d = leaf.detach() - unit * step_size[l]
                     dn = d.norm(dim=-1, keepdim=True)
-                    d = d * (eps / dn.clamp_min(1e-30)).clamp(max=1.0)
+                    d = d * (radius[l] / dn.clamp_min(1e-30)).clamp(max=1.0)
                     new[l] = d * positions
                 deltas = new
             sites.deltas = {l: d.detach() for l, d in deltas.items()}
@@ -362,7 +382,8 @@ def run(name, s):
             finish(loss, dict(phase="harmful", cycle=cycle, forget=float(npo), **extra,
                               kl_imm=float(kl_imm), kl_cap_rate=cap_rate, refusal=float(ref),
                               harmful_logp=float(s_h.sum() / m.sum()),
-                              lat_loss_start=lat_losses[0], lat_loss_end=lat_losses[-1]), k)
+                              lat_loss_start=lat_losses[0], lat_loss_end=lat_losses[-1],
+                              lat_residual_norm=resid_norm), k)
         post = activations_mean(student, sites, [e["prompt"] for e in harmful])
         keys = sorted(pre, key=order_key)
         drift = {k: (post[k] - pre[k]).abs() for k in keys}

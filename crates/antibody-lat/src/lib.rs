@@ -43,6 +43,17 @@ pub enum RefusalDelta {
     Prompt,
 }
 
+/// What the ball's radius `ε` (and the step size) is measured in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EpsilonScale {
+    /// Absolute L2 units of the residual stream.
+    Absolute,
+    /// A fraction of each token's residual norm at the site (from the unperturbed forward),
+    /// so one `ε` means the same relative push at every depth.
+    Relative,
+}
+
 /// LAT settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +81,9 @@ pub struct LatConfig {
     /// The perturbation of the refusal term's forward.
     #[serde(default = "prompt")]
     pub refusal: RefusalDelta,
+    /// What `epsilon` and `step_size` are measured in.
+    #[serde(default = "absolute")]
+    pub epsilon_scale: EpsilonScale,
 }
 
 fn one() -> usize {
@@ -83,6 +97,9 @@ fn all() -> Positions {
 }
 fn prompt() -> RefusalDelta {
     RefusalDelta::Prompt
+}
+fn absolute() -> EpsilonScale {
+    EpsilonScale::Absolute
 }
 
 /// The `δ` of the refusal forward under [`RefusalDelta::Prompt`]: for each site, `delta`
@@ -169,6 +186,9 @@ pub struct Attack<B: AutodiffBackend> {
     /// The attack loss (CE of `y_h`) at `δ₀ = 0`, after each step that was evaluated, and at
     /// the final `δ` when `report_final_loss` is set.
     pub losses: Vec<f32>,
+    /// Per site, the mean L2 norm of the unperturbed residual stream over the perturbable
+    /// positions (what a relative `ε` is a fraction of).
+    pub residual_norms: Vec<(Site, f32)>,
 }
 
 impl<B: AutodiffBackend> Attack<B> {
@@ -188,10 +208,10 @@ fn unit_per_token<B: AutodiffBackend>(g: Tensor<B, 3>) -> Tensor<B, 3> {
     g / safe * nonzero
 }
 
-/// Projects every token's vector into the L2 ball of radius `eps`.
-fn project<B: AutodiffBackend>(d: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+/// Projects every token's vector into the L2 ball of its radius (`radius` `[b, t, 1]`).
+fn project<B: AutodiffBackend>(d: Tensor<B, 3>, radius: Tensor<B, 3>) -> Tensor<B, 3> {
     let norm = d.clone().square().sum_dim(2).sqrt();
-    let scale = (norm.clamp_min(1e-30).recip() * eps).clamp_max(1.0);
+    let scale = (norm.clamp_min(1e-30).recip() * radius).clamp_max(1.0);
     d * scale
 }
 
@@ -228,35 +248,71 @@ pub fn attack<B: AutodiffBackend>(
         .map(|_| Tensor::<B, 3>::zeros([b, t, hidden], &device))
         .collect();
     let mut losses = Vec::with_capacity(config.steps + 1);
-    let loss_at = |deltas: &[Tensor<B, 3>]| -> Result<Tensor<B, 1>, LatError> {
-        let hooks = sites.iter().zip(deltas).fold(Hooks::none(), |h, (s, d)| {
-            h.with_perturbation(*s, d.clone())
-        });
-        let (logits, _) = model.forward(batch, &hooks)?;
-        Ok(antibody_losses::sft(logits, targets.clone(), mask.clone()))
-    };
-    for _ in 0..config.steps {
+    type Captured<B> = std::collections::BTreeMap<Site, Tensor<B, 3>>;
+    let loss_at =
+        |deltas: &[Tensor<B, 3>], capture: bool| -> Result<(Tensor<B, 1>, Captured<B>), LatError> {
+            let mut hooks = sites.iter().zip(deltas).fold(Hooks::none(), |h, (s, d)| {
+                h.with_perturbation(*s, d.clone())
+            });
+            if capture {
+                hooks.capture = sites.iter().copied().collect();
+            }
+            let (logits, captured) = model.forward(batch, &hooks)?;
+            let loss = antibody_losses::sft(logits, targets.clone(), mask.clone());
+            Ok((loss, captured.sites))
+        };
+    // Per site, each token's radius and step size: constant, or a fraction of the token's
+    // residual norm read from the first (unperturbed) forward.
+    let mut radii: Vec<(Tensor<B, 3>, Tensor<B, 3>)> = sites
+        .iter()
+        .map(|_| {
+            (
+                Tensor::<B, 3>::ones([b, t, 1], &device) * config.epsilon,
+                Tensor::<B, 3>::ones([b, t, 1], &device) * alpha,
+            )
+        })
+        .collect();
+    let mut residual_norms = Vec::with_capacity(sites.len());
+    for step in 0..config.steps {
         let leaves: Vec<Tensor<B, 3>> = deltas
             .iter()
             .map(|d| d.clone().detach().require_grad())
             .collect();
-        let loss = loss_at(&leaves)?;
+        let (loss, captured) = loss_at(&leaves, step == 0)?;
+        if step == 0 {
+            let counted = positions.clone().sum();
+            for (i, site) in sites.iter().enumerate() {
+                let h = captured
+                    .get(site)
+                    .ok_or_else(|| LatError::Config(format!("site {site} was not captured")))?
+                    .clone()
+                    .detach();
+                let norm = h.square().sum_dim(2).sqrt();
+                let mean =
+                    (norm.clone() * positions.clone()).sum() / counted.clone().clamp_min(1.0);
+                residual_norms.push((*site, scalar(&mean)));
+                if config.epsilon_scale == EpsilonScale::Relative {
+                    radii[i] = (norm.clone() * config.epsilon, norm * alpha);
+                }
+            }
+        }
         losses.push(scalar(&loss));
         let grads = loss.backward();
         deltas = leaves
             .iter()
-            .map(|leaf| {
+            .zip(&radii)
+            .map(|(leaf, (radius, step_size))| {
                 let g = leaf
                     .grad(&grads)
                     .map(|g| Tensor::<B, 3>::from_inner(g))
                     .unwrap_or_else(|| Tensor::zeros([b, t, hidden], &device));
-                let stepped = leaf.clone().detach() - unit_per_token(g) * alpha;
-                project(stepped, config.epsilon) * positions.clone()
+                let stepped = leaf.clone().detach() - unit_per_token(g) * step_size.clone();
+                project(stepped, radius.clone()) * positions.clone()
             })
             .collect();
     }
     if config.report_final_loss {
-        losses.push(scalar(&loss_at(&deltas)?));
+        losses.push(scalar(&loss_at(&deltas, false)?.0));
     }
     Ok(Attack {
         deltas: sites
@@ -264,6 +320,7 @@ pub fn attack<B: AutodiffBackend>(
             .zip(deltas.into_iter().map(Tensor::detach))
             .collect(),
         losses,
+        residual_norms,
     })
 }
 
@@ -299,6 +356,7 @@ mod tests {
             positions: Positions::All,
             report_final_loss: false,
             refusal: RefusalDelta::Prompt,
+            epsilon_scale: EpsilonScale::Absolute,
         };
         let err = c.sites(30).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(

@@ -83,6 +83,7 @@ fn config(steps: usize, epsilon: f64, step_size: Option<f64>, positions: Positio
         positions,
         report_final_loss: true,
         refusal: antibody_lat::RefusalDelta::Prompt,
+        epsilon_scale: antibody_lat::EpsilonScale::Absolute,
     }
 }
 

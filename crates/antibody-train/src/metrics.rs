@@ -47,6 +47,10 @@ pub struct StepMetrics {
     pub lat_loss_start: Option<f64>,
     /// LAT attack loss at the last evaluated `δ`.
     pub lat_loss_end: Option<f64>,
+    /// Mean L2 norm of the unperturbed residual stream at the LAT sites (what a relative
+    /// `ε` is a fraction of).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lat_residual_norm: Option<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Learning rate.
@@ -99,6 +103,7 @@ pub fn metrics_frame(rows: &[StepMetrics]) -> PolarsResult<DataFrame> {
         f("dpo_margin", &|r| r.dpo_margin),
         f("lat_loss_start", &|r| r.lat_loss_start),
         f("lat_loss_end", &|r| r.lat_loss_end),
+        f("lat_residual_norm", &|r| r.lat_residual_norm),
         f("grad_norm", &|r| Some(r.grad_norm)),
         f("lr", &|r| Some(r.lr)),
         u("tokens", &|r| r.tokens),

@@ -57,6 +57,7 @@ struct Sums {
     logp: f64,
     margin: Option<f64>,
     lat: Option<(f64, f64)>,
+    lat_norm: Option<f64>,
     tokens: usize,
 }
 
@@ -197,6 +198,7 @@ impl<B: AutodiffBackend> Method<B> {
             dpo_margin: sums.margin.map(|m| m / bs as f64),
             lat_loss_start: sums.lat.map(|l| l.0),
             lat_loss_end: sums.lat.map(|l| l.1),
+            lat_residual_norm: sums.lat_norm,
             grad_norm,
             lr,
             tokens: sums.tokens,
@@ -345,6 +347,11 @@ impl<B: AutodiffBackend> Method<B> {
         let last = attack.losses.last().copied().map_or(f64::NAN, f64::from);
         let prev = sums.lat.unwrap_or((0.0, 0.0));
         sums.lat = Some((prev.0 + first * share, prev.1 + last * share));
+        let norms = &attack.residual_norms;
+        if !norms.is_empty() {
+            let mean = norms.iter().map(|(_, n)| f64::from(*n)).sum::<f64>() / norms.len() as f64;
+            add(&mut sums.lat_norm, mean * share);
+        }
         Ok(Some(attack))
     }
 

@@ -97,6 +97,12 @@ fn a_retain_term_and_length_normalized_dpo_follow_pytorchs_trajectory() {
     follows("method_retain.json");
 }
 
+/// `ε` and the step size as fractions of each token's residual norm at the site.
+#[test]
+fn a_relative_epsilon_follows_pytorchs_trajectory() {
+    follows("method_relative_eps.json");
+}
+
 fn follows(name: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/reference/fixtures")
@@ -150,6 +156,7 @@ fn follows(name: &str) {
         steps = {lat_steps}
         positions = "all"
         refusal = "{lat_refusal}"
+        epsilon_scale = "{lat_epsilon_scale}"
         [canary]
         q = {q}
         harmful_sample = 4
@@ -183,6 +190,7 @@ fn follows(name: &str) {
         canary_target = text("canary_target"),
         canary_drift = text("canary_drift"),
         retain = f("retain"),
+        lat_epsilon_scale = text("lat_epsilon_scale"),
         dpo_length_normalized = s["dpo_length_normalized"].as_bool().expect("a bool"),
     ))
     .expect("config");
@@ -295,6 +303,13 @@ fn follows(name: &str) {
             k,
             ours.lat_loss_end,
             &theirs["lat_loss_end"],
+            rel,
+        );
+        close(
+            "lat_residual_norm",
+            k,
+            ours.lat_residual_norm,
+            &theirs["lat_residual_norm"],
             rel,
         );
         close("pref", k, ours.pref, &theirs["pref"], rel);
