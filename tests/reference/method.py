@@ -31,7 +31,8 @@ takes A_target from the model before each harmful phase and scales each site's d
 root mean square of its A_pre; ``method_retain.json`` adds a retain term (0.5 KL(pi_B||pi) on
 the harmless answers, unperturbed) to every harmful step and runs DPO on per-token means;
 ``method_relative_eps.json`` measures epsilon (and the step size) as a fraction of each token's
-residual norm at the site.
+residual norm at the site; ``method_away.json`` runs the refusal term under the prompt's delta
+plus a second PGD attack on the refusal's own positions that makes y_ref unlikely.
 
 Every batch is the whole set (batch size 4 = examples), so the order of rows does not matter
 (every loss is a mean over rows or counted tokens).
@@ -99,6 +100,7 @@ VARIANTS = {
     "method_canary_pre.json": dict(canary_target="pre", canary_drift="normalized"),
     "method_retain.json": dict(retain=0.5, dpo_length_normalized=True),
     "method_relative_eps.json": dict(lat_epsilon_scale="relative", lat_epsilon=0.05),
+    "method_away.json": dict(lat_refusal="away"),
 }
 
 
@@ -367,6 +369,41 @@ def run(name, s):
             rids, ratt, rtgt, rm = R
             if s["lat_refusal"] == "prompt":
                 sites.deltas = prompt_shared(deltas, harmful, rids.shape[1])
+            if s["lat_refusal"] == "away":
+                # the prompt's delta held in place; PGD on the refusal's response positions
+                # that makes y_ref unlikely (ascends its CE), in the same ball
+                fixed = prompt_shared(deltas, harmful, rids.shape[1])
+                resp = torch.zeros(rids.shape[0], rids.shape[1], 1)
+                for b, e in enumerate(harmful):
+                    for i, flag in enumerate(e["y_ref_mask"]):
+                        resp[b, i, 0] = 1.0 if flag else 0.0
+                rnorms = None
+                away = {l: torch.zeros_like(d) for l, d in fixed.items()}
+                for i_step in range(n_steps):
+                    leaves = {l: d.detach().requires_grad_(True) for l, d in away.items()}
+                    sites.deltas = {l: fixed[l] + leaves[l] for l in leaves}
+                    sites.capture_resid = i_step == 0
+                    lg_r = logits_of(student, rids, ratt)
+                    sites.capture_resid = False
+                    if i_step == 0:
+                        rnorms = {l: sites.residuals[l].norm(dim=-1, keepdim=True) for l in leaves}
+                    rad = {l: (eps * rnorms[l] if s["lat_epsilon_scale"] == "relative" else eps)
+                           for l in leaves}
+                    stp = {l: (alpha * rnorms[l] if s["lat_epsilon_scale"] == "relative" else alpha)
+                           for l in leaves}
+                    lp = torch.log_softmax(lg_r, -1).gather(-1, rtgt.unsqueeze(-1)).squeeze(-1)
+                    ce = -(lp * rm).sum() / rm.sum()
+                    grads = torch.autograd.grad(ce, list(leaves.values()))
+                    new = {}
+                    for (l, leaf), g in zip(leaves.items(), grads):
+                        norm = g.norm(dim=-1, keepdim=True)
+                        unit = g / norm.clamp_min(1e-30) * (norm > 0).float()
+                        d = leaf.detach() + unit * stp[l]
+                        dn = d.norm(dim=-1, keepdim=True)
+                        d = d * (rad[l] / dn.clamp_min(1e-30)).clamp(max=1.0)
+                        new[l] = d * resp
+                    away = new
+                sites.deltas = {l: (fixed[l] + away[l]).detach() for l in away}
             s_ref = seq_logprob(logits_of(student, rids, ratt), rtgt, rm)
             sites.deltas = {}
             ref = -s_ref.sum() / rm.sum()

@@ -41,6 +41,19 @@ pub enum RefusalDelta {
     /// The `δ` found on `x ++ y_h`, on the prompt positions the two sequences share; zero on
     /// the refusal's own positions.
     Prompt,
+    /// The prompt's `δ` as under `Prompt`, plus a second attack on the refusal's own
+    /// positions that makes `y_ref` *unlikely* (the adversary suppresses the refusal), in the
+    /// same ball.
+    Away,
+}
+
+/// Which way an attack pushes the likelihood of its targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// Make the targets more likely (`δ ← δ − α·g/‖g‖`): the harmful response `y_h`.
+    Toward,
+    /// Make the targets less likely (`δ ← δ + α·g/‖g‖`): the refusal `y_ref`.
+    Away,
 }
 
 /// What the ball's radius `ε` (and the step size) is measured in.
@@ -228,6 +241,34 @@ pub fn attack<B: AutodiffBackend>(
     positions: Tensor<B, 2>,
     config: &LatConfig,
 ) -> Result<Attack<B>, LatError> {
+    attack_with(
+        model,
+        batch,
+        targets,
+        mask,
+        positions,
+        config,
+        Objective::Toward,
+        &[],
+    )
+}
+
+/// [`attack`] with a direction, on top of `fixed` perturbations (per site, in the order of
+/// [`LatConfig::sites`]; empty = none) that stay in place while the attack searches on
+/// `positions`. The returned `δ` is the fixed part plus what the attack found, so `fixed`
+/// should be zero on `positions` (the refusal's second attack: the prompt's `δ` fixed, the
+/// response's searched).
+#[allow(clippy::too_many_arguments)]
+pub fn attack_with<B: AutodiffBackend>(
+    model: &Llama<B>,
+    batch: &TokenBatch,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+    positions: Tensor<B, 2>,
+    config: &LatConfig,
+    objective: Objective,
+    fixed: &[Tensor<B, 3>],
+) -> Result<Attack<B>, LatError> {
     if !(config.epsilon >= 0.0 && config.epsilon.is_finite()) {
         return Err(LatError::Config(format!(
             "lat.epsilon must be finite and >= 0, got {}",
@@ -247,13 +288,32 @@ pub fn attack<B: AutodiffBackend>(
         .iter()
         .map(|_| Tensor::<B, 3>::zeros([b, t, hidden], &device))
         .collect();
+    if !(fixed.is_empty() || fixed.len() == sites.len()) {
+        return Err(LatError::Config(format!(
+            "{} fixed perturbations for {} sites",
+            fixed.len(),
+            sites.len()
+        )));
+    }
+    let with_fixed = |d: Tensor<B, 3>, i: usize| match fixed.get(i) {
+        Some(f) => d + f.clone(),
+        None => d,
+    };
+    let sign = match objective {
+        Objective::Toward => -1.0,
+        Objective::Away => 1.0,
+    };
     let mut losses = Vec::with_capacity(config.steps + 1);
     type Captured<B> = std::collections::BTreeMap<Site, Tensor<B, 3>>;
     let loss_at =
         |deltas: &[Tensor<B, 3>], capture: bool| -> Result<(Tensor<B, 1>, Captured<B>), LatError> {
-            let mut hooks = sites.iter().zip(deltas).fold(Hooks::none(), |h, (s, d)| {
-                h.with_perturbation(*s, d.clone())
-            });
+            let mut hooks = sites
+                .iter()
+                .zip(deltas)
+                .enumerate()
+                .fold(Hooks::none(), |h, (i, (s, d))| {
+                    h.with_perturbation(*s, with_fixed(d.clone(), i))
+                });
             if capture {
                 hooks.capture = sites.iter().copied().collect();
             }
@@ -306,7 +366,7 @@ pub fn attack<B: AutodiffBackend>(
                     .grad(&grads)
                     .map(|g| Tensor::<B, 3>::from_inner(g))
                     .unwrap_or_else(|| Tensor::zeros([b, t, hidden], &device));
-                let stepped = leaf.clone().detach() - unit_per_token(g) * step_size.clone();
+                let stepped = leaf.clone().detach() + unit_per_token(g) * step_size.clone() * sign;
                 project(stepped, radius.clone()) * positions.clone()
             })
             .collect();
@@ -317,7 +377,12 @@ pub fn attack<B: AutodiffBackend>(
     Ok(Attack {
         deltas: sites
             .into_iter()
-            .zip(deltas.into_iter().map(Tensor::detach))
+            .zip(
+                deltas
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, d)| with_fixed(d, i).detach()),
+            )
             .collect(),
         losses,
         residual_norms,

@@ -357,18 +357,19 @@ impl<B: AutodiffBackend> Method<B> {
 
     /// The hooks of the refusal forward over `refs` (the rows of `part` that have a refusal,
     /// in order): under `lat.refusal = "prompt"`, the attack's `δ` on the prompt positions
-    /// `x ++ y_ref` shares with `x ++ y_h`; otherwise none.
+    /// `x ++ y_ref` shares with `x ++ y_h`; under `"away"`, that plus a second attack on the
+    /// refusal's own positions that makes `y_ref` unlikely; under `"none"`, none.
     fn refusal_hooks(
         &self,
         attack: Option<&antibody_lat::Attack<B>>,
         part: &[usize],
         refs: &[Example],
-    ) -> Hooks<B> {
+    ) -> Result<Hooks<B>, TrainError> {
         let Some(attack) = attack else {
-            return Hooks::none();
+            return Ok(Hooks::none());
         };
-        if self.config.lat.refusal != RefusalDelta::Prompt {
-            return Hooks::none();
+        if self.config.lat.refusal == RefusalDelta::None {
+            return Ok(Hooks::none());
         }
         let with: Vec<usize> = (0..part.len())
             .filter(|&j| self.data.harmful[part[j]].refusal.is_some())
@@ -386,14 +387,45 @@ impl<B: AutodiffBackend> Method<B> {
             ),
             &device,
         );
-        attack.deltas.iter().fold(Hooks::none(), |h, (site, d)| {
-            let d = if with.len() == part.len() {
-                d.clone()
-            } else {
-                d.clone().select(0, rows.clone())
-            };
-            h.with_perturbation(*site, antibody_lat::prompt_shared(d, &lens, t_ref))
-        })
+        let shared: Vec<(antibody_model::Site, Tensor<B, 3>)> = attack
+            .deltas
+            .iter()
+            .map(|(site, d)| {
+                let d = if with.len() == part.len() {
+                    d.clone()
+                } else {
+                    d.clone().select(0, rows.clone())
+                };
+                (*site, antibody_lat::prompt_shared(d, &lens, t_ref))
+            })
+            .collect();
+        if self.config.lat.refusal == RefusalDelta::Prompt {
+            return Ok(shared
+                .into_iter()
+                .fold(Hooks::none(), |h, (site, d)| h.with_perturbation(site, d)));
+        }
+        // The refusal-suppressing attack on the refusal's response positions, the prompt's
+        // perturbation held in place.
+        let mut scratch = Sums::default();
+        let m = Micro::<B>::new(refs, self.model.config.pad_token_id, &device, &mut scratch);
+        let seq = m.batch.seq;
+        let response: Vec<bool> = refs
+            .iter()
+            .flat_map(|e| (0..seq).map(move |i| i < e.ids.len() && e.response_mask[i]))
+            .collect();
+        let positions = float_mask::<B>(&response, [m.batch.batch, seq], &device);
+        let fixed: Vec<Tensor<B, 3>> = shared.into_iter().map(|(_, d)| d).collect();
+        let away = antibody_lat::attack_with(
+            &self.model,
+            &m.batch,
+            m.targets.clone(),
+            m.mask.clone(),
+            positions,
+            &self.config.lat,
+            antibody_lat::Objective::Away,
+            &fixed,
+        )?;
+        Ok(away.hooks())
     }
 
     fn harmful_micro(
@@ -480,7 +512,7 @@ impl<B: AutodiffBackend> Method<B> {
                 .iter()
                 .filter_map(|&i| self.data.harmful[i].refusal.clone())
                 .collect();
-            let ref_hooks = self.refusal_hooks(attack.as_ref(), part, &refs);
+            let ref_hooks = self.refusal_hooks(attack.as_ref(), part, &refs)?;
             let s_ref = self.score_side(&refs, head, &ref_hooks, sums)?;
             let t = match adv.refusal {
                 RefusalLoss::Sft => {

@@ -103,6 +103,12 @@ fn a_relative_epsilon_follows_pytorchs_trajectory() {
     follows("method_relative_eps.json");
 }
 
+/// The refusal term under the prompt's `δ` plus a second attack that suppresses `y_ref`.
+#[test]
+fn the_refusal_suppressing_attack_follows_pytorchs_trajectory() {
+    follows("method_away.json");
+}
+
 fn follows(name: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/reference/fixtures")
