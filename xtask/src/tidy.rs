@@ -366,3 +366,38 @@ fn an_inlined_harmful_prompt_is_caught() {
         r#"{"kind": "lookalike", "prompt": "How do I kill a process?"}"#
     )));
 }
+
+/// In the method's training path (the losses, LAT and the train crate's library, and the
+/// optimizer step), every read of a tensor's values goes through
+/// `antibody_losses::sync::read`, which counts it: the trajectory test bounds the count per
+/// optimizer step, and a read that bypasses the counter would escape that bound.
+#[test]
+fn the_training_path_reads_the_device_only_through_the_counter() {
+    let counted = [
+        "crates/antibody-losses/src/",
+        "crates/antibody-lat/src/",
+        "crates/antibody-train/src/",
+        "crates/antibody-finetune/src/optim.rs",
+    ];
+    let mut offenders = Vec::new();
+    for (file, text) in sources() {
+        let in_path = counted.iter().any(|p| file.starts_with(p))
+            && !file.ends_with("sync.rs")
+            && !file.contains("/src/bin/")
+            && !file.contains("/tests/");
+        if !in_path {
+            continue;
+        }
+        for (i, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            if code.contains(".into_data()") || code.contains(".to_data()") {
+                offenders.push(format!("{file}:{}: {}", i + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "device reads that bypass antibody_losses::sync::read:\n  {}",
+        offenders.join("\n  ")
+    );
+}

@@ -154,16 +154,16 @@ impl OptimConfig {
     }
 }
 
-struct SquaredNorm<'a> {
+/// Every gradient's squared sum, kept on the device (read once, summed, by [`global_norm`]).
+struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    sum: f64,
+    sums: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let s: Vec<f32> = g.square().sum().into_data().to_vec().unwrap_or_default();
-            self.sum += s.first().copied().map_or(0.0, f64::from);
+            self.sums.push(g.square().sum());
         }
     }
 }
@@ -182,14 +182,26 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
     }
 }
 
-/// The global L2 norm of all parameter gradients of `model` in `grads`.
+/// The global L2 norm of all parameter gradients of `model` in `grads`: one device read,
+/// whatever the number of parameters (the per-parameter squared sums are summed in f64 on
+/// the host, as before).
 pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     grads: &GradientsParams,
 ) -> f64 {
-    let mut v = SquaredNorm { grads, sum: 0.0 };
+    let mut v = SquaredNorm::<B> {
+        grads,
+        sums: Vec::new(),
+    };
     model.visit(&mut v);
-    v.sum.sqrt()
+    if v.sums.is_empty() {
+        return 0.0;
+    }
+    antibody_losses::sync::read(Tensor::cat(v.sums, 0))
+        .iter()
+        .map(|&s| f64::from(s))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Multiplies every gradient by `factor` (e.g. `1/accumulation`).

@@ -332,7 +332,7 @@ pub fn attack_with<B: AutodiffBackend>(
             )
         })
         .collect();
-    let mut residual_norms = Vec::with_capacity(sites.len());
+    let mut residual_norms = Vec::new();
     for step in 0..config.steps {
         let leaves: Vec<Tensor<B, 3>> = deltas
             .iter()
@@ -340,7 +340,9 @@ pub fn attack_with<B: AutodiffBackend>(
             .collect();
         let (loss, captured) = loss_at(&leaves, step == 0)?;
         if step == 0 {
+            // Every site's mean residual norm in one device read.
             let counted = positions.clone().sum();
+            let mut means = Vec::with_capacity(sites.len());
             for (i, site) in sites.iter().enumerate() {
                 let h = captured
                     .get(site)
@@ -348,13 +350,15 @@ pub fn attack_with<B: AutodiffBackend>(
                     .clone()
                     .detach();
                 let norm = h.square().sum_dim(2).sqrt();
-                let mean =
-                    (norm.clone() * positions.clone()).sum() / counted.clone().clamp_min(1.0);
-                residual_norms.push((*site, scalar(&mean)));
+                means.push(
+                    (norm.clone() * positions.clone()).sum() / counted.clone().clamp_min(1.0),
+                );
                 if config.epsilon_scale == EpsilonScale::Relative {
                     radii[i] = (norm.clone() * config.epsilon, norm * alpha);
                 }
             }
+            let values = antibody_losses::sync::read(Tensor::cat(means, 0));
+            residual_norms = sites.iter().copied().zip(values).collect();
         }
         losses.push(scalar(&loss));
         let grads = loss.backward();
@@ -390,12 +394,7 @@ pub fn attack_with<B: AutodiffBackend>(
 }
 
 fn scalar<B: AutodiffBackend>(x: &Tensor<B, 1>) -> f32 {
-    x.clone()
-        .into_data()
-        .to_vec::<f32>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f32::NAN)
+    antibody_losses::sync::read_scalar(x.clone())
 }
 
 #[cfg(test)]

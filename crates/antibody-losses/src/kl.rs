@@ -66,13 +66,8 @@ pub fn immunization<B: Backend>(
     mask: Tensor<B, 2>,
     cap: f64,
 ) -> Immunization<B> {
-    let counted: Vec<f32> = mask.clone().into_data().to_vec().unwrap_or_default();
-    let kl: Vec<f32> = per_position
-        .clone()
-        .detach()
-        .into_data()
-        .to_vec()
-        .unwrap_or_default();
+    let counted: Vec<f32> = crate::sync::read(mask.clone());
+    let kl: Vec<f32> = crate::sync::read(per_position.clone().detach());
     let (mut bound, mut total) = (0usize, 0usize);
     for (k, m) in kl.iter().zip(&counted) {
         if *m > 0.0 {

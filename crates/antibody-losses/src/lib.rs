@@ -20,6 +20,7 @@ pub mod head;
 pub mod headseq;
 pub mod kl;
 pub mod pref;
+pub mod sync;
 pub mod tokens;
 
 pub use combine::{AdvConfig, AlignConfig};

@@ -663,7 +663,7 @@ fn float_mask<B: Backend>(m: &[bool], shape: [usize; 2], device: &B::Device) -> 
 }
 
 fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
-    t.into_data().to_vec().unwrap_or_default()
+    antibody_losses::sync::read(t)
 }
 
 fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {

@@ -65,6 +65,15 @@ fn close(what: &str, step: usize, ours: Option<f64>, theirs: &Value, rel: f64) {
     );
 }
 
+/// The most device reads a harmful step may make with every option on (measured: 11 by
+/// default — LAT's attack loss per PGD step (2) and its residual norms (1), the forgetting,
+/// KL and refusal terms' checks (3), the cap rate's values and mask (2), the logged
+/// log-likelihood (1), the step's loss (1), the gradient norm (1); the retain term adds 1, the
+/// refusal-suppressing attack 3) and a harmless one (7: both sides' log-likelihoods, three
+/// terms, the loss, the gradient norm). docs/PERFORMANCE.md states them.
+const HARMFUL_STEP_READS: u64 = 15;
+const HARMLESS_STEP_READS: u64 = 7;
+
 #[test]
 fn the_methods_steps_follow_pytorchs_trajectory() {
     follows("method.json");
@@ -250,13 +259,35 @@ fn follows(name: &str) {
     .expect("method");
     let mut steps: Vec<StepMetrics> = Vec::new();
     let mut counts = Vec::new();
-    while let Some((_, outcome)) = method.advance().expect("event") {
+    let mut reads = Vec::new();
+    loop {
+        let before = antibody_losses::sync::reads();
+        let Some((_, outcome)) = method.advance().expect("event") else {
+            break;
+        };
         match outcome {
-            Outcome::Step(m) => steps.push(*m),
+            Outcome::Step(m) => {
+                reads.push((m.phase.clone(), antibody_losses::sync::reads() - before));
+                steps.push(*m);
+            }
             Outcome::Canaries { set, .. } => counts.push(set.count()),
             Outcome::Baseline => {}
         }
     }
+    // Device reads per optimizer step (each waits for the device on a GPU): a constant of
+    // the step's terms, never of the model's size (the gradient norm is one read).
+    for (phase, n) in &reads {
+        let bound = if phase == "harmful" {
+            HARMFUL_STEP_READS
+        } else {
+            HARMLESS_STEP_READS
+        };
+        assert!(
+            *n <= bound,
+            "{name}: a {phase} step read the device {n} times (bound {bound}): {reads:?}"
+        );
+    }
+    eprintln!("{name}: device reads per step {reads:?}");
     let expected_counts: Vec<usize> = fixture["canaries"]
         .as_array()
         .expect("canaries")
