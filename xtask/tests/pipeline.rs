@@ -22,10 +22,20 @@ fn pipeline(config: &Path, device: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// The repository root: from cargo's run-time `CARGO_MANIFEST_DIR` (the checkout the tests
+/// run in), else the compile-time one. A target directory shared between checkouts at other
+/// paths can hold a test binary compiled in another checkout, whose compile-time path may
+/// no longer exist.
+fn repository_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("..")
+}
+
 /// A directory with the smoke and sources configurations and a link to the datasets;
 /// returns it and the smoke configuration's path.
 fn smoke_dir() -> (tempfile::TempDir, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = repository_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let configs = dir.path().join("configs");
     std::fs::create_dir_all(&configs).expect("configs dir");
@@ -149,7 +159,7 @@ fn check_smoke_run(dir: &Path) {
 /// private cache root (so no result is reused from another run) that shares the fetched
 /// wheels and files.
 fn smoke_project(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = repository_root();
     let configs = dir.join("configs");
     std::fs::create_dir_all(&configs).expect("configs dir");
     for f in ["smoke.toml", "sources.toml"] {
