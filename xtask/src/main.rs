@@ -53,10 +53,18 @@ enum Task {
     Sweep(sweep::Args),
 }
 
-/// The project root: the parent of xtask's manifest directory.
+/// The project root: the parent of xtask's manifest directory — cargo's run-time
+/// `CARGO_MANIFEST_DIR` when it names an existing `xtask` directory (`cargo xtask`, and the
+/// tests that run this binary), else the compile-time one. A target directory shared with a
+/// checkout at another path can hand this checkout a binary compiled there.
 pub(crate) fn project_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+    let runtime = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.ends_with("xtask") && d.join("Cargo.toml").is_file());
+    let manifest_dir = runtime.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
+        .parent()
+        .map_or_else(|| manifest_dir.clone(), Path::to_path_buf)
 }
 
 fn main() -> std::process::ExitCode {

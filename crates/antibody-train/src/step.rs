@@ -260,6 +260,20 @@ impl<B: AutodiffBackend> Method<B> {
         );
         sums.tokens += scratch.tokens;
         let hidden = self.model.forward_hidden(&m.batch, &Hooks::none())?.hidden;
+        let kl = self.benign_kl(&m, hidden, self.model.head_weight(), KlDirection::Forward)?;
+        let t = kl * f64::from(m.tokens / total);
+        Ok(Some(term(step, "retain", &mut sums.retain, t)?))
+    }
+
+    /// The KL between the benign teacher and the student on `m`'s counted tokens (mean over
+    /// them), fused with the output heads: the alignment KL and the retain term.
+    fn benign_kl(
+        &self,
+        m: &Micro<B>,
+        hidden: Tensor<B, 3>,
+        head: Tensor<B, 2>,
+        direction: KlDirection,
+    ) -> Result<Tensor<B, 1>, TrainError> {
         let teacher = self
             .benign_teacher
             .forward_hidden(&m.batch, &Hooks::none())?
@@ -268,12 +282,11 @@ impl<B: AutodiffBackend> Method<B> {
             Tensor::from_inner(teacher),
             Tensor::from_inner(self.benign_teacher.head_weight()),
             hidden,
-            self.model.head_weight(),
-            KlDirection::Forward,
+            head,
+            direction,
             self.config.vocab_chunk,
         );
-        let t = head_kl_loss(&kl, m.mask.clone()) * f64::from(m.tokens / total);
-        Ok(Some(term(step, "retain", &mut sums.retain, t)?))
+        Ok(head_kl_loss(&kl, m.mask.clone()))
     }
 
     /// The student's fused `ŝ` over a micro-batch's hidden states (`head`: the student's
@@ -624,19 +637,8 @@ impl<B: AutodiffBackend> Method<B> {
             None
         };
         let kl = if needs.kl {
-            let teacher = self
-                .benign_teacher
-                .forward_hidden(&m.batch, &Hooks::none())?
-                .hidden;
-            let kl = HeadKl::new(
-                Tensor::from_inner(teacher),
-                Tensor::from_inner(self.benign_teacher.head_weight()),
-                out.hidden.clone(),
-                head,
-                align.kl,
-                cfg.vocab_chunk,
-            );
-            let t = head_kl_loss(&kl, m.mask.clone()) * f64::from(m.tokens / total_tokens);
+            let kl = self.benign_kl(&m, out.hidden.clone(), head, align.kl)?;
+            let t = kl * f64::from(m.tokens / total_tokens);
             Some(term(step, "kl_align", &mut sums.kl_align, t)?)
         } else {
             None
