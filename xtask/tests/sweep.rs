@@ -2,12 +2,16 @@
 //! named override set through the pipeline into its own directories, records a run that
 //! fails (and goes on), and writes one table with the reference models and every run.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
 fn a_smoke_sweep_tables_every_run_failures_included() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Cargo's run-time manifest directory first: a test binary compiled in another checkout
+    // that shares the target directory carries that checkout's path.
+    let root = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("..");
     let dir = tempfile::tempdir().expect("tempdir");
     let configs = dir.path().join("configs");
     std::fs::create_dir_all(configs.join("sweeps")).expect("configs dir");
