@@ -339,14 +339,7 @@ impl<B: AutodiffBackend> Method<B> {
         let shape = [m.batch.batch, m.batch.seq];
         let positions = match cfg.lat.positions {
             Positions::All => float_mask::<B>(&m.batch.mask, shape, &device),
-            Positions::Response => {
-                let seq = m.batch.seq;
-                let mask: Vec<bool> = seqs
-                    .iter()
-                    .flat_map(|e| (0..seq).map(move |i| i < e.ids.len() && e.response_mask[i]))
-                    .collect();
-                float_mask::<B>(&mask, shape, &device)
-            }
+            Positions::Response => response_positions::<B>(seqs, m.batch.seq, &device),
         };
         let attack = antibody_lat::attack(
             &self.model,
@@ -422,11 +415,7 @@ impl<B: AutodiffBackend> Method<B> {
         let mut scratch = Sums::default();
         let m = Micro::<B>::new(refs, self.model.config.pad_token_id, &device, &mut scratch);
         let seq = m.batch.seq;
-        let response: Vec<bool> = refs
-            .iter()
-            .flat_map(|e| (0..seq).map(move |i| i < e.ids.len() && e.response_mask[i]))
-            .collect();
-        let positions = float_mask::<B>(&response, [m.batch.batch, seq], &device);
+        let positions = response_positions::<B>(refs, seq, &device);
         let fixed: Vec<Tensor<B, 3>> = shared.into_iter().map(|(_, d)| d).collect();
         let away = antibody_lat::attack_with(
             &self.model,
@@ -657,6 +646,19 @@ impl<B: AutodiffBackend> Method<B> {
             .combine(pref, kl, stab)
             .ok_or(TrainError::NoTerms { section: "align" })
     }
+}
+
+/// `[b, seq]`: 1 on each row's response tokens (right-padded rows), 0 elsewhere.
+fn response_positions<B: Backend>(
+    seqs: &[Example],
+    seq: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let mask: Vec<bool> = seqs
+        .iter()
+        .flat_map(|e| (0..seq).map(move |i| i < e.ids.len() && e.response_mask[i]))
+        .collect();
+    float_mask::<B>(&mask, [seqs.len(), seq], device)
 }
 
 fn float_mask<B: Backend>(m: &[bool], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {

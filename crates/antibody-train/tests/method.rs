@@ -3,7 +3,7 @@
 //! accumulation gives the whole batch's step; bad configuration is refused before any work
 //! with the file and key named.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -123,33 +123,12 @@ fn child_with(data: &Path, run_dir: &Path, resume: bool, sets: &[&str]) -> Comma
 fn sigkill_mid_run_then_resume_equals_an_uninterrupted_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = smoke_data(dir.path());
-    let straight = dir.path().join("straight");
-    assert!(
-        child(&data, &straight, false)
-            .status()
-            .expect("spawn")
-            .success()
-    );
-    let total = steps_logged(&straight);
-    assert_eq!(total, 8, "2 cycles x (2 harmful + 2 harmless)");
-
     // Kill after a step that varies from run to run (1..=6): in either phase, before or
     // after a canary selection.
-    let killed = dir.path().join("killed");
-    let at_kill = kill_when(
-        child(&data, &killed, false),
-        varying_step(1, 6),
-        Duration::from_secs(180),
-        || steps_logged(&killed),
-    );
-    assert!(!killed.join("student").exists(), "finished before the kill");
-
-    assert!(
-        child(&data, &killed, true)
-            .status()
-            .expect("spawn")
-            .success()
-    );
+    let (straight, killed, at_kill) =
+        run_kill_resume(dir.path(), &data, &[], varying_step(1, 6), |_| {});
+    let total = steps_logged(&straight);
+    assert_eq!(total, 8, "2 cycles x (2 harmful + 2 harmless)");
     assert_eq!(
         losses(&straight),
         losses(&killed),
@@ -175,31 +154,12 @@ fn per_phase_optimizers_survive_a_kill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = smoke_data(dir.path());
     let sets = ["train.optimizer_state=\"per_phase\""];
-    let straight = dir.path().join("straight");
-    assert!(
-        child_with(&data, &straight, false, &sets)
-            .status()
-            .expect("spawn")
-            .success()
-    );
-    let killed = dir.path().join("killed");
-    let at_kill = kill_when(
-        child_with(&data, &killed, false, &sets),
-        4,
-        Duration::from_secs(180),
-        || steps_logged(&killed),
-    );
-    assert!(!killed.join("student").exists(), "finished before the kill");
-    assert!(
-        killed.join("checkpoint/optimizer.1.mpk").is_file(),
-        "the harmless phase's moments are in the checkpoint"
-    );
-    assert!(
-        child_with(&data, &killed, true, &sets)
-            .status()
-            .expect("spawn")
-            .success()
-    );
+    let (straight, killed, at_kill) = run_kill_resume(dir.path(), &data, &sets, 4, |killed| {
+        assert!(
+            killed.join("checkpoint/optimizer.1.mpk").is_file(),
+            "the harmless phase's moments are in the checkpoint"
+        );
+    });
     assert_eq!(
         losses(&straight),
         losses(&killed),
@@ -209,6 +169,41 @@ fn per_phase_optimizers_survive_a_kill() {
         student_bytes(&straight) == student_bytes(&killed),
         "killed after step {at_kill} and resumed: weights differ"
     );
+}
+
+/// An uninterrupted run and one SIGKILLed after `at` logged steps, then resumed (`check`
+/// looks at the killed run's directory before the resume); returns both directories and the
+/// steps logged at the kill.
+fn run_kill_resume(
+    dir: &Path,
+    data: &Path,
+    sets: &[&str],
+    at: usize,
+    check: impl Fn(&Path),
+) -> (PathBuf, PathBuf, usize) {
+    let straight = dir.join("straight");
+    assert!(
+        child_with(data, &straight, false, sets)
+            .status()
+            .expect("spawn")
+            .success()
+    );
+    let killed = dir.join("killed");
+    let at_kill = kill_when(
+        child_with(data, &killed, false, sets),
+        at,
+        Duration::from_secs(180),
+        || steps_logged(&killed),
+    );
+    assert!(!killed.join("student").exists(), "finished before the kill");
+    check(&killed);
+    assert!(
+        child_with(data, &killed, true, sets)
+            .status()
+            .expect("spawn")
+            .success()
+    );
+    (straight, killed, at_kill)
 }
 
 #[test]
