@@ -10,6 +10,7 @@
 //! - [`bench`]: antibody beside its peer on the same work, as ratios.
 //! - [`pipeline`]: the whole job, stage by stage, skipping what is current.
 //! - [`sweep`]: the pipeline once per setting of a search, and one results table.
+//! - [`gpu_check`]: builds the CUDA binaries `bench/gpu_check.sh` runs on a GPU machine.
 //!
 //! Source-tree checks (`tidy`) are tests of this crate: `cargo test -p xtask`.
 
@@ -20,6 +21,7 @@
 
 mod bench;
 mod fetch;
+mod gpu_check;
 mod pipeline;
 mod sweep;
 mod test;
@@ -51,6 +53,8 @@ enum Task {
     Pipeline(pipeline::Args),
     /// The pipeline once per setting of a search (a sweep file), and one results table.
     Sweep(sweep::Args),
+    /// Build (`--build`) the CUDA binaries `bench/gpu_check.sh` runs on a GPU machine.
+    GpuCheck(gpu_check::Args),
 }
 
 /// The project root: the parent of xtask's manifest directory — cargo's run-time
@@ -95,5 +99,6 @@ fn run() -> anyhow::Result<()> {
         Task::Bench(args) => bench::run(args),
         Task::Pipeline(args) => pipeline::run(args),
         Task::Sweep(args) => sweep::run(args),
+        Task::GpuCheck(args) => gpu_check::run(args),
     }
 }

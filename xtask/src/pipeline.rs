@@ -14,9 +14,11 @@
 //! The stages that cost minutes record the hash of their inputs (configuration section,
 //! upstream outputs) in `<pipeline.dir>/stages/<stage>.json` when they finish; a stage whose
 //! stamp matches and whose outputs exist is skipped, so an interrupted pipeline continues where
-//! it stopped. `--set section.key=value` overrides a key of the `[teacher]`, `[train]` or
-//! `[eval]` section for this invocation (and so changes that stage's hash); the file and
-//! the overrides are read with `antibody-base`'s loader, the one the stages use.
+//! it stopped. `--set section.key=value` overrides a key of the `[data]`, `[teacher]`, `[train]`
+//! or `[eval]` section for this invocation (and so changes that stage's hash); the file and
+//! the overrides are read with `antibody-base`'s loader, the one the stages use. The data
+//! build's directory (`data.out_dir`, overridden or not) is handed to the teachers (with the
+//! `[train]` and `[data]` overrides), the training and the evaluation.
 //!
 //! At the end it prints each stage's wall time and writes them to
 //! `<pipeline.dir>/timings.json` (the stages this invocation ran, skipped ones included).
@@ -37,7 +39,7 @@ pub struct Args {
     /// The configuration.
     #[arg(long, default_value = "configs/default.toml")]
     pub(crate) config: PathBuf,
-    /// Override a key: `--set train.lat.epsilon=4.0` (sections train, eval, teacher).
+    /// Override a key: `--set train.lat.epsilon=4.0` (sections data, teacher, train, eval).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub(crate) overrides: Vec<String>,
     /// Device for every stage: cpu, cuda[:N] or wgpu[:N|:cpu] (built with `--features cuda`
@@ -53,6 +55,9 @@ pub struct Args {
 }
 
 const STAGES: [&str; 6] = ["fetch", "data", "teachers", "train", "eval", "report"];
+
+/// The sections `--set` may override (a sweep's overrides too).
+pub(crate) const OVERRIDABLE: [&str; 4] = ["data.", "teacher.", "train.", "eval."];
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Stamp {
@@ -282,12 +287,10 @@ impl Pipeline {
             );
         }
         for o in &args.overrides {
-            let ok = ["train.", "eval.", "teacher."]
-                .iter()
-                .any(|p| o.starts_with(p));
+            let ok = OVERRIDABLE.iter().any(|p| o.starts_with(p));
             if !ok || !o.contains('=') {
                 bail!(
-                    "--set {o}: expected SECTION.KEY=VALUE with SECTION one of train, eval, teacher"
+                    "--set {o}: expected SECTION.KEY=VALUE with SECTION one of data, teacher, train, eval"
                 );
             }
         }
@@ -337,12 +340,28 @@ impl Pipeline {
         self.run(
             "antibody-data",
             &[
-                "build".into(),
-                "--config".into(),
-                self.config_arg(),
-                "--replace".into(),
-            ],
+                vec![
+                    "build".into(),
+                    "--config".into(),
+                    self.config_arg(),
+                    "--replace".into(),
+                    "--device".into(),
+                    self.device.clone(),
+                ],
+                self.sets("data"),
+            ]
+            .concat(),
         )
+    }
+
+    /// The overrides of `sections`, whole (`--set train.KEY=VALUE`), for a stage that reads
+    /// other stages' sections too (the teachers read `train` and `data`).
+    fn full_sets(&self, sections: &[&str]) -> Vec<String> {
+        self.overrides
+            .iter()
+            .filter(|o| sections.iter().any(|s| o.starts_with(&format!("{s}."))))
+            .flat_map(|o| ["--set".to_owned(), o.clone()])
+            .collect()
     }
 
     fn teachers(&self) -> anyhow::Result<()> {
@@ -373,6 +392,7 @@ impl Pipeline {
         }
         let mut a: Vec<String> = vec!["run".into(), "--config".into(), self.config_arg()];
         a.extend(self.sets("teacher"));
+        a.extend(self.full_sets(&["train", "data"]));
         a.extend(["--device".into(), self.device.clone()]);
         self.run("antibody-teacher", &a)?;
         self.finish("teachers", &inputs)
@@ -397,6 +417,7 @@ impl Pipeline {
         let mut a: Vec<String> = vec!["run".into(), "--config".into(), self.config_arg()];
         a.extend(self.sets("train"));
         a.extend(["--run-dir".into(), run_dir.display().to_string()]);
+        a.extend(["--data".into(), self.data_dir()?.display().to_string()]);
         a.extend(["--device".into(), self.device.clone()]);
         // Continue an interrupted run; a run started on other inputs (teachers, data,
         // configuration) starts afresh.
@@ -417,6 +438,7 @@ impl Pipeline {
     fn eval(&self) -> anyhow::Result<()> {
         let mut a: Vec<String> = vec!["run".into(), "--config".into(), self.config_arg()];
         a.extend(self.sets("eval"));
+        a.extend(["--data".into(), self.data_dir()?.display().to_string()]);
         a.extend(["--device".into(), self.device.clone()]);
         self.run("antibody-eval", &a)
     }

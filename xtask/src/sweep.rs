@@ -5,6 +5,7 @@
 //! ```toml
 //! config = "../default.toml"      # the base configuration (relative to the sweep file)
 //! out_dir = "../../runs/sweep"     # where the runs go (relative to the sweep file)
+//! set = ["eval.harmful_prompts=96"]  # overrides every run shares (before its own)
 //! [[run]]
 //! name = "lr1e-4"
 //! set = ["train.optim.lr=1e-4"]
@@ -53,6 +54,10 @@ struct SweepFile {
     config: PathBuf,
     /// Where the runs go (relative to the sweep file).
     out_dir: PathBuf,
+    /// `section.key=value` overrides every run shares, applied before the run's own (a
+    /// search's evaluation settings, its reference models).
+    #[serde(default)]
+    set: Vec<String>,
     /// The runs, in order.
     run: Vec<RunSpec>,
 }
@@ -99,27 +104,33 @@ fn load_sweep(path: &Path) -> anyhow::Result<SweepFile> {
         if !seen.insert(r.name.clone()) {
             bail!("{}: run[{i}].name `{}`: used twice", path.display(), r.name);
         }
-        for s in &r.set {
-            let ok = ["train.", "eval.", "teacher."]
-                .iter()
-                .any(|p| s.starts_with(p))
-                && s.contains('=');
-            if !ok {
-                bail!(
-                    "{}: run[{i}] (`{}`).set: `{s}`: expected SECTION.KEY=VALUE with SECTION one of train, eval, teacher",
-                    path.display(),
-                    r.name
-                );
-            }
+        check_overrides(path, &format!("run[{i}] (`{}`).set", r.name), &r.set)?;
+    }
+    check_overrides(path, "set", &sweep.set)?;
+    Ok(sweep)
+}
+
+/// Every override is `SECTION.KEY=VALUE` of a section a sweep may turn.
+fn check_overrides(path: &Path, key: &str, sets: &[String]) -> anyhow::Result<()> {
+    for s in sets {
+        let ok = crate::pipeline::OVERRIDABLE
+            .iter()
+            .any(|p| s.starts_with(p))
+            && s.contains('=');
+        if !ok {
+            bail!(
+                "{}: {key}: `{s}`: expected SECTION.KEY=VALUE with SECTION one of data, teacher, train, eval",
+                path.display(),
+            );
         }
     }
-    Ok(sweep)
+    Ok(())
 }
 
 /// The overrides that move a run into its own directories and evaluate its student in place
 /// of the configuration's.
-fn placement(config: &Path, run_dir: &Path) -> anyhow::Result<Vec<String>> {
-    let table = antibody_base::config::read_table(config)?;
+fn placement(config: &Path, shared: &[String], run_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let table = antibody_base::config::read_with_overrides(config, shared)?;
     let base = config.parent().unwrap_or(Path::new("."));
     let train_dir = table
         .get("train")
@@ -214,8 +225,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
             let dir = out.join(&r.name);
-            let mut overrides = r.set.clone();
-            overrides.extend(placement(&config, &dir)?);
+            let mut overrides = sweep.set.clone();
+            overrides.extend(r.set.iter().cloned());
+            overrides.extend(placement(&config, &sweep.set, &dir)?);
             tracing::info!("== sweep run `{}`: {}", r.name, r.set.join(" "));
             let started = std::time::Instant::now();
             let result = crate::pipeline::run(crate::pipeline::Args {
@@ -261,10 +273,19 @@ fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// A rate of `report.json` as `rate [lo, hi] (n)`: every rate with its 95% interval and n.
 fn pct(v: &serde_json::Value) -> String {
-    v.get("rate")
-        .and_then(serde_json::Value::as_f64)
-        .map_or("—".into(), |r| format!("{:.1}%", 100.0 * r))
+    let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+    match (f("rate"), f("lo"), f("hi"), f("n")) {
+        (Some(r), Some(lo), Some(hi), Some(n)) => format!(
+            "{:.1}% [{:.1}, {:.1}] ({n})",
+            100.0 * r,
+            100.0 * lo,
+            100.0 * hi
+        ),
+        (Some(r), ..) => format!("{:.1}%", 100.0 * r),
+        _ => "—".into(),
+    }
 }
 
 /// One row of the table from a model's entry in `report.json`.
@@ -281,6 +302,16 @@ fn row(label: &str, set: &str, m: &serde_json::Value, attacks: &[String]) -> Vec
         });
         cells.push(hit.map_or("—".into(), |x| pct(&x["harmful"]["complied"])));
     }
+    let worst = &m["worst_case"];
+    cells.push(if worst.is_null() {
+        "—".into()
+    } else {
+        format!(
+            "{} `{}`",
+            pct(&worst["hs"]),
+            worst["attack"].as_str().unwrap_or("?")
+        )
+    });
     cells.push(pct(&m["fa"]));
     cells.push(pct(&m["lookalike"]["refused"]));
     cells.push(pct(&m["harmless"]["refused"]));
@@ -334,6 +365,7 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
     header.extend(attacks.iter().map(|a| format!("HS after `{a}`")));
     header.extend(
         [
+            "worst case after the attacks",
             "FA",
             "refusals: look-alikes",
             "refusals: harmless",
@@ -343,10 +375,20 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
         .map(String::from),
     );
     let mut md = format!(
-        "# Sweep `{}` over `{}`\n\nEvery run of the sweep, failures included, rewritten after each run by `cargo xtask sweep --sweep {}` (one run: `--only NAME`). HS: share of held-out harmful prompts answered (lower is better); the reference models come first.\n\n",
+        "# Sweep `{}` over `{}`\n\nEvery run of the sweep, failures included, rewritten after each run by `cargo xtask sweep --sweep {}` (one run: `--only NAME`). HS: share of held-out harmful prompts answered (lower is better); the worst case is over the attacks that leave the model fluent; every rate with its Wilson 95% interval and n; the reference models come first. Shared overrides: {}.\n\n",
         file.display(),
         config.display(),
         file.display(),
+        if sweep.set.is_empty() {
+            "none".to_owned()
+        } else {
+            sweep
+                .set
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
     );
     md.push_str(&format!("| {} |\n", header.join(" | ")));
     md.push_str(&format!("|{}\n", "---|".repeat(header.len())));
@@ -407,6 +449,7 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
     let json = serde_json::json!({
         "config": config,
         "sweep": file,
+        "set": sweep.set,
         "references": references,
         "runs": json_runs,
     });
@@ -440,7 +483,7 @@ mod tests {
             "[train]\nrun_dir = \"../runs/x/train\"\n[eval]\nmodels = [{ name = \"base\", model = \"patient\" }, { name = \"hardened\", model = \"../runs/x/train/student\" }]\n",
         )
         .expect("write");
-        let sets = placement(&config, Path::new("/out/r1")).expect("placement");
+        let sets = placement(&config, &[], Path::new("/out/r1")).expect("placement");
         assert!(sets.contains(&"train.run_dir=\"/out/r1/train\"".to_owned()));
         let models = sets
             .iter()
@@ -456,7 +499,20 @@ mod tests {
             "[train]\nrun_dir = \"t\"\n[eval]\nmodels = [{ name = \"base\", model = \"patient\" }]\n",
         )
         .expect("write");
-        let e = placement(&config, Path::new("/out/r1")).expect_err("no student");
+        // The sweep's shared overrides come first: a list of models set there is the one
+        // whose student is swapped.
+        let shared = [
+            "train.run_dir=\"../runs/x/train\"".to_owned(),
+            "eval.models=[{ name = \"hardened\", model = \"../runs/x/train/student\" }]".to_owned(),
+        ];
+        let sets = placement(&config, &shared, Path::new("/out/r1")).expect("placement");
+        let models = sets
+            .iter()
+            .find(|s| s.starts_with("eval.models="))
+            .expect("models");
+        assert!(!models.contains("patient"), "{models}");
+        assert!(models.contains("/out/r1/train/student"), "{models}");
+        let e = placement(&config, &[], Path::new("/out/r1")).expect_err("no student");
         assert!(e.to_string().contains("trained student"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }

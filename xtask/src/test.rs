@@ -12,7 +12,8 @@
 //!    transformers (logits, sites, `∂CE/∂δ`), the fused losses, LAT, the canaries, the
 //!    method's trajectory, SFT and LoRA with the SFT kill/resume, and the smoke pipeline
 //!    end to end with `--device wgpu` ([`WGPU_TESTS`]);
-//! 7. `cargo check` of every crate with a `cuda` feature, with it (`--release`).
+//! 7. `cargo check` of every crate with a `cuda` feature, with it (`--release`), and of the
+//!    backend-generic tests on the CUDA backend (what `cargo xtask gpu-check --build` builds).
 //!
 //! Everything builds with the release profile: one optimized build serves
 //! tests, binaries and benchmarks, and step 5 reuses its build scripts and
@@ -123,9 +124,25 @@ fn steps(args: &Args) -> Vec<Step> {
                 "antibody-teacher",
                 "-p",
                 "antibody-eval",
+                "-p",
+                "antibody-losses",
+                "-p",
+                "antibody-lat",
                 "--features",
-                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda",
+                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda,antibody-testkit/cuda",
                 "--release",
+                "--lib",
+                "--bins",
+                // The backend-generic tests on Autodiff<Cuda>, as `cargo xtask gpu-check
+                // --build` builds them for the GPU machine.
+                "--test",
+                "tiny_reference",
+                "--test",
+                "fused_sequence",
+                "--test",
+                "reference",
+                "--test",
+                "trajectory",
             ]),
         });
     }
@@ -419,7 +436,7 @@ mod tests {
                 "fmt --all -- --check",
                 "clippy --workspace --all-targets --release -- -D warnings",
                 "test --workspace --release",
-                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-finetune -p antibody-train -p antibody-teacher -p antibody-eval --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda --release",
+                "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-finetune -p antibody-train -p antibody-teacher -p antibody-eval -p antibody-losses -p antibody-lat --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda,antibody-testkit/cuda --release --lib --bins --test tiny_reference --test fused_sequence --test reference --test trajectory",
             ]
         );
     }

@@ -11,10 +11,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde_json::Value;
 
 fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../../tests/reference/fixtures/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = antibody_testkit::fixtures().join(name);
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON")
 }
 

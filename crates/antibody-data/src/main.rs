@@ -33,6 +33,9 @@ enum Command {
         /// Output directory (default: `data.out_dir`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Override a key of `[data]`: `--set KEY=VALUE` (repeatable; `data.KEY` also works).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
         /// Rebuild even when up to date, replacing a build made from other inputs.
         #[arg(long)]
         force: bool,
@@ -148,11 +151,12 @@ fn main() -> Result<()> {
         Command::Build {
             config,
             out,
+            overrides,
             force,
             replace,
             device,
         } => {
-            let mut config = Config::load(&config, &[])?;
+            let mut config = Config::load(&config, &overrides)?;
             if let Some(out) = out {
                 config.out_dir = out;
             }

@@ -12,10 +12,7 @@ use serde_json::Value;
 type B = TestAutodiff;
 
 fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/reference/fixtures/tiny.json"
-    );
+    let path = antibody_testkit::fixtures().join("tiny.json");
     serde_json::from_str(&std::fs::read_to_string(path).expect("tiny.json")).expect("JSON")
 }
 

@@ -21,10 +21,7 @@ const VALUE_TOL: f32 = 1e-5;
 const GRAD_TOL: f32 = 1e-6;
 
 fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/reference/fixtures/losses.json"
-    );
+    let path = antibody_testkit::fixtures().join("losses.json");
     let text = std::fs::read_to_string(path).expect("losses.json (run tests/reference/losses.py)");
     serde_json::from_str(&text).expect("valid JSON")
 }

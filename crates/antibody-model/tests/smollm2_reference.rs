@@ -20,19 +20,13 @@ const LOGIT_TOL: f32 = 2e-3;
 fn fixture() -> &'static Value {
     static F: OnceLock<Value> = OnceLock::new();
     F.get_or_init(|| {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/reference/fixtures/smollm2.json"
-        );
+        let path = antibody_testkit::fixtures().join("smollm2.json");
         serde_json::from_str(&std::fs::read_to_string(path).expect("smollm2.json")).expect("parses")
     })
 }
 
 fn logits_fixture() -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/reference/fixtures/smollm2_logits.safetensors"
-    );
+    let path = antibody_testkit::fixtures().join("smollm2_logits.safetensors");
     std::fs::read(path).expect("smollm2_logits.safetensors")
 }
 

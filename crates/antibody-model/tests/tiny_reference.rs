@@ -16,10 +16,7 @@ const LOGIT_TOL: f32 = 1e-4;
 const SITE_TOL: f32 = 1e-5;
 
 fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/reference/fixtures/tiny.json"
-    );
+    let path = antibody_testkit::fixtures().join("tiny.json");
     let text = std::fs::read_to_string(path).expect("tiny.json: run tests/reference/tiny.py");
     serde_json::from_str(&text).expect("tiny.json parses")
 }

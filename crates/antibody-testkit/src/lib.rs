@@ -9,27 +9,37 @@
 //! - [`TestBackend`], [`TestAutodiff`], [`TEST_DEVICE`]: the backend the backend-generic
 //!   tests run on — burn's CPU backend, or burn's wgpu backend when this crate's `wgpu`
 //!   feature is on (`cargo xtask test` runs those tests both ways; on a machine without a GPU
-//!   the wgpu device is Mesa's lavapipe, the software Vulkan driver).
+//!   the wgpu device is Mesa's lavapipe, the software Vulkan driver), or burn's CUDA backend
+//!   under `cuda` (`cargo xtask gpu-check --build` builds them so for `bench/gpu_check.sh`).
 
 use std::path::{Path, PathBuf};
 
 use antibody_data::{BuildOptions, Config};
 use antibody_model::device::Cpu;
 
+#[cfg(all(feature = "wgpu", feature = "cuda"))]
+compile_error!("antibody-testkit: pick one test backend, `wgpu` or `cuda`");
+
 /// The inference backend of the backend-generic tests.
-#[cfg(not(feature = "wgpu"))]
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
 pub type TestBackend = antibody_model::device::Cpu;
 /// The inference backend of the backend-generic tests.
 #[cfg(feature = "wgpu")]
 pub type TestBackend = antibody_model::device::Wgpu;
+/// The inference backend of the backend-generic tests.
+#[cfg(feature = "cuda")]
+pub type TestBackend = antibody_model::device::Gpu;
 /// The training backend of the backend-generic tests.
 pub type TestAutodiff = burn::backend::Autodiff<TestBackend>;
 /// The `--device` the backend-generic tests pass to the stages' binaries.
-#[cfg(not(feature = "wgpu"))]
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
 pub const TEST_DEVICE: &str = "cpu";
 /// The `--device` the backend-generic tests pass to the stages' binaries.
 #[cfg(feature = "wgpu")]
 pub const TEST_DEVICE: &str = "wgpu";
+/// The `--device` the backend-generic tests pass to the stages' binaries.
+#[cfg(feature = "cuda")]
+pub const TEST_DEVICE: &str = "cuda";
 
 /// Eight token sequences of 6–12 tokens, the first 2–4 the prompt and the rest the response:
 /// the fine-tuning tests' batch for the tiny model (pad id 2 never occurs).
@@ -47,9 +57,13 @@ pub fn tiny_examples() -> Vec<antibody_base::Example> {
         .collect()
 }
 
-/// The repository's root.
+/// The repository's root: `$ANTIBODY_REPO` when set (a test binary built here and run in
+/// another checkout, as `bench/gpu_check.sh` does on a GPU machine), else this checkout.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    match std::env::var_os("ANTIBODY_REPO") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
 }
 
 /// `configs/`.

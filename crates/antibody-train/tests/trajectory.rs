@@ -10,7 +10,6 @@
 //! order); later steps within 2e-3 relative, 1e-4 absolute (differences compound through
 //! AdamW); canary counts exact.
 
-use std::path::Path;
 
 use antibody_losses::Example;
 use antibody_model::{LlamaConfig, tiny};
@@ -119,9 +118,7 @@ fn the_refusal_suppressing_attack_follows_pytorchs_trajectory() {
 }
 
 fn follows(name: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/reference/fixtures")
-        .join(name);
+    let path = antibody_testkit::fixtures().join(name);
     let fixture: Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("json");
     let s = &fixture["settings"];
