@@ -536,6 +536,14 @@ mod tests {
         .expect("write");
         let e = load_sweep(&f).expect_err("twice");
         assert!(e.to_string().contains("used twice"), "{e}");
+        // Shared overrides are checked too; `[data]` may be overridden, other sections not.
+        std::fs::write(
+            &f,
+            "config = \"c\"\nout_dir = \"x\"\nset = [\"data.seed=2\", \"model.x=1\"]\n[[run]]\nname = \"a\"\nset = [\"data.lookalike_responses=true\"]\n",
+        )
+        .expect("write");
+        let e = load_sweep(&f).expect_err("bad shared set");
+        assert!(e.to_string().contains("set: `model.x=1`"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
