@@ -26,6 +26,18 @@ steps=${GPU_CHECK_STEPS:-3}
 rows=()
 fail=0
 
+# The binaries travel stripped and xz-compressed: unpack them beside the checkout.
+if [[ -f $dir/antibody-train.xz ]]; then
+  unpacked=${TMPDIR:-/tmp}/antibody-gpu-check
+  rm -rf "$unpacked" && mkdir -p "$unpacked/tests"
+  cp "$dir/REVISION" "$unpacked/" 2>/dev/null
+  xz -dc "$dir/antibody-train.xz" >"$unpacked/antibody-train"
+  for f in "$dir"/tests/*.xz; do
+    xz -dc "$f" >"$unpacked/tests/$(basename "$f" .xz)"
+  done
+  chmod +x "$unpacked/antibody-train" "$unpacked"/tests/*
+  dir=$unpacked
+fi
 if [[ ! -x $dir/antibody-train || ! -d $dir/tests ]]; then
   echo "gpu_check: $dir has no antibody-train or tests/: run \`cargo xtask gpu-check --build\` on a machine with cargo and carry $dir" >&2
   exit 2

@@ -2,9 +2,10 @@
 //! `bench/gpu_check.sh` runs on a GPU machine that has no Rust toolchain — the
 //! backend-generic test binaries on `Autodiff<Cuda>` (the tiny model's parity with
 //! transformers, the fused losses, LAT, the canaries, the method's trajectory) and
-//! `antibody-train` (its `bench` subcommand) — into one ignored folder, debug information
-//! stripped so the folder travels with a working tree (`.device/gpu-check`, about 100 MB
-//! before stripping per binary).
+//! `antibody-train` (its `bench` subcommand) — into one ignored folder, stripped and
+//! xz-compressed so the folder travels with a working tree (`.device/gpu-check`: six binaries
+//! of 45–90 MB each with symbols, about 12 MB each stripped and compressed; the script unpacks
+//! them).
 //!
 //! The test binaries find the fixtures through `$ANTIBODY_REPO` (antibody-testkit), which the
 //! script sets to the checkout it runs in.
@@ -93,19 +94,28 @@ fn executables(messages: &str) -> anyhow::Result<Vec<(String, String, PathBuf)>>
     Ok(found)
 }
 
-/// Copies `from` to `to` and strips its debug information (binutils' `strip`, when present).
+/// Copies `from` to `to`, strips it (binutils' `strip`) and compresses it to `to.xz`; returns
+/// the compressed size.
 fn install(from: &Path, to: &Path) -> anyhow::Result<u64> {
     std::fs::copy(from, to)
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-    match Command::new("strip").arg("--strip-debug").arg(to).status() {
-        Ok(s) if s.success() => {}
-        Ok(s) => bail!("strip --strip-debug {} failed ({s})", to.display()),
-        Err(e) => tracing::warn!(
-            "no `strip` ({e}): {} keeps its debug information",
-            to.display()
-        ),
+    for (tool, args) in [("strip", &["--strip-all"][..]), ("xz", &["-T0", "-f"][..])] {
+        let status = Command::new(tool)
+            .args(args)
+            .arg(to)
+            .status()
+            .with_context(|| format!("running {tool} (binutils, xz-utils)"))?;
+        if !status.success() {
+            bail!("{tool} {} failed ({status})", to.display());
+        }
     }
-    Ok(std::fs::metadata(to)?.len())
+    let packed = to.with_file_name(format!(
+        "{}.xz",
+        to.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    Ok(std::fs::metadata(&packed)
+        .with_context(|| format!("{}", packed.display()))?
+        .len())
 }
 
 /// Runs `cargo xtask gpu-check`.
@@ -164,7 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_default();
     std::fs::write(args.out.join("REVISION"), format!("{revision}\n"))?;
     println!(
-        "{}: antibody-train and {} test binaries, {:.1} MiB in all, built at {revision}; on the GPU machine: bash bench/gpu_check.sh {}",
+        "{}: antibody-train and {} test binaries, {:.1} MiB compressed, built at {revision}; on the GPU machine: bash bench/gpu_check.sh {}",
         args.out.display(),
         CUDA_TESTS.len(),
         total as f64 / (1u64 << 20) as f64,

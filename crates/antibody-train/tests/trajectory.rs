@@ -10,7 +10,6 @@
 //! order); later steps within 2e-3 relative, 1e-4 absolute (differences compound through
 //! AdamW); canary counts exact.
 
-
 use antibody_losses::Example;
 use antibody_model::{LlamaConfig, tiny};
 use antibody_testkit::{TestAutodiff, TestBackend};
