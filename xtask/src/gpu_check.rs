@@ -42,6 +42,18 @@ pub const CUDA_TESTS: &[(&str, &str)] = &[
 const FEATURES: &str =
     "antibody-testkit/cuda,antibody-model/cuda,antibody-canary/cuda,antibody-train/cuda";
 
+/// The test target names of [`CUDA_TESTS`], each once, in order (`--test NAME` selects it in
+/// every package that has it).
+pub fn cuda_test_targets() -> Vec<&'static str> {
+    let mut targets: Vec<&str> = Vec::new();
+    for (_, t) in CUDA_TESTS {
+        if !targets.contains(t) {
+            targets.push(t);
+        }
+    }
+    targets
+}
+
 /// `cargo test --no-run` of [`CUDA_TESTS`] with the CUDA features, JSON messages.
 fn test_build_args() -> Vec<String> {
     let mut args: Vec<String> = ["test", "--no-run", "--release", "--message-format=json"]
@@ -53,10 +65,7 @@ fn test_build_args() -> Vec<String> {
         args.extend(["-p".to_owned(), p.to_owned()]);
     }
     args.extend(["--features".to_owned(), FEATURES.to_owned()]);
-    let mut targets: Vec<&str> = CUDA_TESTS.iter().map(|(_, t)| *t).collect();
-    targets.sort_unstable();
-    targets.dedup();
-    for t in targets {
+    for t in cuda_test_targets() {
         args.extend(["--test".to_owned(), t.to_owned()]);
     }
     args

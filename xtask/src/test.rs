@@ -108,45 +108,47 @@ fn steps(args: &Args) -> Vec<Step> {
     if !args.skip_cuda_check {
         steps.push(Step {
             name: "check the CUDA backend",
-            action: cargo(&[
-                "check",
-                "-p",
-                "antibody-model",
-                "-p",
-                "antibody-data",
-                "-p",
-                "antibody-canary",
-                "-p",
-                "antibody-finetune",
-                "-p",
-                "antibody-train",
-                "-p",
-                "antibody-teacher",
-                "-p",
-                "antibody-eval",
-                "-p",
-                "antibody-losses",
-                "-p",
-                "antibody-lat",
-                "--features",
-                "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda,antibody-testkit/cuda",
-                "--release",
-                "--lib",
-                "--bins",
-                // The backend-generic tests on Autodiff<Cuda>, as `cargo xtask gpu-check
-                // --build` builds them for the GPU machine.
-                "--test",
-                "tiny_reference",
-                "--test",
-                "fused_sequence",
-                "--test",
-                "reference",
-                "--test",
-                "trajectory",
-            ]),
+            action: Action::Cargo(cuda_check_args()),
         });
     }
     steps
+}
+
+/// `cargo check` of every crate with a `cuda` feature, with it, and of the backend-generic
+/// tests on Autodiff<Cuda> as `cargo xtask gpu-check --build` builds them for a GPU machine.
+fn cuda_check_args() -> Vec<String> {
+    let mut a: Vec<String> = [
+        "check",
+        "-p",
+        "antibody-model",
+        "-p",
+        "antibody-data",
+        "-p",
+        "antibody-canary",
+        "-p",
+        "antibody-finetune",
+        "-p",
+        "antibody-train",
+        "-p",
+        "antibody-teacher",
+        "-p",
+        "antibody-eval",
+        "-p",
+        "antibody-losses",
+        "-p",
+        "antibody-lat",
+        "--features",
+        "antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda,antibody-testkit/cuda",
+        "--release",
+        "--lib",
+        "--bins",
+    ]
+    .map(String::from)
+    .to_vec();
+    for t in crate::gpu_check::cuda_test_targets() {
+        a.extend(["--test".to_owned(), t.to_owned()]);
+    }
+    a
 }
 
 /// The backend-generic test targets run again on wgpu: `(package, test target)`. Their

@@ -129,15 +129,7 @@ fn sigkill_mid_run_then_resume_equals_an_uninterrupted_run() {
         run_kill_resume(dir.path(), &data, &[], varying_step(1, 6), |_| {});
     let total = steps_logged(&straight);
     assert_eq!(total, 8, "2 cycles x (2 harmful + 2 harmless)");
-    assert_eq!(
-        losses(&straight),
-        losses(&killed),
-        "killed after step {at_kill}: the metrics differ"
-    );
-    assert!(
-        student_bytes(&straight) == student_bytes(&killed),
-        "killed after step {at_kill} and resumed: weights differ"
-    );
+    assert_same_run(&straight, &killed, at_kill);
     for f in ["canaries/cycle-0.json", "canaries/cycle-1.json"] {
         assert_eq!(
             std::fs::read(straight.join(f)).expect("report"),
@@ -160,13 +152,19 @@ fn per_phase_optimizers_survive_a_kill() {
             "the harmless phase's moments are in the checkpoint"
         );
     });
+    assert_same_run(&straight, &killed, at_kill);
+}
+
+/// The killed-and-resumed run logged the same losses and wrote the same student as the
+/// uninterrupted one.
+fn assert_same_run(straight: &Path, killed: &Path, at_kill: usize) {
     assert_eq!(
-        losses(&straight),
-        losses(&killed),
+        losses(straight),
+        losses(killed),
         "killed after step {at_kill}: the metrics differ"
     );
     assert!(
-        student_bytes(&straight) == student_bytes(&killed),
+        student_bytes(straight) == student_bytes(killed),
         "killed after step {at_kill} and resumed: weights differ"
     );
 }
