@@ -20,6 +20,7 @@
 )]
 
 mod bench;
+mod disk;
 mod fetch;
 mod gpu_check;
 mod pipeline;

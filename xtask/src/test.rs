@@ -19,7 +19,7 @@
 //! tests, binaries and benchmarks, and step 5 reuses its build scripts and
 //! proc macros. Child cargos use `$CARGO_TARGET_DIR`, or else
 //! `<cache root>/target`, a persistent dir outside the clone, so CI rebuilds
-//! stay short.
+//! stay short; before step 1 its stale test executables are pruned ([`crate::disk`]).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -297,6 +297,7 @@ pub(crate) fn cargo_command(args: &[String], target_dir: &PathBuf) -> Command {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (target_dir, why) = target_dir();
     eprintln!("xtask test: target dir {} ({why})", target_dir.display());
+    crate::disk::prepare(&target_dir)?;
 
     let steps = steps(&args);
     let total = steps.len();
