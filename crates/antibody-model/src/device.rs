@@ -87,6 +87,50 @@ pub type Wgpu = burn::backend::Wgpu;
 #[cfg(feature = "wgpu")]
 pub type WgpuAutodiff = burn::backend::Autodiff<Wgpu>;
 
+/// The text of a caught panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
+/// Runs `probe`, turning a panic into an error (burn's CUDA runtime panics where there is no
+/// driver or no such device, e.g. `Unable to dynamically load the "cuda" shared library`); the
+/// panic hook is silenced meanwhile so that the error is printed once, by the caller.
+pub fn probe_device(
+    what: &str,
+    probe: impl FnOnce() + std::panic::UnwindSafe,
+) -> Result<(), ModelError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(probe);
+    std::panic::set_hook(hook);
+    result.map_err(|payload| {
+        ModelError::Invalid(format!(
+            "{what} cannot be used: {} (is the NVIDIA driver installed, libcuda.so on the \
+             library path and the device index in range?)",
+            panic_text(payload.as_ref())
+        ))
+    })
+}
+
+/// burn's CUDA device `n`, after one tiny allocation and read on it that proves the driver
+/// loads and the device exists: a clean error instead of burn's panic otherwise.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(n: usize) -> Result<burn::backend::cuda::CudaDevice, ModelError> {
+    let device = burn::backend::cuda::CudaDevice::new(n);
+    let probe = device.clone();
+    probe_device(
+        &format!("CUDA device cuda:{n}"),
+        std::panic::AssertUnwindSafe(move || {
+            let _ = burn::tensor::Tensor::<Gpu, 1>::zeros([1], &probe).into_data();
+        }),
+    )?;
+    Ok(device)
+}
+
 /// burn's device for a wgpu adapter choice.
 #[cfg(feature = "wgpu")]
 pub fn wgpu_device(kind: WgpuKind) -> burn::backend::wgpu::WgpuDevice {
@@ -120,8 +164,10 @@ macro_rules! with_backend {
             #[cfg(feature = "cuda")]
             $crate::device::DeviceSpec::Cuda(n) => {
                 type $B = $crate::device::$gpu;
-                let $device = burn::backend::cuda::CudaDevice::new(n);
-                $body
+                match $crate::device::cuda_device(n) {
+                    Ok($device) => $body,
+                    Err(e) => Err(anyhow::Error::from(e)),
+                }
             }
             #[cfg(not(feature = "cuda"))]
             $crate::device::DeviceSpec::Cuda(_) => {
@@ -144,6 +190,20 @@ macro_rules! with_backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_that_panics_on_first_use_is_a_clean_error() {
+        let err = probe_device("CUDA device cuda:7", || {
+            panic!("Unable to dynamically load the \"cuda\" shared library")
+        })
+        .expect_err("the probe panicked");
+        let text = err.to_string();
+        assert!(text.contains("CUDA device cuda:7 cannot be used"), "{text}");
+        assert!(text.contains("Unable to dynamically load"), "{text}");
+        probe_device("the CPU", || {}).expect("a probe that returns is fine");
+        // The hook is restored: a later panic is reported as usual (and caught here).
+        assert!(std::panic::catch_unwind(|| panic!("after")).is_err());
+    }
 
     #[test]
     fn device_names_parse() {
