@@ -87,31 +87,35 @@ pub type Wgpu = burn::backend::Wgpu;
 #[cfg(feature = "wgpu")]
 pub type WgpuAutodiff = burn::backend::Autodiff<Wgpu>;
 
-/// The text of a caught panic's payload.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-        .unwrap_or_else(|| "(no message)".to_owned())
-}
-
-/// Runs `probe`, turning a panic into an error (burn's CUDA runtime panics where there is no
-/// driver or no such device, e.g. `Unable to dynamically load the "cuda" shared library`); the
-/// panic hook is silenced meanwhile so that the error is printed once, by the caller.
+/// Runs `probe`, turning a panic into an error. burn's CUDA runtime panics where there is no
+/// driver or no such device, on its device thread (`Unable to dynamically load the "cuda"
+/// shared library ...`) and then on the caller's (`RecvError`); the panic hook collects every
+/// thread's message meanwhile instead of printing it, and the error reports the first, the
+/// cause, once.
 pub fn probe_device(
     what: &str,
     probe: impl FnOnce() + std::panic::UnwindSafe,
 ) -> Result<(), ModelError> {
+    use std::sync::{Arc, Mutex};
+    let messages = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = Arc::clone(&messages);
     let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info.payload_as_str().unwrap_or("(no message)").to_owned();
+        if let Ok(mut m) = sink.lock() {
+            m.push(text);
+        }
+    }));
     let result = std::panic::catch_unwind(probe);
     std::panic::set_hook(hook);
-    result.map_err(|payload| {
+    result.map_err(|_| {
+        let messages = messages.lock().map(|m| m.clone()).unwrap_or_default();
+        let cause = messages.first().map_or("(no message)", String::as_str);
+        // cudarc's message lists every library name it tried: its first clause says it all.
+        let cause = cause.split(" - ").next().unwrap_or(cause);
         ModelError::Invalid(format!(
-            "{what} cannot be used: {} (is the NVIDIA driver installed, libcuda.so on the \
-             library path and the device index in range?)",
-            panic_text(payload.as_ref())
+            "{what} cannot be used: {cause} (is the NVIDIA driver installed, libcuda.so on the \
+             library path and the device index in range?)"
         ))
     })
 }
@@ -193,13 +197,28 @@ mod tests {
 
     #[test]
     fn a_device_that_panics_on_first_use_is_a_clean_error() {
+        // As burn's CUDA runtime fails: its device thread panics with the cause, then the
+        // caller's wait for the answer panics with `RecvError`.
         let err = probe_device("CUDA device cuda:7", || {
-            panic!("Unable to dynamically load the \"cuda\" shared library")
+            let device_thread = std::thread::spawn(|| {
+                panic!(
+                    "Unable to dynamically load the \"cuda\" shared library - searched for \
+                     library names: [\"libcuda.so\"]"
+                )
+            });
+            let answer: Result<(), _> = device_thread.join();
+            answer
+                .map_err(|_| "RecvError")
+                .expect("the device's answer");
         })
         .expect_err("the probe panicked");
         let text = err.to_string();
-        assert!(text.contains("CUDA device cuda:7 cannot be used"), "{text}");
-        assert!(text.contains("Unable to dynamically load"), "{text}");
+        assert_eq!(
+            text,
+            "CUDA device cuda:7 cannot be used: Unable to dynamically load the \"cuda\" shared \
+             library (is the NVIDIA driver installed, libcuda.so on the library path and the \
+             device index in range?)"
+        );
         probe_device("the CPU", || {}).expect("a probe that returns is fine");
         // The hook is restored: a later panic is reported as usual (and caught here).
         assert!(std::panic::catch_unwind(|| panic!("after")).is_err());
