@@ -411,12 +411,17 @@ pub fn verdict(results: &[ModelResult]) -> String {
         ));
     }
     line.push_str(&format!(
-        "; look-alike refusals {} (n={}) vs {} for {}",
+        "; look-alike refusals {} (n={})",
         ci(&last.lookalike.refused),
         last.lookalike.refused.n,
-        pct(first.lookalike.refused.rate),
-        first.name
     ));
+    if results.len() > 1 {
+        line.push_str(&format!(
+            " vs {} for {}",
+            pct(first.lookalike.refused.rate),
+            first.name
+        ));
+    }
     line
 }
 

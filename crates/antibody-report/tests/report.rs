@@ -19,6 +19,15 @@ fn the_report_renders_from_the_results_on_disk() {
     evaluate::<CpuAutodiff>(&e, &data, &Default::default()).expect("evaluate");
     let results = read_results(&e).expect("results");
     assert_eq!(results.len(), 2);
+    // The verdict compares the last model's look-alike refusals with the first's; with one
+    // model it compares with nothing.
+    let both = antibody_report::verdict(&results);
+    assert!(both.contains(" for base"), "{both}");
+    let one = antibody_report::verdict(&results[1..]);
+    assert!(
+        one.starts_with("broken: ") && !one.contains(" vs ") && one.contains("look-alike refusals"),
+        "{one}"
+    );
     let options = antibody_report::Options {
         samples: 2,
         max_degenerate: 0.2,
