@@ -522,27 +522,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("antibody-sweep-bad-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let f = dir.join("s.toml");
-        std::fs::write(
-            &f,
+        let error_of = |text: &str, why: &str| {
+            std::fs::write(&f, text).expect("write");
+            load_sweep(&f).expect_err(why)
+        };
+        let e = error_of(
             "config = \"c\"\nout_dir = \"x\"\n[[run]]\nname = \"a\"\nset = [\"lr=1\"]\n",
-        )
-        .expect("write");
-        let e = load_sweep(&f).expect_err("bad set");
+            "bad set",
+        );
         assert!(e.to_string().contains("run[0] (`a`).set"), "{e}");
-        std::fs::write(
-            &f,
+        let e = error_of(
             "config = \"c\"\nout_dir = \"x\"\n[[run]]\nname = \"a\"\n[[run]]\nname = \"a\"\n",
-        )
-        .expect("write");
-        let e = load_sweep(&f).expect_err("twice");
+            "twice",
+        );
         assert!(e.to_string().contains("used twice"), "{e}");
         // Shared overrides are checked too; `[data]` may be overridden, other sections not.
-        std::fs::write(
-            &f,
+        let e = error_of(
             "config = \"c\"\nout_dir = \"x\"\nset = [\"data.seed=2\", \"model.x=1\"]\n[[run]]\nname = \"a\"\nset = [\"data.lookalike_responses=true\"]\n",
-        )
-        .expect("write");
-        let e = load_sweep(&f).expect_err("bad shared set");
+            "bad shared set",
+        );
         assert!(e.to_string().contains("set: `model.x=1`"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
