@@ -29,6 +29,7 @@ pub fn sequence_logprobs<I: Backend>(
             head.clone(),
             t.targets_tensor(&device),
             t.mask_tensor(&device),
+            t.rows_tensor(&device),
             chunk,
         )
         .values();

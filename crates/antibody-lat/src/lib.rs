@@ -16,7 +16,10 @@
 //! It returns the detached `δ` per site and the attack-loss trajectory; the caller adds the
 //! `δ` (via [`antibody_model::Hooks`]) to the forward that computes `L_adv`.
 
+use antibody_losses::head::DEFAULT_VOCAB_CHUNK;
+use antibody_losses::{HeadLogprob, fused_sequence_loss};
 use antibody_model::{Hooks, Llama, Site, TokenBatch};
+use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -231,13 +234,16 @@ fn project<B: AutodiffBackend>(d: Tensor<B, 3>, radius: Tensor<B, 3>) -> Tensor<
 /// Runs the attack on one batch.
 ///
 /// `targets`/`mask` are the next-token targets of `y_h` (`[b, t]`, mask 1 on response
-/// targets); `positions` is `[b, t]` with 1 on the positions that may be perturbed (build it
-/// from [`Positions`]: the attention mask, or the response-token mask).
+/// targets); `rows` the flat positions where `mask` is not 0
+/// ([`antibody_losses::NextTokenTargets::rows_tensor`]; `None` reads all), to which the
+/// output head's work is restricted; `positions` is `[b, t]` with 1 on the positions that may
+/// be perturbed (build it from [`Positions`]: the attention mask, or the response-token mask).
 pub fn attack<B: AutodiffBackend>(
     model: &Llama<B>,
     batch: &TokenBatch,
     targets: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
+    rows: Option<Tensor<B, 1, Int>>,
     positions: Tensor<B, 2>,
     config: &LatConfig,
 ) -> Result<Attack<B>, LatError> {
@@ -246,6 +252,7 @@ pub fn attack<B: AutodiffBackend>(
         batch,
         targets,
         mask,
+        rows,
         positions,
         config,
         Objective::Toward,
@@ -264,6 +271,7 @@ pub fn attack_with<B: AutodiffBackend>(
     batch: &TokenBatch,
     targets: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
+    rows: Option<Tensor<B, 1, Int>>,
     positions: Tensor<B, 2>,
     config: &LatConfig,
     objective: Objective,
@@ -279,6 +287,11 @@ pub fn attack_with<B: AutodiffBackend>(
         return Err(LatError::Config("lat.steps must be at least 1".into()));
     }
     let sites = config.sites(model.config.num_layers)?;
+    // The attack needs `∂loss/∂δ` only: on a copy of the weights that autodiff does not track
+    // (the tensors are shared, not copied), the backward pass skips every weight gradient and
+    // every layer below the first site, as `torch.autograd.grad(loss, deltas)` does.
+    let frozen = model.clone().no_grad();
+    let model = &frozen;
     let device = model.device();
     let [b, t] = [batch.batch, batch.seq];
     let hidden = model.config.hidden_size;
@@ -317,9 +330,22 @@ pub fn attack_with<B: AutodiffBackend>(
             if capture {
                 hooks.capture = sites.iter().copied().collect();
             }
-            let (logits, captured) = model.forward(batch, &hooks)?;
-            let loss = antibody_losses::sft(logits, targets.clone(), mask.clone());
-            Ok((loss, captured.sites))
+            // The cross-entropy of the targets, `−Σ ŝ / count`, fused with the output head
+            // over the counted positions only (no `[b, t, vocab]` logits) and without the
+            // head's own gradient.
+            let out = model.forward_hidden(batch, &hooks)?;
+            let side = HeadLogprob::new(
+                out.hidden,
+                model.head_weight(),
+                targets.clone(),
+                mask.clone(),
+                rows.clone(),
+                DEFAULT_VOCAB_CHUNK,
+            )
+            .without_head_gradient();
+            let count = mask.clone().sum().clamp_min(1.0);
+            let loss = fused_sequence_loss(&[&side], |s| s[0].clone().sum().neg() / count);
+            Ok((loss, out.sites))
         };
     // Per site, each token's radius and step size: constant, or a fraction of the token's
     // residual norm read from the first (unperturbed) forward.

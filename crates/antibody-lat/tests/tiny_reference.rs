@@ -36,6 +36,7 @@ struct Case {
     batch: TokenBatch,
     targets: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
+    rows: Tensor<B, 1, Int>,
     real: Tensor<B, 2>,
     response: Tensor<B, 2>,
 }
@@ -61,8 +62,16 @@ fn case(f: &Value) -> Case {
     }
     let device = Default::default();
     let m = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [b, t]), &device);
+    // The counted positions, to which the attack's head work is restricted.
+    let rows: Vec<i64> = (0..b * t)
+        .filter(|&i| mask[i] != 0.0)
+        .map(|i| i as i64)
+        .collect();
+    assert!(rows.len() < b * t, "the case must leave positions out");
+    let n = rows.len();
     Case {
         targets: Tensor::from_data(TensorData::new(targets, [b, t]), &device),
+        rows: Tensor::from_data(TensorData::new(rows, [n]), &device),
         mask: m(mask),
         real: m(attn.iter().map(|&x| x as f32).collect()),
         response: m(resp.iter().map(|&x| x as f32).collect()),
@@ -131,6 +140,7 @@ fn one_step_delta_matches_pytorch() {
         &c.batch,
         c.targets,
         c.mask,
+        Some(c.rows),
         c.real,
         &config(1, eps, None, Positions::All),
     )
@@ -195,6 +205,7 @@ fn pgd_steps_never_decrease_the_attackers_objective() {
         &c.batch,
         c.targets,
         c.mask,
+        None,
         c.real,
         &config(6, 2.0, Some(0.25), Positions::All),
     )
@@ -229,6 +240,7 @@ fn response_only_leaves_the_prompt_unperturbed() {
         &c.batch,
         c.targets,
         c.mask,
+        Some(c.rows),
         c.response,
         &config(1, 1.0, None, Positions::Response),
     )

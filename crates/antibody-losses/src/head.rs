@@ -17,7 +17,7 @@
 //! immunization KL (`w = −mask / count` where `KL < cap`, 0 where the cap binds).
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::kl::KlDirection;
 use crate::tokens::to_f32;
@@ -36,6 +36,7 @@ pub struct HeadKlValues<B: Backend> {
     lse_s: Tensor<B, 2>,
     kl: Tensor<B, 2>,
     direction: KlDirection,
+    rows: Option<Tensor<B, 1, Int>>,
     chunk: usize,
     shape: [usize; 2],
 }
@@ -70,22 +71,32 @@ pub(crate) fn online_lse<B: Backend>(
 impl<B: Backend> HeadKlValues<B> {
     /// Passes 1 and 2: log-sum-exp of both sides and the per-position KL.
     ///
+    /// `rows` (flat positions `row·t + i`) restricts the work to the positions the loss
+    /// weights; the KL is 0 elsewhere (see [`crate::HeadLogprobValues::new`]). `None` reads
+    /// every position.
+    ///
     /// # Shapes
-    /// `teacher_hidden`, `student_hidden` `[b, t, d]`; `teacher_head`, `student_head` `[v, d]`.
+    /// `teacher_hidden`, `student_hidden` `[b, t, d]`; `teacher_head`, `student_head` `[v, d]`;
+    /// `rows` `[n]`.
     pub fn new(
         teacher_hidden: Tensor<B, 3>,
         teacher_head: Tensor<B, 2>,
         student_hidden: Tensor<B, 3>,
         student_head: Tensor<B, 2>,
         direction: KlDirection,
+        rows: Option<Tensor<B, 1, Int>>,
         chunk: usize,
     ) -> Self {
         let [b, t, d] = student_hidden.dims();
-        let n = b * t;
         let chunk = chunk.max(1);
-        let student_h = student_hidden.reshape([n, d]);
+        let mut student_h = student_hidden.reshape([b * t, d]);
         let student_w = student_head;
-        let teacher_h = teacher_hidden.reshape([n, d]);
+        let mut teacher_h = teacher_hidden.reshape([b * t, d]);
+        if let Some(r) = &rows {
+            student_h = student_h.select(0, r.clone());
+            teacher_h = teacher_h.select(0, r.clone());
+        }
+        let n = student_h.dims()[0];
         let teacher_w = teacher_head;
         let v = student_w.dims()[0];
         let device = student_h.device();
@@ -116,23 +127,27 @@ impl<B: Backend> HeadKlValues<B> {
             lse_s,
             kl,
             direction,
+            rows,
             chunk,
             shape: [b, t],
         }
     }
 
-    /// The per-position KL values `[b, t]` (no gradient).
+    /// The per-position KL values `[b, t]` (no gradient; 0 outside `rows`).
     pub fn values(&self) -> Tensor<B, 2> {
-        self.kl.clone().reshape(self.shape)
+        let [b, t] = self.shape;
+        scatter_rows(self.kl.clone(), self.rows.as_ref(), b * t).reshape(self.shape)
     }
 
     /// Pass 3: for the loss `Σ_i weights_i · KL_i`, its value and its gradients with respect
     /// to the student's hidden states `[b·t, d]` and head weights `[v, d]`.
     pub fn gradients(&self, weights: Tensor<B, 2>) -> (Tensor<B, 1>, Tensor<B, 2>, Tensor<B, 2>) {
         let [b, t] = self.shape;
-        let n = b * t;
         let v = self.student_w.dims()[0];
-        let w = weights.reshape([n, 1]);
+        let mut w = weights.reshape([b * t, 1]);
+        if let Some(r) = &self.rows {
+            w = w.select(0, r.clone());
+        }
         let value = (self.kl.clone() * w.clone()).sum();
         let mut grad_h = Tensor::<B, 2>::zeros(self.student_h.dims(), &self.student_h.device());
         let mut grad_w = Vec::new();
@@ -149,6 +164,7 @@ impl<B: Backend> HeadKlValues<B> {
             grad_h = grad_h + dz.clone().matmul(ws);
             grad_w.push(dz.transpose().matmul(self.student_h.clone()));
         }
+        let grad_h = scatter_rows(grad_h, self.rows.as_ref(), b * t);
         (value, grad_h, Tensor::cat(grad_w, 0))
     }
 }
@@ -171,6 +187,7 @@ impl<B: AutodiffBackend> HeadKl<B> {
         student_hidden: Tensor<B, 3>,
         student_head: Tensor<B, 2>,
         direction: KlDirection,
+        rows: Option<Tensor<B, 1, Int>>,
         chunk: usize,
     ) -> Self {
         let [b, t, d] = student_hidden.dims();
@@ -180,6 +197,7 @@ impl<B: AutodiffBackend> HeadKl<B> {
             to_f32(student_hidden.clone().inner()),
             to_f32(student_head.clone().inner()),
             direction,
+            rows.map(Tensor::inner),
             chunk,
         );
         Self {
@@ -266,6 +284,42 @@ pub(crate) fn attach<B: AutodiffBackend>(
     let s = to_f32((h.clone() * in_dtype(grad_h, h.dtype())).sum())
         + to_f32((w.clone() * in_dtype(grad_w, w.dtype())).sum());
     s.clone() - s.detach()
+}
+
+/// [`attach`] for the hidden states alone.
+pub(crate) fn attach_hidden<B: AutodiffBackend>(
+    h: &Tensor<B, 2>,
+    grad_h: Tensor<B::InnerBackend, 2>,
+) -> Tensor<B, 1> {
+    let g = Tensor::<B, 2>::from_inner(grad_h);
+    let g = if g.dtype() == h.dtype() {
+        g
+    } else {
+        g.cast(float_dtype(h.dtype()))
+    };
+    let s = to_f32((h.clone() * g).sum());
+    s.clone() - s.detach()
+}
+
+/// `x` `[n', c]` at the flat positions `rows` of an `[n, c]` tensor that is 0 elsewhere; `x`
+/// itself when `rows` is `None` (then `n' = n`).
+pub(crate) fn scatter_rows<B: Backend>(
+    x: Tensor<B, 2>,
+    rows: Option<&Tensor<B, 1, Int>>,
+    n: usize,
+) -> Tensor<B, 2> {
+    match rows {
+        None => x,
+        Some(r) => {
+            let c = x.dims()[1];
+            Tensor::<B, 2>::zeros([n, c], &x.device()).select_assign(
+                0,
+                r.clone(),
+                x,
+                IndexingUpdateOp::Add,
+            )
+        }
+    }
 }
 
 fn float_dtype(d: DType) -> FloatDType {

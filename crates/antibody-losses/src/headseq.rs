@@ -11,7 +11,7 @@
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
-use crate::head::{attach, online_lse, slices};
+use crate::head::{attach, attach_hidden, online_lse, scatter_rows, slices};
 use crate::tokens::to_f32;
 
 /// Fused `ŝ` on one backend (no autodiff involved).
@@ -20,6 +20,7 @@ pub struct HeadLogprobValues<B: Backend> {
     w: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     mask: Tensor<B, 2>,
+    rows: Option<Tensor<B, 1, Int>>,
     lse: Tensor<B, 2>,
     token_logprobs: Tensor<B, 2>,
     chunk: usize,
@@ -29,19 +30,33 @@ pub struct HeadLogprobValues<B: Backend> {
 impl<B: Backend> HeadLogprobValues<B> {
     /// Log-sum-exp and target log-probabilities.
     ///
+    /// `rows` (flat positions `row·t + i`, e.g. [`crate::NextTokenTargets::rows_tensor`])
+    /// restricts the head's work to the positions that count: prompt and padding positions,
+    /// whose `mask` is 0, then cost nothing. `None` reads every position. The values and
+    /// gradients are the same either way as long as `rows` holds every position where
+    /// `mask ≠ 0`.
+    ///
     /// # Shapes
-    /// `hidden` `[b, t, d]`, `head` `[v, d]`, `targets` `[b, t]`, `mask` `[b, t]`.
+    /// `hidden` `[b, t, d]`, `head` `[v, d]`, `targets` `[b, t]`, `mask` `[b, t]`, `rows`
+    /// `[n]`.
     pub fn new(
         hidden: Tensor<B, 3>,
         head: Tensor<B, 2>,
         targets: Tensor<B, 2, Int>,
         mask: Tensor<B, 2>,
+        rows: Option<Tensor<B, 1, Int>>,
         chunk: usize,
     ) -> Self {
         let [b, t, d] = hidden.dims();
         let n = b * t;
-        let h = hidden.reshape([n, d]);
-        let targets = targets.reshape([n]);
+        let mut h = hidden.reshape([n, d]);
+        let mut targets = targets.reshape([n]);
+        let mut mask = mask.reshape([n, 1]);
+        if let Some(r) = &rows {
+            h = h.select(0, r.clone());
+            targets = targets.select(0, r.clone());
+            mask = mask.select(0, r.clone());
+        }
         let chunk = chunk.max(1);
         let lse = online_lse(&h, &head, chunk);
         let target_logit = (h.clone() * head.clone().select(0, targets.clone())).sum_dim(1);
@@ -50,7 +65,8 @@ impl<B: Backend> HeadLogprobValues<B> {
             h,
             w: head,
             targets,
-            mask: mask.reshape([n, 1]),
+            mask,
+            rows,
             lse,
             chunk,
             shape: [b, t],
@@ -60,19 +76,37 @@ impl<B: Backend> HeadLogprobValues<B> {
     /// `ŝ` per row `[b]`.
     pub fn values(&self) -> Tensor<B, 1> {
         let [b, t] = self.shape;
-        (self.token_logprobs.clone() * self.mask.clone())
-            .reshape([b, t])
-            .sum_dim(1)
-            .reshape([b])
+        let counted = scatter_rows(
+            self.token_logprobs.clone() * self.mask.clone(),
+            self.rows.as_ref(),
+            b * t,
+        );
+        counted.reshape([b, t]).sum_dim(1).reshape([b])
     }
 
     /// Gradients of `Σ_b u_b ŝ_b` with respect to the hidden states `[b·t, d]` and the head
     /// `[v, d]`.
     pub fn gradients(&self, row_weights: Tensor<B, 1>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let (grad_h, grad_w) = self.gradients_of(row_weights, true);
+        let grad_w = grad_w.unwrap_or_else(|| Tensor::zeros(self.w.dims(), &self.w.device()));
+        (grad_h, grad_w)
+    }
+
+    /// [`Self::gradients`], the head's only when `head` is set (none is a third fewer head
+    /// matmuls: the LAT attack differentiates with respect to its perturbations only).
+    pub fn gradients_of(
+        &self,
+        row_weights: Tensor<B, 1>,
+        head: bool,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
         let [b, t] = self.shape;
         let n = b * t;
         let v = self.w.dims()[0];
-        let c = row_weights.reshape([b, 1]).expand([b, t]).reshape([n, 1]) * self.mask.clone();
+        let mut c = row_weights.reshape([b, 1]).expand([b, t]).reshape([n, 1]);
+        if let Some(r) = &self.rows {
+            c = c.select(0, r.clone());
+        }
+        let c = c * self.mask.clone();
         // The onehot part: c_i · W[y_i] for h, c_i · h_i added into row y_i for W.
         let mut grad_h = self.w.clone().select(0, self.targets.clone()) * c.clone();
         let mut grad_w_parts = Vec::new();
@@ -81,15 +115,19 @@ impl<B: Backend> HeadLogprobValues<B> {
             let p = (self.h.clone().matmul(wc.clone().transpose()) - self.lse.clone()).exp();
             let cp = p * c.clone();
             grad_h = grad_h - cp.clone().matmul(wc);
-            grad_w_parts.push(cp.transpose().matmul(self.h.clone()).neg());
+            if head {
+                grad_w_parts.push(cp.transpose().matmul(self.h.clone()).neg());
+            }
         }
-        let grad_w = Tensor::cat(grad_w_parts, 0).select_assign(
-            0,
-            self.targets.clone(),
-            self.h.clone() * c,
-            IndexingUpdateOp::Add,
-        );
-        (grad_h, grad_w)
+        let grad_w = head.then(|| {
+            Tensor::cat(grad_w_parts, 0).select_assign(
+                0,
+                self.targets.clone(),
+                self.h.clone() * c,
+                IndexingUpdateOp::Add,
+            )
+        });
+        (scatter_rows(grad_h, self.rows.as_ref(), n), grad_w)
     }
 }
 
@@ -98,6 +136,7 @@ pub struct HeadLogprob<B: AutodiffBackend> {
     inner: HeadLogprobValues<B::InnerBackend>,
     h: Tensor<B, 2>,
     w: Tensor<B, 2>,
+    head_grad: bool,
 }
 
 impl<B: AutodiffBackend> HeadLogprob<B> {
@@ -107,6 +146,7 @@ impl<B: AutodiffBackend> HeadLogprob<B> {
         head: Tensor<B, 2>,
         targets: Tensor<B, 2, Int>,
         mask: Tensor<B, 2>,
+        rows: Option<Tensor<B, 1, Int>>,
         chunk: usize,
     ) -> Self {
         let [b, t, d] = hidden.dims();
@@ -115,12 +155,14 @@ impl<B: AutodiffBackend> HeadLogprob<B> {
             to_f32(head.clone().inner()),
             targets.inner(),
             to_f32(mask.inner()),
+            rows.map(Tensor::inner),
             chunk,
         );
         Self {
             inner,
             h: hidden.reshape([b * t, d]),
             w: head,
+            head_grad: true,
         }
     }
 
@@ -131,8 +173,18 @@ impl<B: AutodiffBackend> HeadLogprob<B> {
 
     /// A zero-valued scalar whose gradient is `Σ_b u_b ∂ŝ_b` (into hidden states and head).
     pub fn attach(&self, row_weights: Tensor<B, 1>) -> Tensor<B, 1> {
-        let (gh, gw) = self.inner.gradients(row_weights.inner());
-        attach(&self.h, &self.w, gh, gw)
+        let (gh, gw) = self.inner.gradients_of(row_weights.inner(), self.head_grad);
+        match gw {
+            Some(gw) => attach(&self.h, &self.w, gh, gw),
+            None => attach_hidden(&self.h, gh),
+        }
+    }
+
+    /// No gradient into the head: its weights are not what is being differentiated (the LAT
+    /// attack wants `∂/∂δ` only), and skipping them saves a third of the head's matmuls.
+    pub fn without_head_gradient(mut self) -> Self {
+        self.head_grad = false;
+        self
     }
 }
 

@@ -74,9 +74,25 @@ fn logits(h: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
         .reshape([B_, T, V])
 }
 
+/// The flat positions where [`mask`] is not 0: the fused terms' `rows`.
+fn rows() -> Tensor<B, 1, Int> {
+    let m = host(mask());
+    let r: Vec<i64> = (0..m.len())
+        .filter(|&i| m[i] != 0.0)
+        .map(|i| i as i64)
+        .collect();
+    let n = r.len();
+    assert!(n < B_ * T, "the mask must leave positions out");
+    Tensor::from_data(TensorData::new(r, [n]), &Default::default())
+}
+
 #[test]
 fn fused_npo_and_dpo_match_the_materialized_path() {
-    for chunk in [1, 7, 29, 4096] {
+    for (chunk, restricted) in [1, 7, 29, 4096]
+        .into_iter()
+        .flat_map(|c| [(c, false), (c, true)])
+    {
+        let rows = || restricted.then(rows);
         // NPO on one side against a fixed reference.
         let reference = Tensor::<B, 1>::from_data(
             TensorData::new(vec![-20.0f32, -15.0, -8.0], [3]),
@@ -91,18 +107,18 @@ fn fused_npo_and_dpo_match_the_materialized_path() {
         );
         let g1 = unfused.clone().backward();
         let (h2, w2) = (t3(1).require_grad(), t2(2).require_grad());
-        let side = HeadLogprob::new(h2.clone(), w2.clone(), targets(3), mask(), chunk);
+        let side = HeadLogprob::new(h2.clone(), w2.clone(), targets(3), mask(), rows(), chunk);
         let s_unfused = host(sequence_logprob(logits(t3(1), t2(2)), targets(3), mask()));
         assert!(
             max_abs_diff(&host(side.values()), &s_unfused) < 1e-4,
-            "ŝ, chunk {chunk}"
+            "ŝ, chunk {chunk}, rows {restricted}"
         );
         let fused = fused_sequence_loss(&[&side], |s| {
             npo(s[0].clone(), reference.clone(), 0.5, true)
         });
         assert!(
             (host(fused.clone())[0] - host(unfused)[0]).abs() < 1e-5,
-            "NPO value, chunk {chunk}"
+            "NPO value, chunk {chunk}, rows {restricted}"
         );
         let g2 = fused.backward();
         for (a, b, what) in [
@@ -110,7 +126,10 @@ fn fused_npo_and_dpo_match_the_materialized_path() {
             (grad(&w1, &g1), grad(&w2, &g2), "∂W"),
         ] {
             let diff = max_abs_diff(&a, &b);
-            assert!(diff < 1e-5, "NPO {what}, chunk {chunk}: {diff}");
+            assert!(
+                diff < 1e-5,
+                "NPO {what}, chunk {chunk}, rows {restricted}: {diff}"
+            );
         }
 
         // DPO: two sides sharing one head (chosen and rejected through the same student).
@@ -136,14 +155,14 @@ fn fused_npo_and_dpo_match_the_materialized_path() {
         let g1 = unfused.clone().backward();
         let w_ = t2(4).require_grad();
         let (hc_, hr_) = (t3(5).require_grad(), t3(6).require_grad());
-        let chosen = HeadLogprob::new(hc_.clone(), w_.clone(), targets(7), mask(), chunk);
-        let rejected = HeadLogprob::new(hr_.clone(), w_.clone(), targets(8), mask(), chunk);
+        let chosen = HeadLogprob::new(hc_.clone(), w_.clone(), targets(7), mask(), rows(), chunk);
+        let rejected = HeadLogprob::new(hr_.clone(), w_.clone(), targets(8), mask(), rows(), chunk);
         let fused = fused_sequence_loss(&[&chosen, &rejected], |s| {
             dpo(s[0].clone(), rc.clone(), s[1].clone(), rr.clone(), 0.3)
         });
         assert!(
             (host(fused.clone())[0] - host(unfused)[0]).abs() < 1e-5,
-            "DPO value, chunk {chunk}"
+            "DPO value, chunk {chunk}, rows {restricted}"
         );
         let g2 = fused.backward();
         for (a, b, what) in [
@@ -152,7 +171,10 @@ fn fused_npo_and_dpo_match_the_materialized_path() {
             (grad(&w, &g1), grad(&w_, &g2), "∂W"),
         ] {
             let diff = max_abs_diff(&a, &b);
-            assert!(diff < 1e-5, "DPO {what}, chunk {chunk}: {diff}");
+            assert!(
+                diff < 1e-5,
+                "DPO {what}, chunk {chunk}, rows {restricted}: {diff}"
+            );
         }
     }
 }

@@ -211,7 +211,23 @@ fn head_fused_kl_matches_pytorch_for_every_chunk_size() {
     let h = &f["head"];
     let d = h["hidden"].as_u64().expect("hidden") as usize;
     let [b, t, v] = shape(&f);
-    for chunk in [1, 8, 16, 37, 4096] {
+    // Every position, and the counted ones only (the head's work restricted to `rows`: the
+    // KL is then 0 elsewhere, and the loss and its gradients must not change).
+    let host_mask = floats(&f["inputs"]["mask"]);
+    assert!(
+        host_mask.contains(&0.0),
+        "the fixture's mask must leave positions out for the `rows` case to test anything"
+    );
+    let rows: Vec<i64> = (0..host_mask.len())
+        .filter(|&i| host_mask[i] != 0.0)
+        .map(|i| i as i64)
+        .collect();
+    let n_rows = rows.len();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n_rows]), &Default::default());
+    for (chunk, restricted) in [1, 8, 16, 37, 4096]
+        .into_iter()
+        .flat_map(|c| [(c, false), (c, true)])
+    {
         for (name, direction) in [
             ("kl_forward", KlDirection::Forward),
             ("kl_reverse", KlDirection::Reverse),
@@ -225,13 +241,22 @@ fn head_fused_kl_matches_pytorch_for_every_chunk_size() {
                 sh.clone(),
                 sw.clone(),
                 direction,
+                restricted.then(|| rows.clone()),
                 chunk,
             );
             let e = &h[name];
-            let diff = max_abs_diff(&values(kl.values()), &floats(&e["per_position"]));
+            let mut expected = floats(&e["per_position"]);
+            if restricted {
+                for (x, m) in expected.iter_mut().zip(&host_mask) {
+                    if *m == 0.0 {
+                        *x = 0.0;
+                    }
+                }
+            }
+            let diff = max_abs_diff(&values(kl.values()), &expected);
             assert!(
                 diff <= 1e-4,
-                "{name} chunk {chunk}: per position differs by {diff}"
+                "{name} chunk {chunk} rows {restricted}: per position differs by {diff}"
             );
             let loss = if name == "immunization" {
                 let (loss, rate) =
@@ -245,7 +270,7 @@ fn head_fused_kl_matches_pytorch_for_every_chunk_size() {
             } else {
                 head_kl_loss(&kl, mask(&f))
             };
-            let label = format!("head {name} chunk {chunk}");
+            let label = format!("head {name} chunk {chunk} rows {restricted}");
             check_value(
                 &label,
                 values(loss.clone())[0],

@@ -83,6 +83,9 @@ struct Micro<B: Backend> {
     batch: TokenBatch,
     targets: Tensor<B, 2, burn::tensor::Int>,
     mask: Tensor<B, 2>,
+    /// The flat positions where `mask` is not 0 (`None`: all or none): the output head's
+    /// work is restricted to them.
+    rows: Option<Tensor<B, 1, burn::tensor::Int>>,
     /// Counted (response) tokens.
     tokens: f32,
 }
@@ -98,6 +101,7 @@ impl<B: Backend> Micro<B> {
             batch,
             targets: t.targets_tensor::<B>(device),
             mask: t.mask_tensor::<B>(device),
+            rows: t.rows_tensor::<B>(device),
             tokens: t.mask.iter().sum(),
         }
     }
@@ -284,6 +288,7 @@ impl<B: AutodiffBackend> Method<B> {
             hidden,
             head,
             direction,
+            m.rows.clone(),
             self.config.vocab_chunk,
         );
         Ok(head_kl_loss(&kl, m.mask.clone()))
@@ -297,6 +302,7 @@ impl<B: AutodiffBackend> Method<B> {
             head,
             m.targets.clone(),
             m.mask.clone(),
+            m.rows.clone(),
             self.config.vocab_chunk,
         )
     }
@@ -346,6 +352,7 @@ impl<B: AutodiffBackend> Method<B> {
             &m.batch,
             m.targets.clone(),
             m.mask.clone(),
+            m.rows.clone(),
             positions,
             &cfg.lat,
         )?;
@@ -422,6 +429,7 @@ impl<B: AutodiffBackend> Method<B> {
             &m.batch,
             m.targets.clone(),
             m.mask.clone(),
+            m.rows.clone(),
             positions,
             &self.config.lat,
             antibody_lat::Objective::Away,
@@ -501,6 +509,7 @@ impl<B: AutodiffBackend> Method<B> {
                 hidden,
                 head.clone(),
                 direction,
+                m.rows.clone(),
                 self.config.vocab_chunk,
             );
             let (t, rate) = head_immunization(&kl, m.mask.clone(), adv.kl_cap);

@@ -100,8 +100,14 @@ fn main() -> Result<(), String> {
         let reference = Tensor::<B, 1>::zeros([b], &device);
         let loss = match (term.as_str(), chunk) {
             ("logprob", Some(c)) => {
-                let side =
-                    HeadLogprob::new(sh.clone(), sw.clone(), targets.clone(), mask.clone(), c);
+                let side = HeadLogprob::new(
+                    sh.clone(),
+                    sw.clone(),
+                    targets.clone(),
+                    mask.clone(),
+                    None,
+                    c,
+                );
                 fused_sequence_loss(&[&side], |s| {
                     npo(s[0].clone(), reference.clone(), 0.1, false)
                 })
@@ -126,6 +132,7 @@ fn main() -> Result<(), String> {
                     sh.clone(),
                     sw.clone(),
                     KlDirection::Forward,
+                    None,
                     c,
                 );
                 head_kl_loss(&kl, mask.clone())
