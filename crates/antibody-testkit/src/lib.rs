@@ -58,12 +58,25 @@ pub fn tiny_examples() -> Vec<antibody_base::Example> {
 }
 
 /// The repository's root: `$ANTIBODY_REPO` when set (a test binary built here and run in
-/// another checkout, as `bench/gpu_check.sh` does on a GPU machine), else this checkout.
+/// another checkout, as `bench/gpu_check.sh` does on a GPU machine); else the checkout that
+/// holds the running test's crate (`$CARGO_MANIFEST_DIR`, which `cargo test` sets at run
+/// time); else the one this crate was compiled in.
+///
+/// The compile-time path alone is not enough: checkouts at different paths that share one
+/// target dir (this machine's and CI's clone) share this crate's compiled library, so the
+/// path baked into it can name the other checkout, or one that no longer exists.
 pub fn repo() -> PathBuf {
-    match std::env::var_os("ANTIBODY_REPO") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    if let Some(dir) = std::env::var_os("ANTIBODY_REPO").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
     }
+    let is_root = |d: &Path| d.join("ARCHITECTURE.md").is_file() && d.join("crates").is_dir();
+    if let Some(found) = std::env::var_os("CARGO_MANIFEST_DIR")
+        .as_deref()
+        .and_then(|dir| Path::new(dir).ancestors().find(|d| is_root(d)))
+    {
+        return found.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// `configs/`.
