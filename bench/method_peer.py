@@ -10,11 +10,15 @@ paper's authors would in PyTorch eager, on random weights of the patient's archi
   + MSE(canary means, targets) with the canaries (1% of attn/mlp neurons) read by forward
   hooks of the same forward, backward, clipping, AdamW.
 
-Same synthetic data as the Rust bench (a quarter prompt, the rest response). Tokens/s counts
-batch x seq per step. Prints one JSON line.
+Same synthetic data as the Rust bench (a quarter prompt, the rest response), or, with
+`--batches FILE` (written by `antibody-train bench --batches-out`), the very examples each of
+antibody's steps read: every role's sequences right-padded to that batch's longest row, as
+the paper's authors would, with `--rho` adding the refusal SFT term on `x ++ y_ref`
+(unperturbed) to the harmful step. Tokens/s counts batch x seq per step (synthetic) or the
+real tokens of every sequence a step reads (`--batches`). Prints one JSON line.
 
     python bench/method_peer.py --phase harmful [--batch 4 --seq 128 --steps 3 --warmup 1
-        --device cpu --dtype fp32 --lat-layers 8,16,24]
+        --device cpu --dtype fp32 --lat-layers 8,16,24 --batches FILE --rho 2]
 """
 
 import argparse
@@ -56,6 +60,8 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--lat-layers", default="8,16,24")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--batches", default=None)
+    ap.add_argument("--rho", type=float, default=0.0)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -64,13 +70,47 @@ def main():
     b, t = a.batch, a.seq
     p = max(t // 4, 1)
     g = torch.Generator().manual_seed(0)
-    def seqs():
+
+    class Batch:
+        """Right-padded ids, attention mask and response-target mask (target i+1)."""
+
+        def __init__(self, ids, att, mask):
+            self.ids, self.att, self.mask = ids.to(dev), att.to(dev), mask.to(dev)
+            self.real = int(att.sum())
+
+    def synthetic():
         ids = torch.randint(3, 49003, (b, t), generator=g)
         ids[:, 0] = 1
-        return ids.to(dev)
-    mask = torch.zeros(b, t, device=dev)
-    mask[:, p - 1 : t - 1] = 1.0  # targets i+1 in the response
-    att = torch.ones(b, t, dtype=torch.long, device=dev)
+        mask = torch.zeros(b, t)
+        mask[:, p - 1 : t - 1] = 1.0
+        return Batch(ids, torch.ones(b, t, dtype=torch.long), mask)
+
+    def padded(seqs):
+        n, L = len(seqs), max(len(e["ids"]) for e in seqs)
+        ids = torch.full((n, L), 2, dtype=torch.long)
+        att = torch.zeros(n, L, dtype=torch.long)
+        mask = torch.zeros(n, L)
+        for r, e in enumerate(seqs):
+            k = len(e["ids"])
+            ids[r, :k] = torch.tensor(e["ids"])
+            att[r, :k] = 1
+            resp = torch.tensor(e["response_mask"][1:], dtype=torch.float32)
+            mask[r, : k - 1] = resp
+        return Batch(ids, att, mask)
+
+    if a.batches:
+        with open(a.batches) as f:
+            doc = json.load(f)
+        steps = []
+        for st in doc["steps"]:
+            by_role = {}
+            for e in st["sequences"]:
+                by_role.setdefault(e["role"], []).append(e)
+            steps.append({role: padded(v) for role, v in by_role.items()})
+        a.steps = len(steps) - a.warmup
+    else:
+        one = {"harmful": synthetic(), "chosen": synthetic(), "rejected": synthetic()}
+        steps = [one] * (a.warmup + a.steps)
     student = model(1, dtype, dev)
     teacher = model(2 if a.phase == "harmful" else 1, dtype, dev)
     for q in teacher.parameters():
@@ -94,15 +134,20 @@ def main():
         layer.mlp.down_proj.register_forward_pre_hook(
             lambda _m, inp, i=i: captured.__setitem__(("mlp", i), inp[0]) if capture[0] else None)
 
-    def slogp(logits, ids):
-        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        return (lp * mask[:, :-1]).sum(-1)
+    def slogp(logits, bt):
+        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, bt.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        return (lp * bt.mask[:, :-1]).sum(-1)
 
-    h_ids, c_ids, r_ids = seqs(), seqs(), seqs()
+    def fwd(m, bt):
+        return m(input_ids=bt.ids, attention_mask=bt.att).logits
+
+    # The teachers' sequence log-probabilities, computed once before timing (as antibody's
+    # TeacherCache does).
+    refs = []
     with torch.no_grad():
-        ref_h = slogp(teacher(input_ids=h_ids, attention_mask=att).logits, h_ids)
-        ref_c = slogp(teacher(input_ids=c_ids, attention_mask=att).logits, c_ids)
-        ref_r = slogp(teacher(input_ids=r_ids, attention_mask=att).logits, r_ids)
+        for st in steps:
+            refs.append({role: slogp(fwd(teacher, bt), bt) for role, bt in st.items()
+                         if role in ("harmful", "chosen", "rejected")})
     rng = torch.Generator().manual_seed(1)
     canaries = {}
     for i in range(n_layers):
@@ -110,41 +155,50 @@ def main():
         canaries[("mlp", i)] = torch.randperm(1536, generator=rng)[:15].to(dev)
     target = {k: torch.zeros(len(v), device=dev) for k, v in canaries.items()}
 
-    def harmful_step():
+    def harmful_step(st, ref):
+        h = st["harmful"]
+        hb, ht = h.ids.shape
         deltas.clear()
-        leaves = {i: torch.zeros(b, t, 576, device=dev, dtype=dtype, requires_grad=True) for i in layers}
+        leaves = {i: torch.zeros(hb, ht, 576, device=dev, dtype=dtype, requires_grad=True) for i in layers}
         deltas.update(leaves)
-        logits = student(input_ids=h_ids, attention_mask=att).logits
-        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, h_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        attack = -(lp * mask[:, :-1]).sum() / mask.sum()
+        logits = fwd(student, h)
+        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, h.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        attack = -(lp * h.mask[:, :-1]).sum() / h.mask.sum()
         grads = torch.autograd.grad(attack, list(leaves.values()))
         for (i, _), gr in zip(leaves.items(), grads):
             n = gr.norm(dim=-1, keepdim=True).clamp_min(1e-30)
             deltas[i] = (-1.0 * gr / n).detach()
-        logits = student(input_ids=h_ids, attention_mask=att).logits
+        logits = fwd(student, h)
         deltas.clear()
-        s = slogp(logits, h_ids)
-        npo = -F.logsigmoid(0.1 * (ref_h - s)).mean()
+        s = slogp(logits, h)
+        npo = -F.logsigmoid(0.1 * (ref["harmful"] - s)).mean()
         with torch.no_grad():
-            lt = torch.log_softmax(teacher(input_ids=h_ids, attention_mask=att).logits[:, :-1].float(), -1)
+            lt = torch.log_softmax(fwd(teacher, h)[:, :-1].float(), -1)
         ls = torch.log_softmax(logits[:, :-1].float(), -1)
         kl = (lt.exp() * (lt - ls)).sum(-1)
         kl = torch.where(kl > 10.0, kl.detach().clamp(max=10.0), kl)
-        kl_imm = -(kl * mask[:, :-1]).sum() / mask.sum()
-        return 0.5 * npo + 0.5 * kl_imm
+        kl_imm = -(kl * h.mask[:, :-1]).sum() / h.mask.sum()
+        loss = 0.5 * npo + 0.5 * kl_imm
+        if a.rho > 0 and "refusal" in st:
+            r = st["refusal"]
+            lr_ = torch.log_softmax(fwd(student, r)[:, :-1].float(), -1).gather(-1, r.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            loss = loss + a.rho * (-(lr_ * r.mask[:, :-1]).sum() / r.mask.sum())
+        return loss
 
-    def harmless_step():
+    def harmless_step(st, ref):
+        c, r = st["chosen"], st["rejected"]
         capture[0] = True
-        logits = student(input_ids=c_ids, attention_mask=att).logits
+        logits = fwd(student, c)
         capture[0] = False
-        s_c = slogp(logits, c_ids)
-        s_r = slogp(student(input_ids=r_ids, attention_mask=att).logits, r_ids)
-        dpo = -F.logsigmoid(0.1 * ((s_c - ref_c) - (s_r - ref_r))).mean()
+        s_c = slogp(logits, c)
+        s_r = slogp(fwd(student, r), r)
+        dpo = -F.logsigmoid(0.1 * ((s_c - ref["chosen"]) - (s_r - ref["rejected"]))).mean()
         with torch.no_grad():
-            lt = torch.log_softmax(teacher(input_ids=c_ids, attention_mask=att).logits[:, :-1].float(), -1)
+            lt = torch.log_softmax(fwd(teacher, c)[:, :-1].float(), -1)
         ls = torch.log_softmax(logits[:, :-1].float(), -1)
-        kl = ((lt.exp() * (lt - ls)).sum(-1) * mask[:, :-1]).sum() / mask.sum()
-        cur = torch.cat([captured[k].float().mean((0, 1))[idx] for k, idx in canaries.items()])
+        kl = ((lt.exp() * (lt - ls)).sum(-1) * c.mask[:, :-1]).sum() / c.mask.sum()
+        cur = torch.cat([(captured[k].float() * c.att.unsqueeze(-1)).sum((0, 1))[idx] / c.att.sum()
+                         for k, idx in canaries.items()])
         tgt = torch.cat([target[k] for k in canaries])
         stab = ((cur - tgt) ** 2).mean()
         return 0.5 * dpo + 0.5 * kl + stab
@@ -159,11 +213,12 @@ def main():
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     total = 0.0
+    step_seconds, real = [], 0
     for k in range(a.warmup + a.steps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step()
+        loss = step(steps[k], refs[k])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -171,12 +226,18 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if k >= a.warmup:
-            total += time.perf_counter() - start
+            dt = time.perf_counter() - start
+            total += dt
+            step_seconds.append(dt)
+            real += sum(bt.real for role, bt in steps[k].items()
+                        if a.phase == "harmless" or role == "harmful" or a.rho > 0)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss()
+    tokens = real if a.batches else a.steps * b * t
     print(json.dumps({
         "impl": "pytorch", "phase": a.phase, "device": a.device, "dtype": a.dtype,
-        "batch": b, "seq": t, "steps": a.steps,
-        "seconds_per_step": total / a.steps, "tokens_per_s": a.steps * b * t / total,
+        "batch": b, "seq": None if a.batches else t, "steps": a.steps,
+        "seconds_per_step": total / a.steps, "step_seconds": step_seconds,
+        "real_tokens": tokens, "tokens_per_s": tokens / total,
         "peak_bytes": peak, "peak_reset": reset, "torch": torch.__version__,
     }))
 

@@ -96,6 +96,58 @@ enum Command {
         #[arg(long)]
         skip_generate: bool,
     },
+    /// Time the backend's f32 matmul on the model's shapes (`[m, k] · [k, n]`, contiguous);
+    /// prints one JSON object with GFLOP/s per shape.
+    Gemm {
+        /// Rows `m` (tokens of a batch: 4 × 128 in the method's bench).
+        #[arg(long, default_value_t = 512)]
+        m: usize,
+        /// Timed repeats per shape (after two warm-ups); the best is reported.
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+}
+
+/// `(k, n, what)`: the patient's projections (`[m, k] · [k, n]`) and one vocabulary chunk of
+/// the fused output head; SmolLM2-135M: hidden 576, 3 KV heads of 64, MLP 1536.
+const GEMM_SHAPES: [(usize, usize, &str); 5] = [
+    (576, 576, "q/o projection"),
+    (576, 192, "k/v projection"),
+    (576, 1536, "gate/up projection"),
+    (1536, 576, "down projection"),
+    (576, 8192, "head, one vocabulary chunk"),
+];
+
+fn run_gemm<B: Backend>(m: usize, repeats: usize, device: &B::Device) -> Result<()> {
+    use burn::tensor::{Distribution, Tensor};
+    let mut rows = Vec::new();
+    for (k, n, what) in GEMM_SHAPES {
+        let a = Tensor::<B, 2>::random([m, k], Distribution::Uniform(-1.0, 1.0), device);
+        let b = Tensor::<B, 2>::random([k, n], Distribution::Uniform(-1.0, 1.0), device);
+        let mut best = f64::INFINITY;
+        for i in 0..repeats.max(1) + 2 {
+            let started = Instant::now();
+            // Reading one value waits for the product on an asynchronous device.
+            let c = a.clone().matmul(b.clone());
+            let _ = c.slice([0..1, 0..1]).into_data();
+            if i >= 2 {
+                best = best.min(started.elapsed().as_secs_f64());
+            }
+        }
+        let flops = 2.0 * (m * k * n) as f64;
+        rows.push(serde_json::json!({
+            "m": m, "k": k, "n": n, "what": what,
+            "seconds": best, "gflops": flops / best / 1e9,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "impl": "antibody", "shapes": rows })
+    );
+    Ok(())
 }
 
 fn checkpoint_or_patient(path: Option<PathBuf>) -> Result<PathBuf> {
@@ -173,6 +225,9 @@ fn main() -> Result<()> {
             with_backend!(device, |B, dev| run_bench::<B>(
                 &path, &dev, &prompts, &args
             ))
+        }
+        Command::Gemm { m, repeats, device } => {
+            with_backend!(device, |B, dev| run_gemm::<B>(m, repeats, &dev))
         }
     }
 }

@@ -207,6 +207,19 @@ impl<B: AutodiffBackend> Method<B> {
             .collect()
     }
 
+    /// The rows of `data` that the `k`-th step of the harmful (`harmful`) or harmless phase
+    /// reads, in order (`k` counts that phase's steps over the whole run).
+    pub fn batch_rows(&self, harmful: bool, k: usize) -> &[usize] {
+        let order = if harmful {
+            &self.harmful_order
+        } else {
+            &self.harmless_order
+        };
+        let bs = self.config.batch_size;
+        let start = (k * bs).min(order.len());
+        &order[start..((k + 1) * bs).min(order.len())]
+    }
+
     /// The plan.
     pub fn plan(&self) -> &[Event] {
         &self.plan

@@ -53,6 +53,20 @@ struct BenchArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Run this configuration file's `[train]` section (its losses, LAT, canaries, batch
+    /// size and seed; one cycle of `--warmup + --steps` steps of the phase, random weights)
+    /// on the examples of the data build `--data`, instead of the synthetic `--batch × --seq`
+    /// batches and the built-in section.
+    #[arg(long, requires = "data")]
+    config: Option<PathBuf>,
+    /// The data build whose `harmful_train` and `harmless_train` the steps read (with
+    /// `--config`).
+    #[arg(long, requires = "config")]
+    data: Option<PathBuf>,
+    /// Write the examples each step of the measured phase read (token ids and response
+    /// masks, JSON) to this file, for the peer to run the same batches.
+    #[arg(long)]
+    batches_out: Option<PathBuf>,
 }
 
 /// `VmHWM` (peak resident set) of this process, in bytes.
@@ -72,8 +86,17 @@ fn bench(args: BenchArgs) -> Result<()> {
         other => bail!("--phase: `{other}` is not harmful or harmless"),
     };
     let (b, t) = (args.batch, args.seq);
-    let data = bench_data(b, t);
-    let config = bench_config(&args, harmful)?;
+    let (data, config) = match (&args.config, &args.data) {
+        (Some(file), Some(dir)) => real_bench(file, dir, &args, harmful)?,
+        _ => (bench_data(b, t), bench_config(&args, harmful)?),
+    };
+    let bs = config.batch_size;
+    let with_refusal = config.adv.rho > 0.0;
+    let phase_steps = if harmful {
+        config.harmful_steps
+    } else {
+        config.harmless_steps
+    };
     let arch = antibody_model::LlamaConfig::smollm2_135m();
     let name = args.device.to_string();
     with_backend!(args.device, autodiff, |B, device| {
@@ -89,6 +112,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             &data,
             &config,
         )?;
+        let method_data = data.clone();
         let mut method = Method::new(
             student,
             Vec::new(),
@@ -100,7 +124,37 @@ fn bench(args: BenchArgs) -> Result<()> {
             config,
         )?;
         let phase = if harmful { "harmful" } else { "harmless" };
+        // What each step of the measured phase reads, and its real (non-padding) tokens: the
+        // sequences of every forward that backpropagates (a harmful step's `x ++ y_h` and
+        // `x ++ y_ref`, a harmless step's `x ++ y_c` and `x ++ y_r`).
+        let batches: Vec<serde_json::Value> = (0..phase_steps)
+            .map(|k| {
+                step_batch(
+                    &method_data,
+                    method_rows(&method, harmful, k),
+                    harmful,
+                    with_refusal,
+                )
+            })
+            .collect();
+        let real_tokens: Vec<usize> = batches
+            .iter()
+            .map(|s| {
+                s["sequences"].as_array().map_or(0, |v| {
+                    v.iter()
+                        .map(|e| e["ids"].as_array().map_or(0, Vec::len))
+                        .sum()
+                })
+            })
+            .collect();
+        if let Some(path) = &args.batches_out {
+            let doc =
+                serde_json::json!({ "phase": phase, "warmup": args.warmup, "steps": batches });
+            std::fs::write(path, serde_json::to_vec(&doc)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         let (mut seconds, mut timed, mut seen) = (0.0, 0usize, 0usize);
+        let (mut step_seconds, mut tokens) = (Vec::new(), 0usize);
         let mut reset = false;
         loop {
             // Peak memory from the first step of the measured phase on.
@@ -116,20 +170,23 @@ fn bench(args: BenchArgs) -> Result<()> {
                 seen += 1;
                 if seen > args.warmup {
                     seconds += m.seconds;
+                    step_seconds.push(m.seconds);
+                    tokens += real_tokens.get(seen - 1).copied().unwrap_or(0);
                     timed += 1;
                 }
             }
         }
-        let tokens = (timed * b * t) as f64;
         let line = serde_json::json!({
             "impl": "antibody",
             "phase": phase,
             "device": name,
-            "batch": b,
-            "seq": t,
+            "batch": bs,
+            "seq": if args.config.is_some() { serde_json::Value::Null } else { t.into() },
             "steps": timed,
             "seconds_per_step": seconds / timed.max(1) as f64,
-            "tokens_per_s": tokens / seconds.max(1e-9),
+            "step_seconds": step_seconds,
+            "real_tokens": tokens,
+            "tokens_per_s": tokens as f64 / seconds.max(1e-9),
             "peak_bytes": peak_rss(),
             "peak_reset": reset,
         });
@@ -139,6 +196,68 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// The rows the `k`-th step of a phase reads.
+fn method_rows<B: burn::tensor::backend::AutodiffBackend>(
+    method: &antibody_train::method::Method<B>,
+    harmful: bool,
+    k: usize,
+) -> Vec<usize> {
+    method.batch_rows(harmful, k).to_vec()
+}
+
+/// One step's examples as JSON: `sequences` (every sequence a forward reads, `ids` and
+/// `response_mask`) grouped by `role` (`harmful`, and `refusal` when the refusal term is on;
+/// or `chosen`/`rejected`).
+fn step_batch(
+    data: &antibody_train::data::MethodData,
+    rows: Vec<usize>,
+    harmful: bool,
+    with_refusal: bool,
+) -> serde_json::Value {
+    let ex = |role: &str, e: &antibody_base::Example| serde_json::json!({ "role": role, "ids": e.ids, "response_mask": e.response_mask });
+    let mut sequences = Vec::new();
+    for &r in &rows {
+        if harmful {
+            let h = &data.harmful[r];
+            sequences.push(ex("harmful", &h.harmful));
+            if let Some(y_ref) = h.refusal.as_ref().filter(|_| with_refusal) {
+                sequences.push(ex("refusal", y_ref));
+            }
+        } else {
+            let h = &data.harmless[r];
+            sequences.push(ex("chosen", &h.chosen));
+            sequences.push(ex("rejected", &h.rejected));
+        }
+    }
+    serde_json::json!({ "rows": rows, "sequences": sequences })
+}
+
+/// The data build's method examples and the configuration's `[train]` section made into one
+/// phase's benchmark: one cycle, `--warmup + --steps` steps of the measured phase (one
+/// harmful step before a harmless phase, as the synthetic bench runs), random weights.
+fn real_bench(
+    file: &std::path::Path,
+    dir: &std::path::Path,
+    args: &BenchArgs,
+    harmful: bool,
+) -> Result<(
+    antibody_train::data::MethodData,
+    antibody_train::config::TrainConfig,
+)> {
+    use antibody_data::{SetKind, read_set};
+    let mut config = antibody_train::config::Train::load(file, &[])?.config;
+    let steps = args.warmup + args.steps;
+    config.cycles = 1;
+    config.harmful_steps = if harmful { steps } else { 1 };
+    config.harmless_steps = if harmful { 0 } else { steps };
+    config.lat.layers = args.lat_layers.clone();
+    let harmful_set = read_set(dir, SetKind::HarmfulTrain)?;
+    let harmless_set = read_set(dir, SetKind::HarmlessTrain)?;
+    let data =
+        antibody_train::data::MethodData::from_records(&harmful_set.records, &harmless_set.records);
+    Ok((data, config))
 }
 
 /// `b` random harmful and harmless examples of `t` tokens (a quarter prompt).
