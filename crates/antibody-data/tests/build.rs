@@ -12,8 +12,13 @@ use antibody_model::device::Cpu;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+/// `configs/` of the checkout under test: cargo's run-time `CARGO_MANIFEST_DIR` first. The
+/// compile-time path can name another checkout that shares the target dir (CI's clone), whose
+/// test binary cargo reuses here as fresh.
 fn configs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("../../configs")
 }
 
 /// Build options with a private generation cache (tests run in parallel).
