@@ -216,7 +216,7 @@ impl<B: AutodiffBackend> HeadKl<B> {
     /// student's hidden states and head weights. `weights` `[b, t]` carry no gradient.
     pub fn loss(&self, weights: Tensor<B, 2>, offset: f32) -> Tensor<B, 1> {
         let (value, grad_h, grad_w) = self.inner.gradients(weights.inner());
-        let surrogate = attach(&self.student_h, &self.student_w, grad_h, grad_w);
+        let surrogate = attach(&self.student_h, &self.student_w, grad_h, Some(grad_w));
         Tensor::<B, 1>::from_inner(value) + offset + surrogate
     }
 }
@@ -266,38 +266,27 @@ pub fn head_immunization<B: AutodiffBackend>(
 
 /// A zero-valued f32 scalar whose gradient with respect to `h` and `w` is `grad_h` and
 /// `grad_w` (computed on the inner backend, cast back to the student's dtypes): the surrogate
-/// `Σ h ⊙ ∂h + Σ W ⊙ ∂W` with its value removed.
+/// `Σ h ⊙ ∂h + Σ W ⊙ ∂W` with its value removed (no `W` term when `grad_w` is `None`).
 pub(crate) fn attach<B: AutodiffBackend>(
     h: &Tensor<B, 2>,
     w: &Tensor<B, 2>,
     grad_h: Tensor<B::InnerBackend, 2>,
-    grad_w: Tensor<B::InnerBackend, 2>,
+    grad_w: Option<Tensor<B::InnerBackend, 2>>,
 ) -> Tensor<B, 1> {
-    let in_dtype = |g: Tensor<B::InnerBackend, 2>, d: DType| {
+    // `Σ x ⊙ g` in f32, `g` cast back to `x`'s dtype.
+    let term = |x: &Tensor<B, 2>, g: Tensor<B::InnerBackend, 2>| {
         let g = Tensor::<B, 2>::from_inner(g);
-        if g.dtype() == d {
+        let g = if g.dtype() == x.dtype() {
             g
         } else {
-            g.cast(float_dtype(d))
-        }
+            g.cast(float_dtype(x.dtype()))
+        };
+        to_f32((x.clone() * g).sum())
     };
-    let s = to_f32((h.clone() * in_dtype(grad_h, h.dtype())).sum())
-        + to_f32((w.clone() * in_dtype(grad_w, w.dtype())).sum());
-    s.clone() - s.detach()
-}
-
-/// [`attach`] for the hidden states alone.
-pub(crate) fn attach_hidden<B: AutodiffBackend>(
-    h: &Tensor<B, 2>,
-    grad_h: Tensor<B::InnerBackend, 2>,
-) -> Tensor<B, 1> {
-    let g = Tensor::<B, 2>::from_inner(grad_h);
-    let g = if g.dtype() == h.dtype() {
-        g
-    } else {
-        g.cast(float_dtype(h.dtype()))
-    };
-    let s = to_f32((h.clone() * g).sum());
+    let mut s = term(h, grad_h);
+    if let Some(gw) = grad_w {
+        s = s + term(w, gw);
+    }
     s.clone() - s.detach()
 }
 

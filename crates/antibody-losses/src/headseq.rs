@@ -11,7 +11,7 @@
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
-use crate::head::{attach, attach_hidden, online_lse, scatter_rows, slices};
+use crate::head::{attach, online_lse, scatter_rows, slices};
 use crate::tokens::to_f32;
 
 /// Fused `ŝ` on one backend (no autodiff involved).
@@ -174,10 +174,7 @@ impl<B: AutodiffBackend> HeadLogprob<B> {
     /// A zero-valued scalar whose gradient is `Σ_b u_b ∂ŝ_b` (into hidden states and head).
     pub fn attach(&self, row_weights: Tensor<B, 1>) -> Tensor<B, 1> {
         let (gh, gw) = self.inner.gradients_of(row_weights.inner(), self.head_grad);
-        match gw {
-            Some(gw) => attach(&self.h, &self.w, gh, gw),
-            None => attach_hidden(&self.h, gh),
-        }
+        attach(&self.h, &self.w, gh, gw)
     }
 
     /// No gradient into the head: its weights are not what is being differentiated (the LAT

@@ -220,6 +220,11 @@ impl<B: AutodiffBackend> Method<B> {
         &order[start..((k + 1) * bs).min(order.len())]
     }
 
+    /// The examples the run reads.
+    pub fn data(&self) -> &MethodData {
+        &self.data
+    }
+
     /// The plan.
     pub fn plan(&self) -> &[Event] {
         &self.plan

@@ -119,12 +119,7 @@ impl<B: AutodiffBackend> Method<B> {
         let started = Instant::now();
         let step = self.state.step;
         let bs = self.config.batch_size;
-        let order = if harmful {
-            &self.harmful_order
-        } else {
-            &self.harmless_order
-        };
-        let rows: Vec<usize> = order[k * bs..(k + 1) * bs].to_vec();
+        let rows: Vec<usize> = self.batch_rows(harmful, k).to_vec();
         let micro = bs.div_ceil(self.config.optim.accumulation).max(1);
         let totals = self.normalizers(harmful, &rows);
         if totals[0] == 0.0 {

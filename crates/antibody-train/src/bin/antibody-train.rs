@@ -112,7 +112,6 @@ fn bench(args: BenchArgs) -> Result<()> {
             &data,
             &config,
         )?;
-        let method_data = data.clone();
         let mut method = Method::new(
             student,
             Vec::new(),
@@ -127,26 +126,16 @@ fn bench(args: BenchArgs) -> Result<()> {
         // What each step of the measured phase reads, and its real (non-padding) tokens: the
         // sequences of every forward that backpropagates (a harmful step's `x ++ y_h` and
         // `x ++ y_ref`, a harmless step's `x ++ y_c` and `x ++ y_r`).
-        let batches: Vec<serde_json::Value> = (0..phase_steps)
+        let (batches, real_tokens): (Vec<serde_json::Value>, Vec<usize>) = (0..phase_steps)
             .map(|k| {
                 step_batch(
-                    &method_data,
-                    method_rows(&method, harmful, k),
+                    method.data(),
+                    method.batch_rows(harmful, k),
                     harmful,
                     with_refusal,
                 )
             })
-            .collect();
-        let real_tokens: Vec<usize> = batches
-            .iter()
-            .map(|s| {
-                s["sequences"].as_array().map_or(0, |v| {
-                    v.iter()
-                        .map(|e| e["ids"].as_array().map_or(0, Vec::len))
-                        .sum()
-                })
-            })
-            .collect();
+            .unzip();
         if let Some(path) = &args.batches_out {
             let doc =
                 serde_json::json!({ "phase": phase, "warmup": args.warmup, "steps": batches });
@@ -198,40 +187,40 @@ fn bench(args: BenchArgs) -> Result<()> {
     })
 }
 
-/// The rows the `k`-th step of a phase reads.
-fn method_rows<B: burn::tensor::backend::AutodiffBackend>(
-    method: &antibody_train::method::Method<B>,
-    harmful: bool,
-    k: usize,
-) -> Vec<usize> {
-    method.batch_rows(harmful, k).to_vec()
-}
-
 /// One step's examples as JSON: `sequences` (every sequence a forward reads, `ids` and
 /// `response_mask`) grouped by `role` (`harmful`, and `refusal` when the refusal term is on;
-/// or `chosen`/`rejected`).
+/// or `chosen`/`rejected`); and their real tokens.
 fn step_batch(
     data: &antibody_train::data::MethodData,
-    rows: Vec<usize>,
+    rows: &[usize],
     harmful: bool,
     with_refusal: bool,
-) -> serde_json::Value {
-    let ex = |role: &str, e: &antibody_base::Example| serde_json::json!({ "role": role, "ids": e.ids, "response_mask": e.response_mask });
-    let mut sequences = Vec::new();
-    for &r in &rows {
+) -> (serde_json::Value, usize) {
+    let mut picked: Vec<(&str, &antibody_base::Example)> = Vec::new();
+    for &r in rows {
         if harmful {
             let h = &data.harmful[r];
-            sequences.push(ex("harmful", &h.harmful));
+            picked.push(("harmful", &h.harmful));
             if let Some(y_ref) = h.refusal.as_ref().filter(|_| with_refusal) {
-                sequences.push(ex("refusal", y_ref));
+                picked.push(("refusal", y_ref));
             }
         } else {
             let h = &data.harmless[r];
-            sequences.push(ex("chosen", &h.chosen));
-            sequences.push(ex("rejected", &h.rejected));
+            picked.push(("chosen", &h.chosen));
+            picked.push(("rejected", &h.rejected));
         }
     }
-    serde_json::json!({ "rows": rows, "sequences": sequences })
+    let tokens = picked.iter().map(|(_, e)| e.ids.len()).sum();
+    let sequences: Vec<serde_json::Value> = picked
+        .iter()
+        .map(|(role, e)| {
+            serde_json::json!({ "role": role, "ids": e.ids, "response_mask": e.response_mask })
+        })
+        .collect();
+    (
+        serde_json::json!({ "rows": rows, "sequences": sequences }),
+        tokens,
+    )
 }
 
 /// The data build's method examples and the configuration's `[train]` section made into one
