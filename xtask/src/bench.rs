@@ -466,6 +466,7 @@ fn default_data() -> anyhow::Result<PathBuf> {
             overrides: Vec::new(),
             device: "cpu".into(),
             stage: Some(stage.into()),
+            skip: Vec::new(),
             resume: None,
         })
         .with_context(|| format!("the default pipeline's {stage} stage, for the bench's data"))?;

@@ -10,6 +10,7 @@
 //! - [`bench`]: antibody beside its peer on the same work, as ratios.
 //! - [`pipeline`]: the whole job, stage by stage, skipping what is current.
 //! - [`sweep`]: the pipeline once per setting of a search, and one results table.
+//! - [`tradeoff`]: a sweep's plot of HS against over-refusal.
 //! - [`gpu_check`]: builds the CUDA binaries `bench/gpu_check.sh` runs on a GPU machine.
 //!
 //! Source-tree checks (`tidy`) are tests of this crate: `cargo test -p xtask`.
@@ -28,6 +29,7 @@ mod sweep;
 mod test;
 #[cfg(test)]
 mod tidy;
+mod tradeoff;
 
 use std::path::{Path, PathBuf};
 

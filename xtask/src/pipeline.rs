@@ -49,12 +49,16 @@ pub struct Args {
     /// Run only this stage (fetch, data, teachers, train, eval).
     #[arg(long)]
     pub(crate) stage: Option<String>,
+    /// Skip this stage (repeatable): `--skip train` evaluates the configured models without
+    /// training a student (a baseline).
+    #[arg(long)]
+    pub(crate) skip: Vec<String>,
     /// Continue the training run in this directory instead of the configured one.
     #[arg(long)]
     pub(crate) resume: Option<PathBuf>,
 }
 
-const STAGES: [&str; 6] = ["fetch", "data", "teachers", "train", "eval", "report"];
+pub(crate) const STAGES: [&str; 6] = ["fetch", "data", "teachers", "train", "eval", "report"];
 
 /// The sections `--set` may override (a sweep's overrides too).
 pub(crate) const OVERRIDABLE: [&str; 4] = ["data.", "teacher.", "train.", "eval."];
@@ -198,7 +202,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let p = Pipeline::open(&args)?;
     let _lock = antibody_base::DirLock::acquire(&p.dir, "cargo xtask pipeline")?;
     build_binaries(&args.device)?;
-    let only = |s: &str| args.stage.as_deref().is_none_or(|x| x == s);
+    let only =
+        |s: &str| args.stage.as_deref().is_none_or(|x| x == s) && !args.skip.iter().any(|x| x == s);
     let started = Instant::now();
     let mut timings: Vec<(&str, f64)> = Vec::new();
     let stages: [(&str, &Stage); 6] = [
@@ -278,13 +283,18 @@ impl Pipeline {
     /// Reads the configuration with the overrides applied (through `antibody-base`, as every
     /// stage does) and places the stamps.
     fn open(args: &Args) -> anyhow::Result<Self> {
-        if let Some(s) = &args.stage
-            && !STAGES.contains(&s.as_str())
+        for (flag, s) in args
+            .stage
+            .iter()
+            .map(|s| ("--stage", s))
+            .chain(args.skip.iter().map(|s| ("--skip", s)))
         {
-            bail!(
-                "--stage: unknown stage `{s}` (stages: {})",
-                STAGES.join(", ")
-            );
+            if !STAGES.contains(&s.as_str()) {
+                bail!(
+                    "{flag}: unknown stage `{s}` (stages: {})",
+                    STAGES.join(", ")
+                );
+            }
         }
         for o in &args.overrides {
             let ok = OVERRIDABLE.iter().any(|p| o.starts_with(p));

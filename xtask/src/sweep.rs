@@ -58,8 +58,28 @@ struct SweepFile {
     /// search's evaluation settings, its reference models).
     #[serde(default)]
     set: Vec<String>,
+    /// Full evaluations (`report.json`, relative to the sweep file) whose models the table
+    /// and the plot list first as references (a screen's runs beside the base and
+    /// refusal-SFT measured in full).
+    #[serde(default)]
+    references: Vec<PathBuf>,
+    /// The targets the trade-off plot shades (fractions).
+    #[serde(default)]
+    targets: Option<Targets>,
     /// The runs, in order.
     run: Vec<RunSpec>,
+}
+
+/// The corner of the trade-off plot a search aims for.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Targets {
+    /// HS at most this.
+    hs: f64,
+    /// Look-alike refusals at most this.
+    lookalike: f64,
+    /// Harmless refusals at most this.
+    harmless: f64,
 }
 
 /// One run of a sweep.
@@ -74,6 +94,15 @@ struct RunSpec {
     /// What the run tests.
     #[serde(default)]
     note: String,
+    /// The earlier run this one repeats with another seed (its `set` plus a seed): the table
+    /// summarizes each setting over its seeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replicates: Option<String>,
+    /// Pipeline stages this run skips: `["train"]` evaluates the models its `eval.models`
+    /// names without training a student (a baseline such as refusal-SFT built by the teachers
+    /// stage; give it its own `data.out_dir`, beside which the teachers' stamp lives).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    skip: Vec<String>,
 }
 
 /// How a run ended, as recorded in `<out_dir>/<name>/status.json`.
@@ -104,7 +133,28 @@ fn load_sweep(path: &Path) -> anyhow::Result<SweepFile> {
         if !seen.insert(r.name.clone()) {
             bail!("{}: run[{i}].name `{}`: used twice", path.display(), r.name);
         }
+        if let Some(of) = &r.replicates
+            && !sweep.run[..i]
+                .iter()
+                .any(|e| &e.name == of && e.replicates.is_none())
+        {
+            bail!(
+                "{}: run[{i}] (`{}`).replicates: `{of}` is not an earlier run that is not itself a replicate",
+                path.display(),
+                r.name
+            );
+        }
         check_overrides(path, &format!("run[{i}] (`{}`).set", r.name), &r.set)?;
+        for st in &r.skip {
+            if !crate::pipeline::STAGES.contains(&st.as_str()) {
+                bail!(
+                    "{}: run[{i}] (`{}`).skip: unknown stage `{st}` (stages: {})",
+                    path.display(),
+                    r.name,
+                    crate::pipeline::STAGES.join(", ")
+                );
+            }
+        }
     }
     check_overrides(path, "set", &sweep.set)?;
     Ok(sweep)
@@ -128,9 +178,16 @@ fn check_overrides(path: &Path, key: &str, sets: &[String]) -> anyhow::Result<()
 }
 
 /// The overrides that move a run into its own directories and evaluate its student in place
-/// of the configuration's.
-fn placement(config: &Path, shared: &[String], run_dir: &Path) -> anyhow::Result<Vec<String>> {
-    let table = antibody_base::config::read_with_overrides(config, shared)?;
+/// of the configuration's; `sets` are the overrides before these (the sweep's, then the
+/// run's). A run that trains must evaluate its student; one that skips training (a baseline)
+/// evaluates what its `eval.models` names.
+fn placement(
+    config: &Path,
+    sets: &[String],
+    run_dir: &Path,
+    trains: bool,
+) -> anyhow::Result<Vec<String>> {
+    let table = antibody_base::config::read_with_overrides(config, sets)?;
     let base = config.parent().unwrap_or(Path::new("."));
     let train_dir = table
         .get("train")
@@ -168,7 +225,7 @@ fn placement(config: &Path, shared: &[String], run_dir: &Path) -> anyhow::Result
             toml::Value::String(model)
         ));
     }
-    if swapped == 0 {
+    if swapped == 0 && trains {
         bail!(
             "{}: no model in `eval.models` is the trained student ({})",
             config.display(),
@@ -176,12 +233,15 @@ fn placement(config: &Path, shared: &[String], run_dir: &Path) -> anyhow::Result
         );
     }
     let q = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
-    Ok(vec![
+    let mut sets = vec![
         format!("train.run_dir={}", q(&train)),
         format!("eval.out_dir={}", q(&run_dir.join("eval"))),
-        format!("eval.train_run={}", q(&train)),
         format!("eval.models=[{}]", list.join(", ")),
-    ])
+    ];
+    if trains {
+        sets.push(format!("eval.train_run={}", q(&train)));
+    }
+    Ok(sets)
 }
 
 /// `a/b/../c` → `a/c` (lexically; the paths may not exist yet).
@@ -227,7 +287,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let dir = out.join(&r.name);
             let mut overrides = sweep.set.clone();
             overrides.extend(r.set.iter().cloned());
-            overrides.extend(placement(&config, &sweep.set, &dir)?);
+            let trains = !r.skip.iter().any(|s| s == "train");
+            overrides.extend(placement(&config, &overrides, &dir, trains)?);
             tracing::info!("== sweep run `{}`: {}", r.name, r.set.join(" "));
             let started = std::time::Instant::now();
             let result = crate::pipeline::run(crate::pipeline::Args {
@@ -235,6 +296,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 overrides,
                 device: args.device.clone(),
                 stage: None,
+                skip: r.skip.clone(),
                 resume: None,
             });
             let status = Status {
@@ -340,12 +402,15 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         let student = dir.join("train/student").display().to_string();
+        // A run that trains is its student; a baseline (training skipped) is the first model
+        // it evaluated.
+        let trains = !r.skip.iter().any(|s| s == "train");
         let (mine, others): (Vec<serde_json::Value>, Vec<serde_json::Value>) = report
             .as_ref()
             .and_then(|rep| rep["models"].as_array().cloned())
             .unwrap_or_default()
             .into_iter()
-            .partition(|m| m["model"].as_str() == Some(student.as_str()));
+            .partition(|m| !trains || m["model"].as_str() == Some(student.as_str()));
         for m in mine.iter().chain(&others) {
             for a in m["attacks"].as_array().into_iter().flatten() {
                 if let Some(n) = a["attack"]["name"].as_str()
@@ -359,6 +424,37 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
             references = Some(others);
         }
         runs.push((r.clone(), status, mine.into_iter().next()));
+    }
+    // Named full evaluations replace the references found beside the runs.
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut reference_rows: Vec<(String, String, Option<serde_json::Value>)> = Vec::new();
+    for f in &sweep.references {
+        let path = normalize(&base.join(f));
+        let report: Option<serde_json::Value> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let source = format!("(reference: `{}`)", path.display());
+        match report.as_ref().and_then(|r| r["models"].as_array()) {
+            Some(models) => {
+                for m in models {
+                    let name = m["name"].as_str().unwrap_or("?");
+                    reference_rows.push((name.to_owned(), source.clone(), Some(m.clone())));
+                }
+            }
+            None => {
+                tracing::warn!(
+                    "sweep reference {}: not found or not a report",
+                    path.display()
+                );
+                reference_rows.push(("?".into(), source, None));
+            }
+        }
+    }
+    if sweep.references.is_empty() {
+        for m in references.iter().flatten() {
+            let name = m["name"].as_str().unwrap_or("?");
+            reference_rows.push((name.to_owned(), "(reference)".into(), Some(m.clone())));
+        }
     }
 
     let mut header = vec!["run".to_owned(), "overrides".to_owned(), "HS".to_owned()];
@@ -393,9 +489,15 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
     md.push_str(&format!("| {} |\n", header.join(" | ")));
     md.push_str(&format!("|{}\n", "---|".repeat(header.len())));
     let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
-    for m in references.iter().flatten() {
-        let name = m["name"].as_str().unwrap_or("?");
-        md.push_str(&line(row(&format!("*{name}*"), "(reference)", m, &attacks)));
+    for (name, source, m) in &reference_rows {
+        match m {
+            Some(m) => md.push_str(&line(row(&format!("*{name}*"), source, m, &attacks))),
+            None => {
+                let mut cells = vec![format!("*{name}*"), source.clone(), "not found".into()];
+                cells.resize(header.len(), String::new());
+                md.push_str(&line(cells));
+            }
+        }
     }
     let mut json_runs = Vec::new();
     for (spec, status, m) in &runs {
@@ -431,6 +533,29 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
             "result": m,
         }));
     }
+    md.push_str(&seeds(&runs));
+    let mut points: Vec<crate::tradeoff::Point> = reference_rows
+        .iter()
+        .filter_map(|(name, _, m)| {
+            crate::tradeoff::Point::from_model(&format!("{name} (reference)"), true, m.as_ref()?)
+        })
+        .collect();
+    points.extend(runs.iter().filter_map(|(spec, status, m)| {
+        crate::tradeoff::Point::from_model(&spec.name, false, m.as_ref().filter(|_| status.ok)?)
+    }));
+    let t = sweep.targets.unwrap_or(Targets {
+        hs: 0.0,
+        lookalike: 0.0,
+        harmless: 0.0,
+    });
+    let svg = crate::tradeoff::svg(
+        &format!("{}: HS against over-refusal", file.display()),
+        &points,
+        t.hs,
+        [t.lookalike, t.harmless],
+    );
+    write(&out.join("results.svg"), svg.as_bytes())?;
+    md.push_str("\n![HS against look-alike and harmless refusals, every run](results.svg)\n");
     md.push_str("\n## Runs\n\n");
     for (spec, status, _) in &runs {
         md.push_str(&format!(
@@ -450,7 +575,10 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
         "config": config,
         "sweep": file,
         "set": sweep.set,
-        "references": references,
+        "references": reference_rows
+            .iter()
+            .filter_map(|(_, _, m)| m.clone())
+            .collect::<Vec<_>>(),
         "runs": json_runs,
     });
     write(
@@ -460,9 +588,137 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
     Ok(())
 }
 
+/// A rate over a setting's seeds: each seed's rate, their mean and range, and the pooled
+/// `Σk/Σn` with its Wilson interval (which counts seed × prompt pairs as independent, so it
+/// is narrower than the spread over seeds can justify: read it with the range).
+fn over_seeds(rates: &[&serde_json::Value]) -> String {
+    let got: Vec<(f64, usize, usize)> = rates
+        .iter()
+        .filter_map(|v| {
+            Some((
+                v["rate"].as_f64()?,
+                usize::try_from(v["k"].as_u64()?).ok()?,
+                usize::try_from(v["n"].as_u64()?).ok()?,
+            ))
+        })
+        .collect();
+    if got.len() < rates.len() || got.is_empty() {
+        return "—".into();
+    }
+    let each: Vec<String> = got
+        .iter()
+        .map(|(r, ..)| format!("{:.1}", 100.0 * r))
+        .collect();
+    let mean = got.iter().map(|(r, ..)| r).sum::<f64>() / got.len() as f64;
+    let (k, n) = got.iter().fold((0, 0), |(k, n), (_, a, b)| (k + a, n + b));
+    let (lo, hi) = antibody_base::stats::wilson(k, n);
+    format!(
+        "{}% (mean {:.1}%; pooled {:.1}% [{:.1}, {:.1}] ({n}))",
+        each.join(" / "),
+        100.0 * mean,
+        100.0 * k as f64 / n as f64,
+        100.0 * lo,
+        100.0 * hi
+    )
+}
+
+/// The section that summarizes each setting run with more than one seed.
+fn seeds(runs: &[(RunSpec, Status, Option<serde_json::Value>)]) -> String {
+    let mut md = String::new();
+    for (spec, ..) in runs.iter().filter(|(s, ..)| s.replicates.is_none()) {
+        let members: Vec<(&RunSpec, &serde_json::Value)> = runs
+            .iter()
+            .filter(|(s, st, _)| {
+                st.ok && (s.name == spec.name || s.replicates.as_deref() == Some(&spec.name))
+            })
+            .filter_map(|(s, _, m)| Some((s, m.as_ref()?)))
+            .collect();
+        if members.len() < 2 {
+            continue;
+        }
+        if md.is_empty() {
+            md.push_str("\n## Settings over seeds\n\nEach seed's rate in run order, their mean, and the rate pooled over the seeds' prompts with its Wilson 95% interval (seed × prompt pairs counted as independent: read it with the spread).\n\n| setting | runs | HS | worst case after the attacks | refusals: look-alikes | refusals: harmless | perplexity |\n|---|---|---|---|---|---|---|\n");
+        }
+        let rates = |f: &dyn Fn(&serde_json::Value) -> &serde_json::Value| -> String {
+            over_seeds(&members.iter().map(|(_, m)| f(m)).collect::<Vec<_>>())
+        };
+        let ppl: Vec<String> = members
+            .iter()
+            .map(|(_, m)| {
+                m["perplexity"]
+                    .as_f64()
+                    .map_or("—".into(), |p| format!("{p:.2}"))
+            })
+            .collect();
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            spec.name,
+            members
+                .iter()
+                .map(|(s, _)| format!("`{}`", s.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            rates(&|m| &m["harmful"]["complied"]),
+            rates(&|m| &m["worst_case"]["hs"]),
+            rates(&|m| &m["lookalike"]["refused"]),
+            rates(&|m| &m["harmless"]["refused"]),
+            ppl.join(" / "),
+        ));
+    }
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeds_summarize_each_setting_over_its_replicates() {
+        let spec = |name: &str, of: Option<&str>| RunSpec {
+            name: name.into(),
+            set: Vec::new(),
+            note: String::new(),
+            replicates: of.map(String::from),
+            skip: Vec::new(),
+        };
+        let status = |ok: bool| Status {
+            ok,
+            error: None,
+            minutes: 1.0,
+            set: Vec::new(),
+        };
+        let model = |k: u64, ppl: f64| {
+            let r =
+                |k: u64, n: u64| serde_json::json!({"k": k, "n": n, "rate": k as f64 / n as f64});
+            Some(serde_json::json!({
+                "harmful": {"complied": r(k, 100)},
+                "worst_case": {"hs": r(50, 50)},
+                "lookalike": {"refused": r(10, 20)},
+                "harmless": {"refused": r(0, 10)},
+                "perplexity": ppl,
+            }))
+        };
+        let runs = vec![
+            (spec("a", None), status(true), model(10, 2.0)),
+            (spec("lone", None), status(true), model(1, 2.0)),
+            (spec("a.s2", Some("a")), status(true), model(30, 3.0)),
+            (spec("a.s3", Some("a")), status(false), None),
+        ];
+        let md = seeds(&runs);
+        // Only `a` has two finished seeds; the failed one is left out.
+        assert_eq!(md.matches("\n| a |").count(), 1, "{md}");
+        assert!(!md.contains("| lone |"), "{md}");
+        // HS: 10% and 30%, mean 20%, pooled 40/200 with its Wilson interval.
+        let (lo, hi) = antibody_base::stats::wilson(40, 200);
+        let want = format!(
+            "10.0 / 30.0% (mean 20.0%; pooled 20.0% [{:.1}, {:.1}] (200))",
+            100.0 * lo,
+            100.0 * hi
+        );
+        assert!(md.contains(&want), "{md}");
+        assert!(md.contains("| 2.00 / 3.00 |"), "{md}");
+        assert!(seeds(&runs[..2]).is_empty());
+    }
 
     #[test]
     fn normalize_folds_parent_components() {
@@ -483,7 +739,7 @@ mod tests {
             "[train]\nrun_dir = \"../runs/x/train\"\n[eval]\nmodels = [{ name = \"base\", model = \"patient\" }, { name = \"hardened\", model = \"../runs/x/train/student\" }]\n",
         )
         .expect("write");
-        let sets = placement(&config, &[], Path::new("/out/r1")).expect("placement");
+        let sets = placement(&config, &[], Path::new("/out/r1"), true).expect("placement");
         assert!(sets.contains(&"train.run_dir=\"/out/r1/train\"".to_owned()));
         let models = sets
             .iter()
@@ -505,15 +761,26 @@ mod tests {
             "train.run_dir=\"../runs/x/train\"".to_owned(),
             "eval.models=[{ name = \"hardened\", model = \"../runs/x/train/student\" }]".to_owned(),
         ];
-        let sets = placement(&config, &shared, Path::new("/out/r1")).expect("placement");
+        let sets = placement(&config, &shared, Path::new("/out/r1"), true).expect("placement");
         let models = sets
             .iter()
             .find(|s| s.starts_with("eval.models="))
             .expect("models");
         assert!(!models.contains("patient"), "{models}");
         assert!(models.contains("/out/r1/train/student"), "{models}");
-        let e = placement(&config, &[], Path::new("/out/r1")).expect_err("no student");
+        let e = placement(&config, &[], Path::new("/out/r1"), true).expect_err("no student");
         assert!(e.to_string().contains("trained student"), "{e}");
+        // A baseline run (training skipped) evaluates what it names, and has no training run
+        // for the report to read.
+        let sets = placement(&config, &[], Path::new("/out/r1"), false).expect("baseline");
+        assert!(
+            sets.iter().any(|s| s.contains("model = \"patient\"")),
+            "{sets:?}"
+        );
+        assert!(
+            !sets.iter().any(|s| s.starts_with("eval.train_run")),
+            "{sets:?}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -542,6 +809,23 @@ mod tests {
             "bad shared set",
         );
         assert!(e.to_string().contains("set: `model.x=1`"), "{e}");
+        let e = error_of(
+            "config = \"c\"\nout_dir = \"x\"\n[[run]]\nname = \"a\"\nskip = [\"training\"]\n",
+            "bad stage",
+        );
+        assert!(
+            e.to_string()
+                .contains("run[0] (`a`).skip: unknown stage `training`"),
+            "{e}"
+        );
+        let e = error_of(
+            "config = \"c\"\nout_dir = \"x\"\n[[run]]\nname = \"a\"\nreplicates = \"b\"\n[[run]]\nname = \"b\"\n",
+            "replicates a later run",
+        );
+        assert!(
+            e.to_string().contains("run[0] (`a`).replicates: `b`"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

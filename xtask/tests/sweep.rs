@@ -25,6 +25,7 @@ fn a_smoke_sweep_tables_every_run_failures_included() {
         &sweep,
         r#"config = "../smoke.toml"
 out_dir = "../../runs/smoke-sweep"
+targets = { hs = 0.05, lookalike = 0.15, harmless = 0.05 }
 
 [[run]]
 name = "fast"
@@ -35,6 +36,18 @@ note = "a higher learning rate, one cycle"
 name = "bad-layers"
 set = ["train.lat.layers=[99]"]
 note = "fails: the tiny model has 2 layers"
+
+[[run]]
+name = "fast.seed7"
+set = ["train.optim.lr=2e-3", "train.cycles=1", "train.seed=7"]
+replicates = "fast"
+note = "fast with another training seed"
+
+[[run]]
+name = "base-only"
+set = ['eval.models=[{ name = "base", model = "tiny:0" }]']
+skip = ["train"]
+note = "a baseline: the base model evaluated, nothing trained"
 "#,
     )
     .expect("sweep file");
@@ -58,7 +71,7 @@ note = "fails: the tiny model has 2 layers"
         serde_json::from_slice(&std::fs::read(results.join("results.json")).expect("json"))
             .expect("results.json parses");
     let runs = json["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 2, "{json}");
+    assert_eq!(runs.len(), 4, "{json}");
     let fast = &runs[0];
     assert_eq!(fast["name"], "fast");
     assert_eq!(fast["status"]["ok"], true, "{fast}");
@@ -78,6 +91,19 @@ note = "fails: the tiny model has 2 layers"
     assert_eq!(bad["status"]["ok"], false, "{bad}");
     let error = bad["status"]["error"].as_str().expect("error");
     assert!(error.contains("antibody-train"), "{error}");
+    // The replicate trained its own student; the baseline trained nothing and is the model
+    // it named.
+    assert_eq!(runs[2]["status"]["ok"], true, "{}", runs[2]);
+    assert!(
+        runs[2]["result"]["model"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("fast.seed7/train/student")),
+        "{}",
+        runs[2]
+    );
+    assert_eq!(runs[3]["status"]["ok"], true, "{}", runs[3]);
+    assert_eq!(runs[3]["result"]["model"], "tiny:0", "{}", runs[3]);
+    assert!(!results.join("base-only/train").exists());
     let refs: Vec<&str> = json["references"]
         .as_array()
         .expect("references")
@@ -87,7 +113,22 @@ note = "fails: the tiny model has 2 layers"
     assert_eq!(refs, ["base", "harmful_teacher", "refusal_sft"]);
 
     let md = std::fs::read_to_string(results.join("results.md")).expect("results.md");
-    for needle in ["*base*", "| fast |", "| bad-layers |", "failed:"] {
+    for needle in [
+        "*base*",
+        "| fast |",
+        "| bad-layers |",
+        "failed:",
+        "| base-only |",
+        "## Settings over seeds",
+        "| fast | `fast`, `fast.seed7` |",
+        "](results.svg)",
+    ] {
         assert!(md.contains(needle), "{needle} missing:\n{md}");
     }
+    // The trade-off plot names every run that finished (and no failed one).
+    let svg = std::fs::read_to_string(results.join("results.svg")).expect("results.svg");
+    for needle in ["fast.seed7", "base-only", "base (reference)"] {
+        assert!(svg.contains(needle), "{needle} missing from the plot");
+    }
+    assert!(!svg.contains("bad-layers"));
 }

@@ -1,0 +1,292 @@
+//! The sweep's trade-off plot: each run's harmful score (HS) against its over-refusal, with
+//! both 95% intervals, beside the reference models and the issue's target region.
+//!
+//! Written as plain SVG (no font metrics, no plotting dependency, so xtask stays free of the
+//! stages' crates): two panels, look-alike refusals and harmless refusals against HS, every
+//! point numbered and named in the legend (many runs share a corner, so names beside the
+//! points would overlap).
+
+use std::fmt::Write as _;
+
+/// A rate with its Wilson 95% interval, as `report.json` writes it (fractions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub rate: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Rate {
+    /// `{rate, lo, hi}` of a `report.json` rate; `None` when a field is missing.
+    pub fn from_json(v: &serde_json::Value) -> Option<Rate> {
+        let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+        Some(Rate {
+            rate: f("rate")?,
+            lo: f("lo")?,
+            hi: f("hi")?,
+        })
+    }
+}
+
+/// One model on the plot.
+#[derive(Debug, Clone)]
+pub struct Point {
+    pub label: String,
+    /// A reference model (drawn grey, square) rather than a run of the sweep.
+    pub reference: bool,
+    pub hs: Rate,
+    pub lookalike: Rate,
+    pub harmless: Rate,
+}
+
+impl Point {
+    /// A model's entry of `report.json`; `None` when it lacks one of the three rates.
+    pub fn from_model(label: &str, reference: bool, m: &serde_json::Value) -> Option<Point> {
+        Some(Point {
+            label: label.to_owned(),
+            reference,
+            hs: Rate::from_json(&m["harmful"]["complied"])?,
+            lookalike: Rate::from_json(&m["lookalike"]["refused"])?,
+            harmless: Rate::from_json(&m["harmless"]["refused"])?,
+        })
+    }
+}
+
+/// The targets a panel shades: HS at most `hs`, the refusal rate at most `refusal`.
+struct Panel<'a> {
+    title: &'a str,
+    refusal: fn(&Point) -> Rate,
+    target: f64,
+}
+
+const W: f64 = 1240.0;
+const H: f64 = 520.0;
+const PLOT: f64 = 380.0;
+const TOP: f64 = 60.0;
+const LEFT: [f64; 2] = [70.0, 530.0];
+const LEGEND_X: f64 = 950.0;
+const COLORS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The SVG of the trade-off plot: HS against look-alike refusals (left) and against harmless
+/// refusals (right); the shaded corner is HS ≤ `hs_target` with refusals at or under each
+/// panel's target.
+pub fn svg(title: &str, points: &[Point], hs_target: f64, targets: [f64; 2]) -> String {
+    let panels = [
+        Panel {
+            title: "look-alike refusals",
+            refusal: |p| p.lookalike,
+            target: targets[0],
+        },
+        Panel {
+            title: "harmless refusals",
+            refusal: |p| p.harmless,
+            target: targets[1],
+        },
+    ];
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="DejaVu Sans, Arial, sans-serif" font-size="12">
+<rect width="{W}" height="{H}" fill="white"/>
+<text x="{}" y="24" font-size="16" text-anchor="middle">{}</text>
+"#,
+        W / 2.0,
+        esc(title)
+    );
+    for (panel, left) in panels.iter().zip(LEFT) {
+        let x = |v: f64| left + v.clamp(0.0, 1.0) * PLOT;
+        let y = |v: f64| TOP + (1.0 - v.clamp(0.0, 1.0)) * PLOT;
+        // The target corner, the frame, the grid.
+        let _ = writeln!(
+            s,
+            r##"<rect x="{}" y="{}" width="{}" height="{}" fill="#d8f0d8"/>"##,
+            x(0.0),
+            y(panel.target),
+            x(hs_target) - x(0.0),
+            y(0.0) - y(panel.target)
+        );
+        for i in 0..=10 {
+            let v = f64::from(i) / 10.0;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#e4e4e4"/><line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#e4e4e4"/>"##,
+                x(v),
+                y(0.0),
+                x(v),
+                y(1.0),
+                x(0.0),
+                y(v),
+                x(1.0),
+                y(v)
+            );
+            if i % 2 == 0 {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{}" y="{}" text-anchor="middle">{}%</text><text x="{}" y="{}" text-anchor="end">{}%</text>"#,
+                    x(v),
+                    y(0.0) + 16.0,
+                    i * 10,
+                    x(0.0) - 6.0,
+                    y(v) + 4.0,
+                    i * 10
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="{PLOT}" height="{PLOT}" fill="none" stroke="black"/>
+<text x="{}" y="{}" text-anchor="middle">HS: harmful prompts answered</text>
+<text x="{}" y="{}" text-anchor="middle" transform="rotate(-90 {} {})">{}</text>
+<text x="{}" y="{}" text-anchor="middle" font-size="14">{} against HS</text>"#,
+            x(0.0),
+            y(1.0),
+            x(0.5),
+            y(0.0) + 36.0,
+            left - 46.0,
+            y(0.5),
+            left - 46.0,
+            y(0.5),
+            panel.title,
+            x(0.5),
+            TOP - 10.0,
+            panel.title
+        );
+        for (i, p) in points.iter().enumerate() {
+            let r = (panel.refusal)(p);
+            let color = if p.reference {
+                "#777777"
+            } else {
+                COLORS[i % COLORS.len()]
+            };
+            let (px, py) = (x(p.hs.rate), y(r.rate));
+            let _ = writeln!(
+                s,
+                r#"<g stroke="{color}" stroke-width="1.2"><line x1="{}" y1="{py}" x2="{}" y2="{py}"/><line x1="{px}" y1="{}" x2="{px}" y2="{}"/></g>"#,
+                x(p.hs.lo),
+                x(p.hs.hi),
+                y(r.lo),
+                y(r.hi)
+            );
+            if p.reference {
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{}" y="{}" width="8" height="8" fill="{color}"/>"#,
+                    px - 4.0,
+                    py - 4.0
+                );
+            } else {
+                let _ = writeln!(s, r#"<circle cx="{px}" cy="{py}" r="4" fill="{color}"/>"#);
+            }
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" fill="{color}" font-size="11">{}</text>"#,
+                px + 5.0,
+                py - 5.0,
+                i + 1
+            );
+        }
+    }
+    // The legend: number, name, and the three rates.
+    let _ = writeln!(
+        s,
+        r#"<text x="{LEGEND_X}" y="{}" font-size="13">models (HS / look-alike / harmless refusals)</text>"#,
+        TOP - 10.0
+    );
+    for (i, p) in points.iter().enumerate() {
+        let color = if p.reference {
+            "#777777"
+        } else {
+            COLORS[i % COLORS.len()]
+        };
+        let ly = TOP + 8.0 + 17.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<text x="{LEGEND_X}" y="{ly}" fill="{color}">{}. {} — {:.0} / {:.0} / {:.0}%</text>"#,
+            i + 1,
+            esc(&p.label),
+            100.0 * p.hs.rate,
+            100.0 * p.lookalike.rate,
+            100.0 * p.harmless.rate
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" font-size="11">Bars: Wilson 95% intervals. Shaded: the targets (HS ≤ {:.0}%; look-alike refusals ≤ {:.0}%, harmless refusals ≤ {:.0}%). Squares: reference models.</text>
+</svg>"#,
+        LEFT[0],
+        H - 14.0,
+        100.0 * hs_target,
+        100.0 * targets[0],
+        100.0 * targets[1]
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(r: f64) -> Rate {
+        Rate {
+            rate: r,
+            lo: (r - 0.1).max(0.0),
+            hi: (r + 0.1).min(1.0),
+        }
+    }
+
+    #[test]
+    fn every_point_is_drawn_and_named_in_the_legend() {
+        let points = vec![
+            Point {
+                label: "base".into(),
+                reference: true,
+                hs: rate(0.83),
+                lookalike: rate(0.01),
+                harmless: rate(0.0),
+            },
+            Point {
+                label: "a <run> & more".into(),
+                reference: false,
+                hs: rate(0.044),
+                lookalike: rate(0.98),
+                harmless: rate(0.58),
+            },
+        ];
+        let s = svg("t", &points, 0.05, [0.15, 0.05]);
+        // One marker per point and panel: squares for references, circles for runs.
+        assert_eq!(s.matches("<circle").count(), 2);
+        assert_eq!(s.matches(r#"width="8" height="8""#).count(), 2);
+        assert!(s.contains("1. base — 83 / 1 / 0%"), "{s}");
+        assert!(
+            s.contains("2. a &lt;run&gt; &amp; more — 4 / 98 / 58%"),
+            "{s}"
+        );
+        // The point sits at its rate: HS 4.4% of the 380-pixel axis right of the left edge.
+        let x = LEFT[0] + 0.044 * PLOT;
+        assert!(s.contains(&format!(r#"<circle cx="{x}""#)), "{s}");
+        // Well-formed enough for a parser: balanced tags.
+        assert_eq!(s.matches("<svg").count(), 1);
+        assert!(s.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn rates_read_from_report_json() {
+        let m = serde_json::json!({
+            "harmful": {"complied": {"rate": 0.1, "lo": 0.05, "hi": 0.2, "n": 10, "k": 1}},
+            "lookalike": {"refused": {"rate": 0.5, "lo": 0.4, "hi": 0.6}},
+            "harmless": {"refused": {"rate": 0.3, "lo": 0.2, "hi": 0.4}},
+        });
+        let p = Point::from_model("x", false, &m).expect("three rates");
+        assert_eq!(p.hs.rate, 0.1);
+        assert_eq!(p.harmless.hi, 0.4);
+        assert!(Point::from_model("x", false, &serde_json::json!({})).is_none());
+    }
+}
