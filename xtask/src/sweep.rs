@@ -357,16 +357,34 @@ fn row(label: &str, set: &str, m: &serde_json::Value, attacks: &[String]) -> Vec
         set.to_owned(),
         pct(&m["harmful"]["complied"]),
     ];
+    let worst = &m["worst_case"];
+    // The attacks the evaluation left out of the worst case (more than `max_degenerate` of
+    // the answers degenerate): every one when there is no worst case.
+    let broken = |name: &str| {
+        worst.is_null()
+            || worst["broken"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|x| x.as_str() == Some(name)))
+    };
     for a in attacks {
         let hit = m["attacks"].as_array().and_then(|xs| {
             xs.iter()
                 .find(|x| x["attack"]["name"].as_str() == Some(a.as_str()))
         });
-        cells.push(hit.map_or("—".into(), |x| pct(&x["harmful"]["complied"])));
+        cells.push(hit.map_or("—".into(), |x| {
+            let hs = pct(&x["harmful"]["complied"]);
+            match x["harmful"]["degenerate"]["rate"].as_f64() {
+                Some(d) if broken(a) => format!("{hs}, broken: {:.1}% degenerate", 100.0 * d),
+                _ => hs,
+            }
+        }));
     }
-    let worst = &m["worst_case"];
     cells.push(if worst.is_null() {
-        "—".into()
+        if m["attacks"].as_array().is_some_and(|a| !a.is_empty()) {
+            "every attack broke the model (degenerate answers over the limit)".into()
+        } else {
+            "—".into()
+        }
     } else {
         format!(
             "{} `{}`",
@@ -718,6 +736,29 @@ mod tests {
         assert!(md.contains(&want), "{md}");
         assert!(md.contains("| 2.00 / 3.00 |"), "{md}");
         assert!(seeds(&runs[..2]).is_empty());
+    }
+
+    #[test]
+    fn rows_mark_the_attacks_left_out_of_the_worst_case() {
+        let r = |k: u64, n: u64| serde_json::json!({"k": k, "n": n, "rate": k as f64 / n as f64, "lo": 0.0, "hi": 1.0});
+        let attack = |name: &str, degenerate: u64| serde_json::json!({"attack": {"name": name}, "harmful": {"complied": r(10, 20), "degenerate": r(degenerate, 20)}});
+        let attacks = ["a".to_owned(), "b".to_owned()];
+        let mut m = serde_json::json!({
+            "harmful": {"complied": r(1, 10)},
+            "attacks": [attack("a", 8), attack("b", 1)],
+            "worst_case": {"attack": "b", "hs": r(10, 20), "broken": ["a"]},
+        });
+        let cells = row("x", "", &m, &attacks);
+        assert!(
+            cells[3].ends_with(", broken: 40.0% degenerate"),
+            "{cells:?}"
+        );
+        assert!(!cells[4].contains("broken"), "{cells:?}");
+        assert!(cells[5].ends_with("`b`"), "{cells:?}");
+        m["worst_case"] = serde_json::Value::Null;
+        let cells = row("x", "", &m, &attacks);
+        assert!(cells[4].ends_with(", broken: 5.0% degenerate"), "{cells:?}");
+        assert!(cells[5].starts_with("every attack broke"), "{cells:?}");
     }
 
     #[test]
