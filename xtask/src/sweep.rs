@@ -352,10 +352,19 @@ fn pct(v: &serde_json::Value) -> String {
 
 /// One row of the table from a model's entry in `report.json`.
 fn row(label: &str, set: &str, m: &serde_json::Value, attacks: &[String]) -> Vec<String> {
+    let by_source = m["harmful"]["by_source"]
+        .as_object()
+        .map_or("—".into(), |o| {
+            o.iter()
+                .map(|(source, rate)| format!("{source} {}", pct(rate)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
     let mut cells = vec![
         label.to_owned(),
         set.to_owned(),
         pct(&m["harmful"]["complied"]),
+        by_source,
     ];
     let worst = &m["worst_case"];
     // The attacks the evaluation left out of the worst case (more than `max_degenerate` of
@@ -475,7 +484,12 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
         }
     }
 
-    let mut header = vec!["run".to_owned(), "overrides".to_owned(), "HS".to_owned()];
+    let mut header = vec![
+        "run".to_owned(),
+        "overrides".to_owned(),
+        "HS".to_owned(),
+        "HS by source".to_owned(),
+    ];
     header.extend(attacks.iter().map(|a| format!("HS after `{a}`")));
     header.extend(
         [
@@ -750,15 +764,23 @@ mod tests {
         });
         let cells = row("x", "", &m, &attacks);
         assert!(
-            cells[3].ends_with(", broken: 40.0% degenerate"),
+            cells[4].ends_with(", broken: 40.0% degenerate"),
             "{cells:?}"
         );
-        assert!(!cells[4].contains("broken"), "{cells:?}");
-        assert!(cells[5].ends_with("`b`"), "{cells:?}");
+        assert!(!cells[5].contains("broken"), "{cells:?}");
+        assert!(cells[6].ends_with("`b`"), "{cells:?}");
+        assert_eq!(cells[3], "—", "no sources: {cells:?}");
         m["worst_case"] = serde_json::Value::Null;
         let cells = row("x", "", &m, &attacks);
-        assert!(cells[4].ends_with(", broken: 5.0% degenerate"), "{cells:?}");
-        assert!(cells[5].starts_with("every attack broke"), "{cells:?}");
+        assert!(cells[5].ends_with(", broken: 5.0% degenerate"), "{cells:?}");
+        assert!(cells[6].starts_with("every attack broke"), "{cells:?}");
+        m["harmful"]["by_source"] =
+            serde_json::json!({"harmbench": r(1, 4), "strongreject": r(0, 6)});
+        let cells = row("x", "", &m, &attacks);
+        assert_eq!(
+            cells[3],
+            "harmbench 25.0% [0.0, 100.0] (4); strongreject 0.0% [0.0, 100.0] (6)"
+        );
     }
 
     #[test]
