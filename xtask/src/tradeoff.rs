@@ -59,7 +59,8 @@ struct Panel<'a> {
     target: f64,
 }
 
-const W: f64 = 1240.0;
+const W: f64 = 1400.0;
+/// The least height: the panels and their captions; a long legend makes the plot taller.
 const H: f64 = 520.0;
 const PLOT: f64 = 380.0;
 const TOP: f64 = 60.0;
@@ -91,11 +92,13 @@ pub fn svg(title: &str, points: &[Point], hs_target: f64, targets: [f64; 2]) -> 
             target: targets[1],
         },
     ];
+    // Room for every legend line above the caption.
+    let h = H.max(TOP + 17.0 * points.len() as f64 + 60.0);
     let mut s = String::new();
     let _ = write!(
         s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="DejaVu Sans, Arial, sans-serif" font-size="12">
-<rect width="{W}" height="{H}" fill="white"/>
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="DejaVu Sans, Arial, sans-serif" font-size="12">
+<rect width="{W}" height="{h}" fill="white"/>
 <text x="{}" y="24" font-size="16" text-anchor="middle">{}</text>
 "#,
         W / 2.0,
@@ -222,7 +225,7 @@ pub fn svg(title: &str, points: &[Point], hs_target: f64, targets: [f64; 2]) -> 
         r#"<text x="{}" y="{}" font-size="11">Bars: Wilson 95% intervals. Shaded: the targets (HS ≤ {:.0}%; look-alike refusals ≤ {:.0}%, harmless refusals ≤ {:.0}%). Squares: reference models.</text>
 </svg>"#,
         LEFT[0],
-        H - 14.0,
+        h - 14.0,
         100.0 * hs_target,
         100.0 * targets[0],
         100.0 * targets[1]
