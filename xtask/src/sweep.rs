@@ -233,15 +233,14 @@ fn placement(
         );
     }
     let q = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
-    let mut sets = vec![
+    // The run's own training directory, also for a baseline that trains nothing: its report
+    // then has no training plot instead of the configuration's run's.
+    Ok(vec![
         format!("train.run_dir={}", q(&train)),
         format!("eval.out_dir={}", q(&run_dir.join("eval"))),
+        format!("eval.train_run={}", q(&train)),
         format!("eval.models=[{}]", list.join(", ")),
-    ];
-    if trains {
-        sets.push(format!("eval.train_run={}", q(&train)));
-    }
-    Ok(sets)
+    ])
 }
 
 /// `a/b/../c` → `a/c` (lexically; the paths may not exist yet).
@@ -833,15 +832,15 @@ mod tests {
         assert!(models.contains("/out/r1/train/student"), "{models}");
         let e = placement(&config, &[], Path::new("/out/r1"), true).expect_err("no student");
         assert!(e.to_string().contains("trained student"), "{e}");
-        // A baseline run (training skipped) evaluates what it names, and has no training run
-        // for the report to read.
+        // A baseline run (training skipped) evaluates what it names; its report reads its own
+        // (absent) training directory, not the configuration's run.
         let sets = placement(&config, &[], Path::new("/out/r1"), false).expect("baseline");
         assert!(
             sets.iter().any(|s| s.contains("model = \"patient\"")),
             "{sets:?}"
         );
         assert!(
-            !sets.iter().any(|s| s.starts_with("eval.train_run")),
+            sets.contains(&"eval.train_run=\"/out/r1/train\"".to_owned()),
             "{sets:?}"
         );
         std::fs::remove_dir_all(&dir).ok();
