@@ -66,8 +66,9 @@ const PLOT: f64 = 380.0;
 const TOP: f64 = 60.0;
 const LEFT: [f64; 2] = [70.0, 530.0];
 const LEGEND_X: f64 = 950.0;
-const COLORS: [&str; 8] = [
+const COLORS: [&str; 12] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+    "#bcbd22", "#393b79", "#637939", "#843c39",
 ];
 
 fn esc(s: &str) -> String {
