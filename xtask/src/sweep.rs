@@ -623,33 +623,26 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
 /// `Σk/Σn` with its Wilson interval (which counts seed × prompt pairs as independent, so it
 /// is narrower than the spread over seeds can justify: read it with the range).
 fn over_seeds(rates: &[&serde_json::Value]) -> String {
-    let got: Vec<(f64, usize, usize)> = rates
+    use antibody_base::stats::Rate;
+    let got: Vec<Rate> = rates
         .iter()
-        .filter_map(|v| {
-            Some((
-                v["rate"].as_f64()?,
-                usize::try_from(v["k"].as_u64()?).ok()?,
-                usize::try_from(v["n"].as_u64()?).ok()?,
-            ))
-        })
+        .filter_map(|v| serde_json::from_value((*v).clone()).ok())
         .collect();
     if got.len() < rates.len() || got.is_empty() {
         return "—".into();
     }
     let each: Vec<String> = got
         .iter()
-        .map(|(r, ..)| format!("{:.1}", 100.0 * r))
+        .map(|r| format!("{:.1}", 100.0 * r.rate))
         .collect();
-    let mean = got.iter().map(|(r, ..)| r).sum::<f64>() / got.len() as f64;
-    let (k, n) = got.iter().fold((0, 0), |(k, n), (_, a, b)| (k + a, n + b));
-    let (lo, hi) = antibody_base::stats::wilson(k, n);
+    let mean = got.iter().map(|r| r.rate).sum::<f64>() / got.len() as f64;
+    let pooled = Rate::new(got.iter().map(|r| r.k).sum(), got.iter().map(|r| r.n).sum());
     format!(
-        "{}% (mean {:.1}%; pooled {:.1}% [{:.1}, {:.1}] ({n}))",
+        "{}% (mean {:.1}%; pooled {} ({}))",
         each.join(" / "),
         100.0 * mean,
-        100.0 * k as f64 / n as f64,
-        100.0 * lo,
-        100.0 * hi
+        pooled.interval_percent(),
+        pooled.n
     )
 }
 
@@ -719,8 +712,10 @@ mod tests {
             set: Vec::new(),
         };
         let model = |k: u64, ppl: f64| {
-            let r =
-                |k: u64, n: u64| serde_json::json!({"k": k, "n": n, "rate": k as f64 / n as f64});
+            let r = |k: u64, n: u64| {
+                serde_json::to_value(antibody_base::stats::Rate::new(k as usize, n as usize))
+                    .expect("rate")
+            };
             Some(serde_json::json!({
                 "harmful": {"complied": r(k, 100)},
                 "worst_case": {"hs": r(50, 50)},

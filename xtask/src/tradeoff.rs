@@ -8,25 +8,7 @@
 
 use std::fmt::Write as _;
 
-/// A rate with its Wilson 95% interval, as `report.json` writes it (fractions).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    pub rate: f64,
-    pub lo: f64,
-    pub hi: f64,
-}
-
-impl Rate {
-    /// `{rate, lo, hi}` of a `report.json` rate; `None` when a field is missing.
-    pub fn from_json(v: &serde_json::Value) -> Option<Rate> {
-        let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
-        Some(Rate {
-            rate: f("rate")?,
-            lo: f("lo")?,
-            hi: f("hi")?,
-        })
-    }
-}
+use antibody_base::stats::Rate;
 
 /// One model on the plot.
 #[derive(Debug, Clone)]
@@ -42,12 +24,13 @@ pub struct Point {
 impl Point {
     /// A model's entry of `report.json`; `None` when it lacks one of the three rates.
     pub fn from_model(label: &str, reference: bool, m: &serde_json::Value) -> Option<Point> {
+        let rate = |v: &serde_json::Value| serde_json::from_value::<Rate>(v.clone()).ok();
         Some(Point {
             label: label.to_owned(),
             reference,
-            hs: Rate::from_json(&m["harmful"]["complied"])?,
-            lookalike: Rate::from_json(&m["lookalike"]["refused"])?,
-            harmless: Rate::from_json(&m["harmless"]["refused"])?,
+            hs: rate(&m["harmful"]["complied"])?,
+            lookalike: rate(&m["lookalike"]["refused"])?,
+            harmless: rate(&m["harmless"]["refused"])?,
         })
     }
 }
@@ -240,6 +223,8 @@ mod tests {
 
     fn rate(r: f64) -> Rate {
         Rate {
+            k: 0,
+            n: 0,
             rate: r,
             lo: (r - 0.1).max(0.0),
             hi: (r + 0.1).min(1.0),
@@ -285,8 +270,8 @@ mod tests {
     fn rates_read_from_report_json() {
         let m = serde_json::json!({
             "harmful": {"complied": {"rate": 0.1, "lo": 0.05, "hi": 0.2, "n": 10, "k": 1}},
-            "lookalike": {"refused": {"rate": 0.5, "lo": 0.4, "hi": 0.6}},
-            "harmless": {"refused": {"rate": 0.3, "lo": 0.2, "hi": 0.4}},
+            "lookalike": {"refused": {"rate": 0.5, "lo": 0.4, "hi": 0.6, "n": 10, "k": 5}},
+            "harmless": {"refused": {"rate": 0.3, "lo": 0.2, "hi": 0.4, "n": 10, "k": 3}},
         });
         let p = Point::from_model("x", false, &m).expect("three rates");
         assert_eq!(p.hs.rate, 0.1);
