@@ -7,14 +7,14 @@
 #      (logits, sites, dCE/ddelta), the fused losses, LAT, the canaries and the method's
 #      trajectory, against the same fixtures and tolerances as on the CPU;
 #   2. the method's harmful and harmless steps (`antibody-train bench`, random weights of
-#      SmolLM2-135M's architecture) at fp32 × batch 8/32 × seq 256, one untimed warm-up step
-#      each (the first use of a kernel shape compiles and autotunes), beside the PyTorch peer
-#      (bench/method_peer.py at fp32 and bf16) where python3 has torch with CUDA;
+#      SmolLM2-135M's architecture) at fp32 and bf16 (`--dtype bf16`: mixed precision, f32
+#      master weights) × batch 8/32 × seq 256, one untimed warm-up step each (the first use of
+#      a kernel shape compiles and autotunes), beside the PyTorch peer (bench/method_peer.py at
+#      fp32 and bf16) where python3 has torch with CUDA;
 #   3. one table of everything, also written to $OUT/gpu_check.md when $OUT is set.
 #
-# bf16 rows of antibody are not run: antibody has no `--dtype` yet (issue 21); the peer's bf16
-# rows are the reference the H200's earlier measurement gave (44.1k / 56.6k tok/s, 27 GiB at
-# batch 32 × 256).
+# The peer's bf16 rows on the H200, measured earlier: 44.1k / 56.6k tok/s, 27 GiB at batch
+# 32 × 256.
 #
 # Usage: bash bench/gpu_check.sh [BINARIES_DIR]     (default .device/gpu-check)
 #        GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh  (no GPU: checks the layout, runs nothing)
@@ -90,10 +90,12 @@ fi
 bench=()
 for b in 8 32; do
   for phase in harmful harmless; do
-    LAST_OUT=""
-    run "antibody $phase fp32 ${b}×256" timeout 240 "$dir/antibody-train" bench --phase "$phase" \
-      --batch "$b" --seq 256 --steps "$steps" --warmup 1 --device cuda
-    bench+=("antibody|$phase|fp32|$b|$(echo "$LAST_OUT" | grep '^{' | tail -1)")
+    for dtype in fp32 bf16; do
+      LAST_OUT=""
+      run "antibody $phase $dtype ${b}×256" timeout 240 "$dir/antibody-train" bench --phase "$phase" \
+        --batch "$b" --seq 256 --steps "$steps" --warmup 1 --device cuda --dtype "$dtype"
+      bench+=("antibody|$phase|$dtype|$b|$(echo "$LAST_OUT" | grep '^{' | tail -1)")
+    done
     if [[ $peer == 1 ]]; then
       for dtype in fp32 bf16; do
         LAST_OUT=""

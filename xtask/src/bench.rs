@@ -465,6 +465,7 @@ fn default_data() -> anyhow::Result<PathBuf> {
             config: config.to_path_buf(),
             overrides: Vec::new(),
             device: "cpu".into(),
+            dtype: "f32".into(),
             stage: Some(stage.into()),
             skip: Vec::new(),
             resume: None,

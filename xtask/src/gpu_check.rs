@@ -32,6 +32,7 @@ pub struct Args {
 /// The backend-generic test targets built for CUDA: `(package, test target)`.
 pub const CUDA_TESTS: &[(&str, &str)] = &[
     ("antibody-model", "tiny_reference"),
+    ("antibody-model", "half"),
     ("antibody-losses", "fused_sequence"),
     ("antibody-lat", "tiny_reference"),
     ("antibody-canary", "reference"),

@@ -46,6 +46,10 @@ pub struct Args {
     /// or `--features wgpu`).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// Compute dtype for every stage: f32, f16 or bf16 (mixed precision; each stage refuses
+    /// a dtype its device lacks, naming the device).
+    #[arg(long, default_value = "f32")]
+    pub(crate) dtype: String,
     /// Run only this stage (fetch, data, teachers, train, eval).
     #[arg(long)]
     pub(crate) stage: Option<String>,
@@ -89,6 +93,8 @@ struct Pipeline {
     table: toml::Table,
     bin: PathBuf,
     device: String,
+    /// `--dtype`, passed to every stage that loads a model.
+    dtype: String,
     overrides: Vec<String>,
     /// `--resume DIR`: the training run to continue instead of the configured one.
     resume: Option<PathBuf>,
@@ -230,6 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "total_s": total,
         "stages": timings.iter().map(|(s, t)| serde_json::json!({"stage": s, "seconds": t})).collect::<Vec<_>>(),
         "device": p.device,
+        "dtype": p.dtype,
         "overrides": p.overrides,
     });
     let path = p.dir.join("timings.json");
@@ -324,6 +331,7 @@ impl Pipeline {
             table,
             bin: target.join("release"),
             device: args.device.clone(),
+            dtype: args.dtype.clone(),
             overrides: args.overrides.clone(),
             resume: args.resume.clone(),
         };
@@ -336,6 +344,16 @@ impl Pipeline {
         p.dir = stamps_beside(&p, "train", "run_dir")?;
         p.shared = stamps_beside(&p, "data", "out_dir")?;
         Ok(p)
+    }
+
+    /// The dtype's part of a stage's inputs, appended to its digest: empty for f32, so
+    /// stamps written before `--dtype` existed stay current.
+    fn dtype_part(&self) -> String {
+        if self.dtype == "f32" {
+            String::new()
+        } else {
+            format!("+{}", self.dtype)
+        }
     }
 
     fn config_arg(&self) -> String {
@@ -357,6 +375,8 @@ impl Pipeline {
                     "--replace".into(),
                     "--device".into(),
                     self.device.clone(),
+                    "--dtype".into(),
+                    self.dtype.clone(),
                 ],
                 self.sets("data"),
             ]
@@ -382,7 +402,7 @@ impl Pipeline {
             &self.key("train", "student")?,
             &self.key("train", "harmful_teacher")?,
             &data_hash(&self.data_dir()?)?,
-        ]);
+        ]) + &self.dtype_part();
         let made = |steps: &str, model: Option<PathBuf>| -> bool {
             let zero = self
                 .table
@@ -404,6 +424,7 @@ impl Pipeline {
         a.extend(self.sets("teacher"));
         a.extend(self.full_sets(&["train", "data"]));
         a.extend(["--device".into(), self.device.clone()]);
+        a.extend(["--dtype".into(), self.dtype.clone()]);
         self.run("antibody-teacher", &a)?;
         self.finish("teachers", &inputs)
     }
@@ -415,7 +436,7 @@ impl Pipeline {
             &self.section("train"),
             &teachers,
             &data_hash(&self.data_dir()?)?,
-        ]);
+        ]) + &self.dtype_part();
         let run_dir = match &self.resume {
             Some(dir) => self.resolve(&dir.display().to_string()),
             None => self.resolve(&self.key("train", "run_dir")?),
@@ -429,6 +450,7 @@ impl Pipeline {
         a.extend(["--run-dir".into(), run_dir.display().to_string()]);
         a.extend(["--data".into(), self.data_dir()?.display().to_string()]);
         a.extend(["--device".into(), self.device.clone()]);
+        a.extend(["--dtype".into(), self.dtype.clone()]);
         // Continue an interrupted run; a run started on other inputs (teachers, data,
         // configuration) starts afresh.
         let started = std::fs::read_to_string(self.stamp_path("train-started")).ok();
@@ -450,6 +472,7 @@ impl Pipeline {
         a.extend(self.sets("eval"));
         a.extend(["--data".into(), self.data_dir()?.display().to_string()]);
         a.extend(["--device".into(), self.device.clone()]);
+        a.extend(["--dtype".into(), self.dtype.clone()]);
         self.run("antibody-eval", &a)
     }
 

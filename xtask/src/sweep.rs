@@ -41,6 +41,9 @@ pub struct Args {
     /// Device for every stage: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute dtype for every stage of every run: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Rewrite the results table from the finished runs; run nothing.
     #[arg(long)]
     table_only: bool,
@@ -294,6 +297,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 config: config.clone(),
                 overrides,
                 device: args.device.clone(),
+                dtype: args.dtype.clone(),
                 stage: None,
                 skip: r.skip.clone(),
                 resume: None,

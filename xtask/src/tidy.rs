@@ -401,3 +401,46 @@ fn the_training_path_reads_the_device_only_through_the_counter() {
         offenders.join("\n  ")
     );
 }
+
+/// The process-wide compute dtype (`DTypeSpec::use_for_process`, like `torch.autocast`) is
+/// chosen only by a binary's `main`, from its `--dtype`: a library that set it would change
+/// every other model of the process, and a test that set it would change the tests running
+/// beside it in the same process (they use `Llama::with_compute_dtype`).
+#[test]
+fn only_binaries_choose_the_process_compute_dtype() {
+    let root = crate::project_root();
+    let mut files = sources();
+    for dir in std::fs::read_dir(root.join("crates")).expect("crates") {
+        let tests = dir.expect("entry").path().join("tests");
+        if tests.is_dir() {
+            let mut found = Vec::new();
+            rust_files(&tests, &mut found).expect("tests");
+            for f in found {
+                let text = std::fs::read_to_string(&f).expect("read");
+                let rel = f.strip_prefix(&root).unwrap_or(&f).display().to_string();
+                files.push((rel, text));
+            }
+        }
+    }
+    let mut binaries = 0;
+    let mut offenders = Vec::new();
+    for (file, text) in &files {
+        if !text.contains(".use_for_process::<") || file.ends_with("tidy.rs") {
+            continue;
+        }
+        if file.ends_with("src/main.rs") || file.contains("/src/bin/") {
+            binaries += 1;
+        } else {
+            offenders.push(file.clone());
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "the process compute dtype set outside a binary's main:\n  {}",
+        offenders.join("\n  ")
+    );
+    assert!(
+        binaries >= 7,
+        "every stage binary takes --dtype ({binaries} found)"
+    );
+}

@@ -88,6 +88,49 @@ fn the_smoke_pipeline_runs_on_wgpu() {
     check_smoke_run(dir.path());
 }
 
+/// The smoke pipeline in mixed precision on wgpu (`--dtype f16`: every stage's models
+/// compute in f16, the weights and optimizer state stay f32): the same sane report, and the
+/// run records its dtype. bf16, which lavapipe lacks, is refused by the first stage that loads
+/// a model, naming the device, without a panic (on a GPU that has it, it runs).
+#[cfg(feature = "wgpu")]
+#[test]
+fn the_smoke_pipeline_runs_on_wgpu_in_f16_and_bf16_is_refused_where_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = smoke_project(dir.path());
+    let out = pipeline_command(&config)
+        .args(["--device", "wgpu", "--dtype", "f16"])
+        .output()
+        .expect("spawn xtask");
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the f16 smoke pipeline on wgpu failed:\n{log}"
+    );
+    check_smoke_run(dir.path());
+    let env: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("runs/smoke/train/env.json")).expect("env.json"),
+    )
+    .expect("env.json parses");
+    assert_eq!(env["dtype"], "f16", "{env}");
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let config = smoke_project(other.path());
+    let out = pipeline_command(&config)
+        .args(["--device", "wgpu", "--dtype", "bf16"])
+        .output()
+        .expect("spawn xtask");
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("panicked"), "bf16 on wgpu panicked:\n{log}");
+    if !out.status.success() {
+        assert!(
+            log.contains("cannot compute in BF16"),
+            "bf16 refused without naming why:\n{log}"
+        );
+    }
+}
+
 /// The report, plots, training outputs and stage timings of a finished smoke run in `dir`.
 fn check_smoke_run(dir: &Path) {
     let eval = dir.join("runs/smoke/eval");

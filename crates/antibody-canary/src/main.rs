@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use antibody_canary::{drift, mean_activations, monitored_sites, report, select};
 use antibody_model::{
-    ChatMessage, DeviceSpec, ModelSpec, ModelSpecExt as _, TokenBatch, with_backend,
+    ChatMessage, DTypeSpec, DeviceSpec, ModelSpec, ModelSpecExt as _, TokenBatch, with_backend,
 };
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -45,6 +45,10 @@ enum Command {
         /// Device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+        /// and loss reductions stay f32; an error where the device lacks it).
+        #[arg(long, default_value = "f32")]
+        dtype: DTypeSpec,
     },
 }
 
@@ -109,6 +113,7 @@ fn main() -> Result<()> {
         batch_size,
         out,
         device,
+        dtype,
     } = Cli::parse().command;
     if !(0.0..=1.0).contains(&q) {
         bail!("--q must be in [0, 1], got {q}");
@@ -120,6 +125,7 @@ fn main() -> Result<()> {
     let before: ModelSpec = before.parse()?;
     let after: ModelSpec = after.parse()?;
     let (pre, post) = with_backend!(device, |B, dev| {
+        dtype.use_for_process::<B>(&dev)?;
         let run = |spec: &ModelSpec| -> Result<antibody_canary::Activations> {
             let loaded = spec
                 .load::<B>(&dev)

@@ -122,13 +122,14 @@ fn inputs_hash(
     sources: &[SourceRecord],
     models: &BTreeMap<String, ModelRecord>,
 ) -> String {
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "format": Manifest::FORMAT,
         "config": config_hash,
         "sources": sources.iter().map(|s| (&s.name, &s.sha256)).collect::<Vec<_>>(),
         "models": models,
     });
+    with_dtype(&mut json);
     hex(&Sha256::digest(json.to_string().as_bytes()))
 }
 
@@ -664,14 +665,26 @@ pub fn check_no_leak(sets: &BTreeMap<SetKind, Vec<Record>>) -> Result<()> {
 
 /// The generation cache key: model, decoding settings and stop tokens.
 fn gen_key(identity: &str, decoding: &GenerationConfig, tok: &Tokenizer) -> Result<String> {
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "model": identity,
         "max_new_tokens": decoding.max_new_tokens,
         "min_new_tokens": decoding.min_new_tokens,
         "sampling": format!("{:?}", decoding.sampling),
         "stop": tok.stop_ids(),
     });
+    with_dtype(&mut json);
     Ok(hex(&Sha256::digest(json.to_string().as_bytes()))[..32].to_owned())
+}
+
+/// Adds the process's compute dtype (`--dtype`) to a hashed record when it is not f32: the
+/// answers depend on it, and builds and caches made before it existed stay current.
+fn with_dtype(json: &mut serde_json::Value) {
+    let dtype = antibody_model::DTypeSpec::process();
+    if dtype != antibody_model::DTypeSpec::F32
+        && let Some(map) = json.as_object_mut()
+    {
+        map.insert("dtype".into(), dtype.to_string().into());
+    }
 }
 
 /// How one set is answered: the generated response (kept only where the judge does not

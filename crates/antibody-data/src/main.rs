@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use antibody_data::{BuildOptions, Config, Dataset, Manifest, Outcome, SetKind};
-use antibody_model::{DeviceSpec, with_backend};
+use antibody_model::{DTypeSpec, DeviceSpec, with_backend};
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
@@ -45,6 +45,10 @@ enum Command {
         /// Device for generation: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+        /// and loss reductions stay f32; an error where the device lacks it).
+        #[arg(long, default_value = "f32")]
+        dtype: DTypeSpec,
     },
     /// Print a build's manifest summary.
     Show {
@@ -155,6 +159,7 @@ fn main() -> Result<()> {
             force,
             replace,
             device,
+            dtype,
         } => {
             let mut config = Config::load(&config, &overrides)?;
             if let Some(out) = out {
@@ -166,6 +171,7 @@ fn main() -> Result<()> {
                 ..BuildOptions::default()
             };
             let outcome: Outcome = with_backend!(device, |B, dev| {
+                dtype.use_for_process::<B>(&dev)?;
                 antibody_data::build::<B>(&config, &options, &dev).map_err(anyhow::Error::from)
             })?;
             if let Outcome::UpToDate(_) = outcome {

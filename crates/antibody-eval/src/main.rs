@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use antibody_eval::answers::{Judges, Scorer, judge_rows, read_answer_rows};
 use antibody_eval::{Eval, evaluate};
 use antibody_judge::{KeywordJudge, Label, ResponseJudge};
-use antibody_model::{DeviceSpec, ModelSpecExt as _, with_backend};
+use antibody_model::{DTypeSpec, DeviceSpec, ModelSpecExt as _, with_backend};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -35,6 +35,10 @@ struct Args {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+    /// and loss reductions stay f32; an error where the device lacks it).
+    #[arg(long, default_value = "f32")]
+    dtype: DTypeSpec,
 }
 
 #[derive(clap::Args)]
@@ -53,6 +57,10 @@ struct JudgeArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+    /// and loss reductions stay f32; an error where the device lacks it).
+    #[arg(long, default_value = "f32")]
+    dtype: DTypeSpec,
     /// Also fit the judge's thresholds to the rows' labels (half the rows) and report the
     /// fitted judge on the other half.
     #[arg(long)]
@@ -92,6 +100,7 @@ fn judge(args: &JudgeArgs) -> Result<()> {
         PathBuf::from(p)
     });
     let (judged, summary) = with_backend!(args.device, |B, device| {
+        args.dtype.use_for_process::<B>(&device)?;
         let scorer = match &eval.scorer {
             Some(spec) => {
                 let loaded = spec.load::<B>(&device)?;
@@ -207,6 +216,7 @@ fn main() -> Result<()> {
                 None => antibody_data::Config::load(&args.cfg.config, &[])?.out_dir,
             };
             let results = with_backend!(args.device, autodiff, |B, device| {
+                args.dtype.use_for_process::<B>(&device)?;
                 Ok::<_, anyhow::Error>(evaluate::<B>(&eval, &data, &device)?)
             })?;
             for r in &results {

@@ -236,7 +236,16 @@ pub fn lora_finetune<B: AutodiffBackend>(
         let (grads, loss) =
             batch_gradients(&adapters, |l| l.merge(&base), &batch, count, config, step)?;
         let lr = config.optim.lr_at(step, config.steps);
-        let (next, grad_norm) = apply_step(adapters, &mut optim, grads, &config.optim, lr, step)?;
+        let loss_scale = config.optim.loss_scale_for(base.compute_dtype);
+        let (next, grad_norm) = apply_step(
+            adapters,
+            &mut optim,
+            grads,
+            &config.optim,
+            lr,
+            step,
+            loss_scale,
+        )?;
         adapters = next;
         on_step(&StepLog {
             step,

@@ -55,6 +55,13 @@ pub struct OptimConfig {
     /// Micro-batches per optimizer step.
     #[serde(default = "one")]
     pub accumulation: usize,
+    /// Static loss scale for a model computing in f16: the loss is multiplied by it before
+    /// the backward pass and the gradients divided by it before clipping, so that small
+    /// gradients of the half-precision branches do not flush to zero. Absent: 1024 for f16,
+    /// 1 otherwise ([`OptimConfig::loss_scale_for`]). A step whose scaled gradients overflow
+    /// is refused with an error that says to lower it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
 }
 
 fn cosine() -> Decay {
@@ -122,7 +129,20 @@ impl OptimConfig {
             eps: eps(),
             max_grad_norm: None,
             accumulation: 1,
+            loss_scale: None,
         }
+    }
+
+    /// The loss scale for a model computing in `dtype`: `loss_scale` when set, else 1024
+    /// for f16 (whose smallest normal is 6·10⁻⁵) and 1 for f32 and bf16 (f32's exponent
+    /// range).
+    pub fn loss_scale_for(&self, dtype: burn::tensor::FloatDType) -> f64 {
+        self.loss_scale
+            .unwrap_or(if dtype == burn::tensor::FloatDType::F16 {
+                1024.0
+            } else {
+                1.0
+            })
     }
 
     /// burn's AdamW with these settings (clipping is done globally by [`clip_global_norm`]).
@@ -204,6 +224,19 @@ pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         .sqrt()
 }
 
+/// `loss · loss_scale`, the loss whose backward pass [`apply_step`] unscales (`loss` itself
+/// at scale 1, adding no node to the graph).
+pub fn scaled<B: burn::tensor::backend::Backend>(
+    loss: Tensor<B, 1>,
+    loss_scale: f64,
+) -> Tensor<B, 1> {
+    if loss_scale == 1.0 {
+        loss
+    } else {
+        loss * loss_scale
+    }
+}
+
 /// Multiplies every gradient by `factor` (e.g. `1/accumulation`).
 pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
@@ -228,9 +261,11 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     norm
 }
 
-/// One optimizer step at learning rate `lr` from the accumulated `grads`: clipping as
-/// `config.max_grad_norm` says, a non-finite norm refused (naming `step`), then the update.
-/// Returns the updated model and the norm before clipping. Every loop's step ends here.
+/// One optimizer step at learning rate `lr` from the accumulated `grads` of a loss that was
+/// multiplied by `loss_scale` ([`OptimConfig::loss_scale_for`]; 1 leaves the gradients as
+/// they are): the gradients divided by it, clipping as `config.max_grad_norm` says, a
+/// non-finite norm refused (naming `step`), then the update. Returns the updated model and
+/// the (unscaled) norm before clipping. Every loop's step ends here.
 pub fn apply_step<B, M, O>(
     model: M,
     optim: &mut O,
@@ -238,20 +273,38 @@ pub fn apply_step<B, M, O>(
     config: &OptimConfig,
     lr: f64,
     step: usize,
+    loss_scale: f64,
 ) -> Result<(M, f64), FinetuneError>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
     O: Optimizer<M, B>,
 {
-    let grad_norm = match config.max_grad_norm {
-        Some(max) => clip_global_norm(&model, &mut grads, max),
-        None => global_norm(&model, &grads),
+    let grad_norm = if loss_scale == 1.0 {
+        match config.max_grad_norm {
+            Some(max) => clip_global_norm(&model, &mut grads, max),
+            None => global_norm(&model, &grads),
+        }
+    } else {
+        // One pass: unscale and clip together.
+        let norm = global_norm(&model, &grads) / loss_scale;
+        let clip = match config.max_grad_norm {
+            Some(max) if norm.is_finite() && norm > max => max / (norm + 1e-6),
+            _ => 1.0,
+        };
+        if norm.is_finite() {
+            scale(&model, &mut grads, clip / loss_scale);
+        }
+        norm
     };
     if !grad_norm.is_finite() {
         return Err(FinetuneError::NonFinite {
             step,
-            term: "grad_norm".into(),
+            term: if loss_scale == 1.0 {
+                "grad_norm".into()
+            } else {
+                format!("grad_norm (under loss scale {loss_scale}: lower optim.loss_scale)")
+            },
             value: grad_norm,
         });
     }

@@ -20,6 +20,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::FinetuneError;
+use crate::optim::scaled;
 use crate::optim::{Adamw, OptimConfig, apply_step};
 
 /// Fine-tuning settings.
@@ -243,6 +244,7 @@ impl<B: AutodiffBackend> SftRun<B> {
                 &config.optim,
                 lr,
                 step,
+                config.optim.loss_scale_for(self.model.compute_dtype),
             )?;
             self.model = model;
             self.state.step += 1;
@@ -307,6 +309,7 @@ where
         let nll =
             token_logprobs(logits, t.targets_tensor(&device)).neg() * t.mask_tensor::<B>(&device);
         let loss = nll.sum() / count;
+        let loss_scale = config.optim.loss_scale_for(model.compute_dtype);
         let value = loss
             .clone()
             .into_data()
@@ -322,7 +325,7 @@ where
         loss_sum += f64::from(value);
         acc.accumulate(
             trainable,
-            GradientsParams::from_grads(loss.backward(), trainable),
+            GradientsParams::from_grads(scaled(loss, loss_scale).backward(), trainable),
         );
     }
     Ok((acc.grads(), loss_sum))

@@ -1,6 +1,7 @@
 //! Losing nothing: an `antibody-finetune sft` child process killed with SIGKILL at a varying
 //! step, then resumed with `--resume`, ends with weights bit-identical to an uninterrupted
-//! run's (tiny model, CPU backend).
+//! run's (tiny model, CPU backend; on a GPU backend, whose autotuned kernels are chosen per
+//! process, identical to rounding).
 
 use std::path::Path;
 use std::process::Command;
@@ -120,11 +121,21 @@ fn sigkill_then_resume_equals_an_uninterrupted_run() {
     let status = train(&data, &killed, true).status().expect("spawn");
     assert!(status.success(), "resumed run failed");
     assert_eq!(steps_logged(&killed), STEPS, "metrics after resume");
-    assert_eq!(
-        weights(&straight),
-        weights(&killed),
-        "killed at step {at_kill} and resumed: weights differ"
-    );
+    let (a, b) = (weights(&straight), weights(&killed));
+    if antibody_testkit::TEST_DEVICE == "cpu" {
+        assert_eq!(a, b, "killed at step {at_kill} and resumed: weights differ");
+    } else {
+        // A GPU backend picks its kernels by timing them (CubeCL's autotune, per process and
+        // per cache) and some candidates sum with atomics, so two processes agree to rounding,
+        // not bit for bit (lavapipe: 1e-7 after 12 steps); what is lost or repeated by a
+        // kill would move the weights by about the learning rate (3e-3) per step.
+        let to_f32 = |v: &[u32]| v.iter().map(|&x| f32::from_bits(x)).collect::<Vec<_>>();
+        let diff = antibody_testkit::max_abs_diff(&to_f32(&a), &to_f32(&b));
+        assert!(
+            diff <= 1e-5,
+            "killed at step {at_kill} and resumed: weights differ by {diff}"
+        );
+    }
 }
 
 /// `antibody-finetune sft` on the smoke data with `args` (steps, lr, ...).

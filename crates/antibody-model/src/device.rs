@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::error::ModelError;
 
@@ -67,6 +68,92 @@ impl fmt::Display for DeviceSpec {
             Self::Wgpu(WgpuKind::Discrete(n)) => write!(f, "wgpu:{n}"),
             Self::Wgpu(WgpuKind::Cpu) => write!(f, "wgpu:cpu"),
         }
+    }
+}
+
+/// A compute dtype named on the command line (`--dtype f32|f16|bf16`): the dtype of
+/// [`crate::Llama::with_compute_dtype`]; the weights, optimizer state and loss reductions
+/// stay f32 whatever it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeSpec {
+    /// Everything in f32 (the default).
+    #[default]
+    F32,
+    /// Projections, attention and MLP in f16.
+    F16,
+    /// Projections, attention and MLP in bf16.
+    Bf16,
+}
+
+/// The process's compute dtype ([`DTypeSpec::use_for_process`]): 0 = f32, 1 = f16, 2 = bf16.
+static PROCESS_DTYPE: AtomicU8 = AtomicU8::new(0);
+
+impl DTypeSpec {
+    /// Makes this the compute dtype of every model the process builds or loads from now on
+    /// (students, teachers, the scorer, attacked copies: [`crate::LlamaConfig::init`] reads
+    /// it), after checking that `device` can store and compute in it: a clear error naming
+    /// the device otherwise (bf16 on lavapipe), never a panic. Like `torch.autocast`, a
+    /// process-wide setting, so no model escapes it; called once, by a binary's `main` after
+    /// parsing `--dtype` (a tidy test keeps it out of the libraries and the tests, which
+    /// use [`crate::Llama::with_compute_dtype`]).
+    pub fn use_for_process<B: burn::tensor::backend::Backend>(
+        self,
+        device: &B::Device,
+    ) -> Result<(), ModelError> {
+        // f32 is every backend's own dtype: nothing to check, and the device is not touched
+        // before the first model is built.
+        if self != Self::F32 {
+            crate::llama::check_compute_dtype::<B>(device, self.float())?;
+        }
+        let code = match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Bf16 => 2,
+        };
+        PROCESS_DTYPE.store(code, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The process's compute dtype (f32 unless a binary chose another).
+    pub fn process() -> Self {
+        match PROCESS_DTYPE.load(Ordering::Relaxed) {
+            1 => Self::F16,
+            2 => Self::Bf16,
+            _ => Self::F32,
+        }
+    }
+
+    /// burn's dtype.
+    pub fn float(self) -> burn::tensor::FloatDType {
+        match self {
+            Self::F32 => burn::tensor::FloatDType::F32,
+            Self::F16 => burn::tensor::FloatDType::F16,
+            Self::Bf16 => burn::tensor::FloatDType::BF16,
+        }
+    }
+}
+
+impl FromStr for DTypeSpec {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" | "fp32" => Ok(Self::F32),
+            "f16" | "fp16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(ModelError::Invalid(format!(
+                "bad dtype `{s}`: expected f32, f16 or bf16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for DTypeSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        })
     }
 }
 

@@ -30,7 +30,7 @@ pub mod tokenizer;
 pub use batch::TokenBatch;
 pub use checkpoint::{Loaded, load, save_hf_dir};
 pub use config::{HfLlamaConfig, LlamaConfig};
-pub use device::DeviceSpec;
+pub use device::{DTypeSpec, DeviceSpec};
 pub use error::{ModelError, Result};
 pub use generate::{Generated, GenerationConfig, Sampling, balanced_batch_size, generate};
 pub use llama::{KvCache, Llama};

@@ -7,7 +7,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData, backend::Backend};
 
 use crate::batch::{TokenBatch, attention_mask, rope_tables};
 use crate::config::LlamaConfig;
@@ -103,6 +103,12 @@ pub struct Llama<B: Backend> {
     /// The architecture.
     #[module(skip)]
     pub config: LlamaConfig,
+    /// The dtype the projections, attention and MLP compute in (mixed precision): the
+    /// weights stay as loaded (f32, the master copy the optimizer updates) and are cast in
+    /// the forward, so their gradients arrive in f32; the residual stream, the norms, the
+    /// softmax and every hooked site stay f32. `F32` (the default) casts nothing.
+    #[module(skip)]
+    pub compute_dtype: FloatDType,
 }
 
 /// Rotary tables and the additive attention mask on the device, shared by all layers of
@@ -115,8 +121,10 @@ struct Context<B: Backend> {
     cos_k: Tensor<B, 4>,
     sin_k: Tensor<B, 4>,
     /// `0` where a query may attend, [`MASKED`] elsewhere:
-    /// `[batch, kv_heads, n_rep·seq, keys]`.
+    /// `[batch, kv_heads, n_rep·seq, keys]` (f32: added to the scores in f32).
     bias: Tensor<B, 4>,
+    /// The compute dtype ([`Llama::compute_dtype`]); the RoPE tables are in it.
+    dtype: FloatDType,
 }
 
 /// Added to the scores of masked keys: `exp` underflows to exactly 0 (every row keeps its
@@ -213,10 +221,11 @@ impl<B: Backend> KvCache<B> {
         let range = [0..b, 0..h, self.len..self.len + t, 0..d];
         let end = self.len + t;
         let put = |slot: &mut Option<Tensor<B, 4>>, x: Tensor<B, 4>| {
-            let updated = slot
-                .take()
-                .expect("cache slot is always refilled")
-                .slice_assign(range.clone(), x);
+            let cached = slot.take().expect("cache slot is always refilled");
+            // The cache is created f32; under a half compute dtype it takes the keys' dtype
+            // at the first store (a no-op when they already agree).
+            let cached = cached.cast(FloatDType::from(x.dtype()));
+            let updated = cached.slice_assign(range.clone(), x);
             *slot = Some(updated.clone());
             updated.slice([0..b, 0..h, 0..end, 0..d])
         };
@@ -260,6 +269,7 @@ impl LlamaConfig {
             },
             lm_head: (!self.tie_word_embeddings).then(|| linear(h, self.vocab_size)),
             config: self.clone(),
+            compute_dtype: crate::DTypeSpec::process().float(),
         }
     }
 }
@@ -276,13 +286,14 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let dt = ctx.dtype;
         // RoPE in the projections' own contiguous [b, t, heads, head_dim] layout (full-shape
         // tables: no broadcasting), then heads to the front for the matmuls.
-        let q = project(&self.q_proj, x.clone()).reshape([b, t, nh, hd]);
+        let q = project(&self.q_proj, x.clone(), dt).reshape([b, t, nh, hd]);
         let q = rotate(q, &ctx.cos_q, &ctx.sin_q).swap_dims(1, 2);
-        let k = project(&self.k_proj, x.clone()).reshape([b, t, nkv, hd]);
+        let k = project(&self.k_proj, x.clone(), dt).reshape([b, t, nkv, hd]);
         let k = rotate(k, &ctx.cos_k, &ctx.sin_k).swap_dims(1, 2);
-        let v = project(&self.v_proj, x)
+        let v = project(&self.v_proj, x, dt)
             .reshape([b, t, nkv, hd])
             .swap_dims(1, 2);
         let (k, v) = match cache {
@@ -294,13 +305,15 @@ impl<B: Backend> Attention<B> {
         // batched matmuls around a softmax: the same ops for inference and autodiff.
         let n_rep = nh / nkv;
         let q = q.reshape([b, nkv, n_rep * t, hd]) * (1.0 / (hd as f64).sqrt());
-        let scores = q.matmul(k.swap_dims(2, 3)) + ctx.bias.clone();
-        let out = softmax(scores, 3).matmul(v);
+        // Scores and softmax in f32 under a half compute dtype (the mask bias is f32, and
+        // -1e9 is not finite in f16); the casts are no-ops in f32.
+        let scores = q.matmul(k.swap_dims(2, 3)).cast(FloatDType::F32) + ctx.bias.clone();
+        let out = softmax(scores, 3).cast(dt).matmul(v);
         let out = out
             .reshape([b, nh, t, hd])
             .swap_dims(1, 2)
             .reshape([b, t, nh * hd]);
-        project(&self.o_proj, out)
+        project(&self.o_proj, out, dt)
     }
 }
 
@@ -308,19 +321,57 @@ impl<B: Backend> Attention<B> {
 /// `[b·t, in]` matrix so the backend runs a single GEMM (burn's rank-3 `linear` runs one
 /// matmul per batch row, which for decoding, `t = 1`, means a GEMV per sequence).
 ///
+/// Under a half compute dtype `dt` the input and the weight are cast to it first (the
+/// weight's cast is in the autodiff graph, so its gradient reaches the f32 weight in f32);
+/// in f32 this is exactly burn's `Linear::forward`.
+///
 /// # Shapes
 /// `[b, t, in] → [b, t, out]`
-fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>, dt: FloatDType) -> Tensor<B, 3> {
     let [b, t, i] = x.dims();
-    let y = linear.forward(x.reshape([b * t, i]));
+    let x = x.reshape([b * t, i]);
+    let y = if dt == FloatDType::F32 {
+        linear.forward(x)
+    } else {
+        x.cast(dt).matmul(linear.weight.val().cast(dt))
+    };
     let o = y.dims()[1];
     y.reshape([b, t, o])
 }
 
+/// `Ok` when `dtype` is a compute dtype (f32, f16, bf16) that `device` can store and compute
+/// in; an error naming the device otherwise (bf16 on a Vulkan device without it).
+pub(crate) fn check_compute_dtype<B: Backend>(device: &B::Device, dtype: FloatDType) -> Result<()> {
+    if !matches!(dtype, FloatDType::F32 | FloatDType::F16 | FloatDType::BF16) {
+        return Err(ModelError::Invalid(format!(
+            "compute dtype {dtype:?}: use f32, f16 or bf16"
+        )));
+    }
+    if !B::supports_dtype(device, dtype.into()) {
+        return Err(ModelError::Invalid(format!(
+            "device {device:?} cannot compute in {dtype:?} (the backend reports no storage and \
+             arithmetic for it); use f32{}",
+            if dtype == FloatDType::BF16 {
+                " or f16"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// `x·sigmoid(x)` written as `x / (1 + e^(−x))`: the same function as burn's `silu`, about
-/// twice as fast on the CPU backend, and differentiable through the same basic ops.
+/// twice as fast on the CPU backend, and differentiable through the same basic ops. In a
+/// half dtype `e^(−x)` overflows for x < −11 (f16) and its backward multiplies 0 by ∞, so
+/// half tensors take burn's `x·sigmoid(x)` (sigmoid is computed in f32 and its backward is
+/// `s·(1 − s)`).
 fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() / (x.neg().exp() + 1.0)
+    if FloatDType::from(x.dtype()) == FloatDType::F32 {
+        x.clone() / (x.neg().exp() + 1.0)
+    } else {
+        burn::tensor::activation::silu(x)
+    }
 }
 
 /// Rotate-half RoPE: `x·cos + rotate_half(x)·sin`, with `rotate_half(x) = [−x₂, x₁]`.
@@ -339,6 +390,16 @@ impl<B: Backend> Llama<B> {
     /// The device the weights live on.
     pub fn device(&self) -> B::Device {
         self.model.embed_tokens.weight.val().device()
+    }
+
+    /// This model computing in `dtype` ([`Llama::compute_dtype`]: the weights stay as they
+    /// are, the projections, attention and MLP run in `dtype`). An error, never a panic,
+    /// when the device cannot store and compute in it (bf16 on a Vulkan device without it)
+    /// or when it is not one of f32, f16 and bf16.
+    pub fn with_compute_dtype(mut self, dtype: FloatDType) -> Result<Self> {
+        check_compute_dtype::<B>(&self.device(), dtype)?;
+        self.compute_dtype = dtype;
+        Ok(self)
     }
 
     fn context(
@@ -363,6 +424,7 @@ impl<B: Backend> Llama<B> {
                 TensorData::new(full, [batch, tq, heads, c.head_dim]),
                 &device,
             )
+            .cast(self.compute_dtype)
         };
         let n_rep = c.num_heads / c.num_kv_heads;
         let keys = key_valid.len() / batch.max(1);
@@ -384,6 +446,7 @@ impl<B: Backend> Llama<B> {
             cos_k: table(&cos, c.num_kv_heads),
             sin_k: table(&sin, c.num_kv_heads),
             bias,
+            dtype: self.compute_dtype,
         }
     }
 
@@ -462,7 +525,7 @@ impl<B: Backend> Llama<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, h] = hidden.dims();
         match &self.lm_head {
-            Some(head) => project(head, hidden),
+            Some(head) => project(head, hidden, FloatDType::F32),
             None => {
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
@@ -492,9 +555,15 @@ impl<B: Backend> Llama<B> {
         sites: &mut std::collections::BTreeMap<Site, Tensor<B, 3>>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
+        let dt = ctx.dtype;
+        let f32 = FloatDType::F32;
+        // The residual stream is f32 whatever the compute dtype; each branch's output is
+        // cast back to f32 before its site (so hooks read and perturb f32 tensors, and LAT's
+        // f32 perturbations get f32 gradients) and before the residual add.
         let mut x = self.model.embed_tokens.forward(ids);
         let at = |kind, layer, t: Tensor<B, 3>, sites: &mut std::collections::BTreeMap<_, _>| {
             let site = Site { layer, kind };
+            let t = t.cast(f32);
             let t = match hooks.perturb.get(&site) {
                 Some(delta) => t + delta.clone(),
                 None => t,
@@ -513,10 +582,10 @@ impl<B: Backend> Llama<B> {
             x = x + attn;
             let normed = layer.post_attention_layernorm.forward(x.clone());
             let mlp = &layer.mlp;
-            let hidden =
-                silu(project(&mlp.gate_proj, normed.clone())) * project(&mlp.up_proj, normed);
+            let hidden = silu(project(&mlp.gate_proj, normed.clone(), dt))
+                * project(&mlp.up_proj, normed, dt);
             let hidden = at(SiteKind::MlpHidden, l, hidden, sites);
-            x = x + project(&mlp.down_proj, hidden);
+            x = x + project(&mlp.down_proj, hidden, dt).cast(f32);
             x = at(SiteKind::Residual, l, x, sites);
         }
         self.model.norm.forward(x)

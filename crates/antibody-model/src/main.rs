@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use antibody_model::{
-    ChatMessage, DeviceSpec, GenerationConfig, Hooks, Sampling, TokenBatch, generate,
+    ChatMessage, DTypeSpec, DeviceSpec, GenerationConfig, Hooks, Sampling, TokenBatch, generate,
     gguf::GgufFile, load, save_hf_dir, with_backend,
 };
 use anyhow::{Context, Result};
@@ -62,6 +62,10 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+        /// and loss reductions stay f32; an error where the device lacks it).
+        #[arg(long, default_value = "f32")]
+        dtype: DTypeSpec,
     },
     /// Measure forward and generation throughput; prints one JSON object.
     Bench {
@@ -71,6 +75,10 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+        /// and loss reductions stay f32; an error where the device lacks it).
+        #[arg(long, default_value = "f32")]
+        dtype: DTypeSpec,
         /// Forward batch size.
         #[arg(long, default_value_t = 4)]
         forward_batch: usize,
@@ -108,6 +116,10 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+        /// and loss reductions stay f32; an error where the device lacks it).
+        #[arg(long, default_value = "f32")]
+        dtype: DTypeSpec,
     },
 }
 
@@ -121,12 +133,20 @@ const GEMM_SHAPES: [(usize, usize, &str); 5] = [
     (576, 8192, "head, one vocabulary chunk"),
 ];
 
-fn run_gemm<B: Backend>(m: usize, repeats: usize, device: &B::Device) -> Result<()> {
+fn run_gemm<B: Backend>(
+    m: usize,
+    repeats: usize,
+    dtype: DTypeSpec,
+    device: &B::Device,
+) -> Result<()> {
     use burn::tensor::{Distribution, Tensor};
     let mut rows = Vec::new();
     for (k, n, what) in GEMM_SHAPES {
-        let a = Tensor::<B, 2>::random([m, k], Distribution::Uniform(-1.0, 1.0), device);
-        let b = Tensor::<B, 2>::random([k, n], Distribution::Uniform(-1.0, 1.0), device);
+        let random = |r: usize, c: usize| {
+            Tensor::<B, 2>::random([r, c], Distribution::Uniform(-1.0, 1.0), device)
+                .cast(dtype.float())
+        };
+        let (a, b) = (random(m, k), random(k, n));
         let mut best = f64::INFINITY;
         for i in 0..repeats.max(1) + 2 {
             let started = Instant::now();
@@ -139,7 +159,7 @@ fn run_gemm<B: Backend>(m: usize, repeats: usize, device: &B::Device) -> Result<
         }
         let flops = 2.0 * (m * k * n) as f64;
         rows.push(serde_json::json!({
-            "m": m, "k": k, "n": n, "what": what,
+            "m": m, "k": k, "n": n, "what": what, "dtype": dtype.to_string(),
             "seconds": best, "gflops": flops / best / 1e9,
         }));
     }
@@ -179,6 +199,7 @@ fn main() -> Result<()> {
             top_p,
             seed,
             device,
+            dtype,
         } => {
             let sampling = match temperature {
                 Some(temperature) => Sampling::Sample {
@@ -193,16 +214,15 @@ fn main() -> Result<()> {
                 min_new_tokens: 0,
                 sampling,
             };
-            with_backend!(device, |B, dev| run_generate::<B>(
-                &checkpoint,
-                &dev,
-                &prompts,
-                &config
-            ))
+            with_backend!(device, |B, dev| {
+                dtype.use_for_process::<B>(&dev)?;
+                run_generate::<B>(&checkpoint, &dev, &prompts, &config)
+            })
         }
         Command::Bench {
             checkpoint,
             device,
+            dtype,
             forward_batch,
             forward_seq,
             repeats,
@@ -222,12 +242,21 @@ fn main() -> Result<()> {
                 skip_forward,
                 skip_generate,
             };
-            with_backend!(device, |B, dev| run_bench::<B>(
-                &path, &dev, &prompts, &args
-            ))
+            with_backend!(device, |B, dev| {
+                dtype.use_for_process::<B>(&dev)?;
+                run_bench::<B>(&path, &dev, &prompts, &args)
+            })
         }
-        Command::Gemm { m, repeats, device } => {
-            with_backend!(device, |B, dev| run_gemm::<B>(m, repeats, &dev))
+        Command::Gemm {
+            m,
+            repeats,
+            device,
+            dtype,
+        } => {
+            with_backend!(device, |B, dev| {
+                dtype.use_for_process::<B>(&dev)?;
+                run_gemm::<B>(m, repeats, dtype, &dev)
+            })
         }
     }
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use antibody_data::{SetKind, read_set};
 use antibody_finetune::{FinetuneConfig, OptimConfig, SftRun};
 use antibody_judge::KeywordJudge;
-use antibody_model::{DeviceSpec, ModelSpec, ModelSpecExt as _, with_backend};
+use antibody_model::{DTypeSpec, DeviceSpec, ModelSpec, ModelSpecExt as _, with_backend};
 use antibody_teacher::{CheckConfig, Make, Teachers, check, examples};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -49,6 +49,10 @@ struct CheckArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+    /// and loss reductions stay f32; an error where the device lacks it).
+    #[arg(long, default_value = "f32")]
+    dtype: DTypeSpec,
 }
 
 #[derive(clap::Args)]
@@ -89,6 +93,10 @@ struct MakeArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+    /// and loss reductions stay f32; an error where the device lacks it).
+    #[arg(long, default_value = "f32")]
+    dtype: DTypeSpec,
 }
 
 #[derive(clap::Args)]
@@ -99,6 +107,10 @@ struct RunArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+    /// and loss reductions stay f32; an error where the device lacks it).
+    #[arg(long, default_value = "f32")]
+    dtype: DTypeSpec,
 }
 
 #[derive(Subcommand)]
@@ -139,14 +151,19 @@ fn make(args: MakeArgs, kind: Make) -> Result<()> {
     // One started on other inputs (the data was rebuilt, a setting changed) cannot be
     // continued, so it is set aside and the run starts afresh.
     let inputs = format!(
-        "{kind:?}|{}|{}|{}|{}|{:e}|{}|{}",
+        "{kind:?}|{}|{}|{}|{}|{:e}|{}|{}{}",
         base.identity()?,
         antibody_data::Manifest::read(&args.data.join(antibody_data::Manifest::FILE))?.inputs_hash,
         config.steps,
         config.batch_size,
         args.lr,
         args.max_grad_norm,
-        config.seed
+        config.seed,
+        // f32 adds nothing, so the runs before `--dtype` stay current.
+        match args.dtype {
+            DTypeSpec::F32 => String::new(),
+            other => format!("|{other}"),
+        }
     );
     let inputs_file = run_dir.join("inputs.txt");
     let same_inputs = std::fs::read_to_string(&inputs_file).is_ok_and(|s| s == inputs);
@@ -159,6 +176,7 @@ fn make(args: MakeArgs, kind: Make) -> Result<()> {
     }
     antibody_base::atomic::write_bytes(&inputs_file, inputs.as_bytes())?;
     with_backend!(args.device, autodiff, |B, dev| {
+        args.dtype.use_for_process::<B>(&dev)?;
         let loaded = base.load::<B>(&dev)?;
         let mut run = if args.resume && checkpoint.join("state.json").exists() {
             SftRun::resume(&checkpoint, loaded.model, &config)?
@@ -230,6 +248,7 @@ fn run(args: RunArgs) -> Result<()> {
                 checkpoint_every: 10,
                 resume: true,
                 device: args.device,
+                dtype: args.dtype,
             },
             kind,
         )?;
@@ -240,6 +259,7 @@ fn run(args: RunArgs) -> Result<()> {
         &t.data,
         &t.check_config(),
         args.device,
+        args.dtype,
     )
 }
 
@@ -260,7 +280,14 @@ fn run_check(args: CheckArgs) -> Result<()> {
         anyhow::anyhow!("`--{}` (command line): {reason}", key.replace('_', "-"))
     })?;
     let (harmful, benign): (ModelSpec, ModelSpec) = (args.harmful.parse()?, args.benign.parse()?);
-    check_teachers(&harmful, &benign, &args.data, &config, args.device)
+    check_teachers(
+        &harmful,
+        &benign,
+        &args.data,
+        &config,
+        args.device,
+        args.dtype,
+    )
 }
 
 #[allow(clippy::print_stdout)]
@@ -270,6 +297,7 @@ fn check_teachers(
     data: &std::path::Path,
     config: &CheckConfig,
     device: DeviceSpec,
+    dtype: DTypeSpec,
 ) -> Result<()> {
     let harmful_prompts: Vec<String> = read_set(data, SetKind::HarmfulEval)?
         .records
@@ -283,6 +311,7 @@ fn check_teachers(
         .collect();
     let judge = KeywordJudge::gcg();
     let (rates, verdict) = with_backend!(device, |B, dev| {
+        dtype.use_for_process::<B>(&dev)?;
         let h = harmful.load::<B>(&dev)?;
         let b = benign.load::<B>(&dev)?;
         Ok::<_, anyhow::Error>(check(

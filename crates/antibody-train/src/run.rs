@@ -126,7 +126,7 @@ impl EnvRecord {
             burn: "0.21.0".into(),
             git_revision: git_revision(config_dir),
             device: device.into(),
-            dtype: "f32".into(),
+            dtype: antibody_model::DTypeSpec::process().to_string(),
             backend: std::any::type_name::<B>().into(),
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             os: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use antibody_base::Example;
 use antibody_canary::{CanarySet, canary_means, stab_loss};
-use antibody_finetune::optim::apply_step;
+use antibody_finetune::optim::{apply_step, scaled};
 use antibody_lat::{Positions, RefusalDelta};
 use antibody_losses::combine::{AdvKl, ForgetLoss, NpoReference, PrefLoss, RefusalLoss};
 use antibody_losses::{
@@ -136,6 +136,7 @@ impl<B: AutodiffBackend> Method<B> {
         let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let mut sums = Sums::default();
         let mut loss_total = 0.0;
+        let loss_scale = self.config.optim.loss_scale_for(self.model.compute_dtype);
         for (i, part) in rows.chunks(micro).enumerate() {
             let share = part.len() as f64 / bs as f64;
             let retain_part = retain_rows.chunks(micro).nth(i).unwrap_or(&[]);
@@ -153,7 +154,7 @@ impl<B: AutodiffBackend> Method<B> {
             loss_total += value;
             acc.accumulate(
                 &self.model,
-                GradientsParams::from_grads(loss.backward(), &self.model),
+                GradientsParams::from_grads(scaled(loss, loss_scale).backward(), &self.model),
             );
         }
         let cursor = self.state.cursor;
@@ -174,6 +175,7 @@ impl<B: AutodiffBackend> Method<B> {
             &self.config.optim,
             lr,
             step,
+            loss_scale,
         )?;
         self.model = model;
         self.state.step += 1;

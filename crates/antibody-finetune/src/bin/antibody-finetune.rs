@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use antibody_data::{SetKind, read_set};
 use antibody_finetune::{FinetuneConfig, OptimConfig, SftRun};
-use antibody_model::{DeviceSpec, ModelSpec, ModelSpecExt as _, with_backend};
+use antibody_model::{DTypeSpec, DeviceSpec, ModelSpec, ModelSpecExt as _, with_backend};
 use anyhow::{Context as _, Result, bail};
 use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
@@ -82,6 +82,11 @@ struct SftArgs {
     #[arg(long, default_value = "cpu")]
     #[serde(skip)]
     device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+    /// and loss reductions stay f32; an error where the device lacks it).
+    #[arg(long, default_value = "f32")]
+    #[serde(skip)]
+    dtype: DTypeSpec,
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
@@ -156,6 +161,7 @@ fn sft(args: SftArgs) -> Result<()> {
     let metrics_path = args.run_dir.join("metrics.jsonl");
     let spec: ModelSpec = args.model.parse()?;
     with_backend!(args.device, autodiff, |B, device| {
+        args.dtype.use_for_process::<B>(&device)?;
         let template = spec.load::<B>(&device)?.model;
         let mut run = if args.resume && checkpoint.join("state.json").exists() {
             let run = SftRun::resume(&checkpoint, template, &config)?;

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use antibody_model::{DeviceSpec, with_backend};
+use antibody_model::{DTypeSpec, DeviceSpec, with_backend};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -53,6 +53,10 @@ struct BenchArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+    /// and loss reductions stay f32; an error where the device lacks it).
+    #[arg(long, default_value = "f32")]
+    dtype: DTypeSpec,
     /// Run this configuration file's `[train]` section (its losses, LAT, canaries, batch
     /// size and seed; one cycle of `--warmup + --steps` steps of the phase, random weights)
     /// on the examples of the data build `--data`, instead of the synthetic `--batch × --seq`
@@ -101,6 +105,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let name = args.device.to_string();
     with_backend!(args.device, autodiff, |B, device| {
         type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        args.dtype.use_for_process::<B>(&device)?;
         let student = antibody_model::tiny::random_model::<B>(&arch, 1, &device)?;
         let harmful_teacher = antibody_model::tiny::random_model::<I>(&arch, 2, &device)?;
         let benign_teacher = antibody_model::tiny::random_model::<I>(&arch, 1, &device)?;
@@ -169,6 +174,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             "impl": "antibody",
             "phase": phase,
             "device": name,
+            "dtype": args.dtype.to_string(),
             "batch": bs,
             "seq": if args.config.is_some() { serde_json::Value::Null } else { t.into() },
             "steps": timed,
@@ -353,6 +359,10 @@ struct RunArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (mixed precision: the weights, optimizer state
+    /// and loss reductions stay f32; an error where the device lacks it).
+    #[arg(long, default_value = "f32")]
+    dtype: DTypeSpec,
 }
 
 fn run(args: RunArgs) -> Result<()> {
@@ -368,6 +378,7 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let name = args.device.to_string();
     with_backend!(args.device, autodiff, |B, device| {
+        args.dtype.use_for_process::<B>(&device)?;
         antibody_train::run::run::<B>(
             &train,
             &data_dir,
