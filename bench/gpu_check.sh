@@ -132,6 +132,5 @@ print(f"| {impl} | {phase} | {dtype} | {b}×256 | {tps} | {gib} |")
 EOF
   done
   [[ $peer == 1 ]] || echo "(no PyTorch with CUDA here: peer rows not run)"
-  echo "(antibody bf16: not built — no --dtype yet)"
 } | tee "${OUT:-/tmp}/gpu_check.md"
 exit $fail

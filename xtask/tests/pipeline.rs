@@ -67,24 +67,28 @@ fn the_smoke_pipeline_runs_to_a_sane_report_and_then_skips_what_is_current() {
     }
 }
 
+/// The smoke pipeline in a fresh project (a private cache: nothing generated on the CPU is
+/// reused) with `args`; the project's directory, whether it succeeded, and its output.
+#[cfg(feature = "wgpu")]
+fn smoke_with(args: &[&str]) -> (tempfile::TempDir, bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = smoke_project(dir.path());
+    let out = pipeline_command(&config)
+        .args(args)
+        .output()
+        .expect("spawn xtask");
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (dir, out.status.success(), log)
+}
+
 /// The smoke pipeline with every stage on burn's wgpu backend (lavapipe, the software
 /// Vulkan driver, where the machine has no GPU): the same sane report as on the CPU.
 #[cfg(feature = "wgpu")]
 #[test]
 fn the_smoke_pipeline_runs_on_wgpu() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // A private cache: nothing generated on the CPU is reused.
-    let config = smoke_project(dir.path());
-    let out = pipeline_command(&config)
-        .args(["--device", "wgpu"])
-        .output()
-        .expect("spawn xtask");
-    let log =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the smoke pipeline on wgpu failed:\n{log}"
-    );
+    let (dir, ok, log) = smoke_with(&["--device", "wgpu"]);
+    assert!(ok, "the smoke pipeline on wgpu failed:\n{log}");
     check_smoke_run(dir.path());
 }
 
@@ -95,18 +99,8 @@ fn the_smoke_pipeline_runs_on_wgpu() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn the_smoke_pipeline_runs_on_wgpu_in_f16_and_bf16_is_refused_where_missing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = smoke_project(dir.path());
-    let out = pipeline_command(&config)
-        .args(["--device", "wgpu", "--dtype", "f16"])
-        .output()
-        .expect("spawn xtask");
-    let log =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the f16 smoke pipeline on wgpu failed:\n{log}"
-    );
+    let (dir, ok, log) = smoke_with(&["--device", "wgpu", "--dtype", "f16"]);
+    assert!(ok, "the f16 smoke pipeline on wgpu failed:\n{log}");
     check_smoke_run(dir.path());
     let env: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.path().join("runs/smoke/train/env.json")).expect("env.json"),
@@ -114,16 +108,9 @@ fn the_smoke_pipeline_runs_on_wgpu_in_f16_and_bf16_is_refused_where_missing() {
     .expect("env.json parses");
     assert_eq!(env["dtype"], "f16", "{env}");
 
-    let other = tempfile::tempdir().expect("tempdir");
-    let config = smoke_project(other.path());
-    let out = pipeline_command(&config)
-        .args(["--device", "wgpu", "--dtype", "bf16"])
-        .output()
-        .expect("spawn xtask");
-    let log =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let (_dir, ok, log) = smoke_with(&["--device", "wgpu", "--dtype", "bf16"]);
     assert!(!log.contains("panicked"), "bf16 on wgpu panicked:\n{log}");
-    if !out.status.success() {
+    if !ok {
         assert!(
             log.contains("cannot compute in BF16"),
             "bf16 refused without naming why:\n{log}"
