@@ -676,11 +676,9 @@ fn gen_key(identity: &str, decoding: &GenerationConfig, tok: &Tokenizer) -> Resu
     Ok(hex(&Sha256::digest(json.to_string().as_bytes()))[..32].to_owned())
 }
 
-/// Adds the process's compute dtype (`--dtype`) to a hashed record when it is not f32: the
-/// answers depend on it, and builds and caches made before it existed stay current.
+/// Adds the process's compute dtype to a hashed record ([`antibody_model::DTypeSpec::process_key`]).
 fn with_dtype(json: &mut serde_json::Value) {
-    let dtype = antibody_model::DTypeSpec::process();
-    if dtype != antibody_model::DTypeSpec::F32
+    if let Some(dtype) = antibody_model::DTypeSpec::process_key()
         && let Some(map) = json.as_object_mut()
     {
         map.insert("dtype".into(), dtype.to_string().into());

@@ -222,10 +222,7 @@ pub fn result_key(
     }
     let mut h = Sha256::new();
     h.update(spec.identity()?.as_bytes());
-    // The compute dtype (`--dtype`) changes the answers; f32 adds nothing, so results
-    // stored before it existed stay current.
-    let dtype = antibody_model::DTypeSpec::process();
-    if dtype != antibody_model::DTypeSpec::F32 {
+    if let Some(dtype) = antibody_model::DTypeSpec::process_key() {
         h.update(format!("|dtype:{dtype}").as_bytes());
     }
     if let Some(r) = reference {

@@ -123,6 +123,13 @@ impl DTypeSpec {
         }
     }
 
+    /// The process's compute dtype where it is not f32: what cache keys and input hashes
+    /// add, since it changes the answers (f32 adds nothing, so keys made before `--dtype`
+    /// existed stay current).
+    pub fn process_key() -> Option<Self> {
+        Some(Self::process()).filter(|d| *d != Self::F32)
+    }
+
     /// burn's dtype.
     pub fn float(self) -> burn::tensor::FloatDType {
         match self {
