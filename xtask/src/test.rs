@@ -6,9 +6,9 @@
 //! 2. `cargo fmt --all -- --check`;
 //! 3. `cargo clippy --workspace --all-targets --release -- -D warnings`;
 //! 4. `cargo test --workspace --release [ARGS after --]`;
-//! 5. with `--wgpu`: the software Vulkan driver (Mesa's lavapipe) installed from Debian's
+//! 5. unless `--no-wgpu`: the software Vulkan driver (Mesa's lavapipe) installed from Debian's
 //!    packages if the machine has none;
-//! 6. with `--wgpu`: the backend-generic tests again on burn's wgpu backend: the tiny model's parity with
+//! 6. unless `--no-wgpu`: the backend-generic tests again on burn's wgpu backend: the tiny model's parity with
 //!    transformers (logits, sites, `∂CE/∂δ`), half precision, the fused losses, LAT, the
 //!    canaries, the method's trajectory, the SFT kill/resume, and the smoke pipeline end to
 //!    end with `--device wgpu` ([`WGPU_TESTS`], less [`WGPU_SKIP`]); built at
@@ -35,11 +35,9 @@ pub struct Args {
     /// Skip step 7, the check of the crates with a `cuda` feature against the CUDA backend.
     #[arg(long)]
     pub skip_cuda_check: bool,
-    /// Also run steps 5 and 6, the tests on burn's wgpu backend (software Vulkan). Not in
-    /// CI's default: from an empty target dir this step took 71 minutes on 2 cores (its
-    /// builds 40, lavapipe 31), which with the rest would pass CI's 90.
+    /// Skip steps 5 and 6, the tests on burn's wgpu backend (software Vulkan).
     #[arg(long)]
-    pub wgpu: bool,
+    pub no_wgpu: bool,
     /// Skip step 3, clippy.
     #[arg(long)]
     pub no_clippy: bool,
@@ -116,7 +114,7 @@ fn steps(args: &Args) -> Vec<Step> {
         action: cargo(&test),
         env: &[],
     });
-    if args.wgpu {
+    if !args.no_wgpu {
         steps.push(Step {
             name: "software Vulkan",
             action: Action::SoftwareVulkan,
@@ -270,7 +268,7 @@ fn ensure_vulkan() -> anyhow::Result<()> {
     if !root {
         bail!(
             "no Vulkan driver: install Debian's `mesa-vulkan-drivers` and `libvulkan1` (the \
-             software driver lavapipe, {LAVAPIPE_ICD}), or run without --wgpu"
+             software driver lavapipe, {LAVAPIPE_ICD}), or run with --no-wgpu"
         );
     }
     let install = |update: bool| -> anyhow::Result<bool> {
@@ -473,6 +471,7 @@ mod tests {
 
     #[test]
     fn all_steps_by_default() {
+        let wgpu = wgpu_test_args().join(" ");
         assert_eq!(
             cargo_lines(&Args::default()),
             [
@@ -480,15 +479,16 @@ mod tests {
                 "fmt --all -- --check",
                 "clippy --workspace --all-targets --release -- -D warnings",
                 "test --workspace --release",
+                "<vulkan>",
+                wgpu.as_str(),
                 "check -p antibody-model -p antibody-data -p antibody-canary -p antibody-finetune -p antibody-train -p antibody-teacher -p antibody-eval -p antibody-losses -p antibody-lat --features antibody-model/cuda,antibody-data/cuda,antibody-canary/cuda,antibody-finetune/cuda,antibody-train/cuda,antibody-teacher/cuda,antibody-eval/cuda,antibody-testkit/cuda --release --lib --bins --test tiny_reference --test half --test fused_sequence --test reference --test trajectory",
             ]
         );
     }
 
     #[test]
-    fn wgpu_adds_the_driver_and_the_tests_on_wgpu() {
+    fn the_driver_and_the_tests_on_wgpu_run_by_default() {
         let args = Args {
-            wgpu: true,
             skip_cuda_check: true,
             ..Args::default()
         };
@@ -504,10 +504,7 @@ mod tests {
 
     #[test]
     fn the_wgpu_step_builds_the_projects_crates_at_opt_level_1_only() {
-        let steps = steps(&Args {
-            wgpu: true,
-            ..Args::default()
-        });
+        let steps = steps(&Args::default());
         let wgpu = steps
             .iter()
             .find(|s| s.name == "tests on wgpu")
@@ -532,7 +529,7 @@ mod tests {
     fn flags_skip_steps_and_extra_args_go_to_cargo_test() {
         let args = Args {
             skip_cuda_check: true,
-            wgpu: false,
+            no_wgpu: true,
             no_clippy: true,
             cargo_test_args: vec!["tidy".to_owned(), "--".to_owned(), "--nocapture".to_owned()],
         };
