@@ -444,3 +444,55 @@ fn only_binaries_choose_the_process_compute_dtype() {
         "every stage binary takes --dtype ({binaries} found)"
     );
 }
+
+/// The test files `antibody-train`'s `on_wgpu` binary includes (`#[path = "…"]`), as paths
+/// under `crates/`.
+fn wgpu_binary_includes(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("#[path = \""))
+        .filter_map(|l| l.strip_suffix("\"]"))
+        .map(|p| {
+            // `../../antibody-model/tests/x.rs` or, for the train crate's own, `x.rs`.
+            p.strip_prefix("../../")
+                .map_or_else(|| format!("antibody-train/tests/{p}"), str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn the_wgpu_binary_runs_every_backend_generic_test_the_gpu_check_builds() -> std::io::Result<()> {
+    let root = crate::project_root();
+    let text = std::fs::read_to_string(root.join("crates/antibody-train/tests/on_wgpu.rs"))?;
+    let included = wgpu_binary_includes(&text);
+    for (package, target) in crate::gpu_check::CUDA_TESTS {
+        let file = format!("{package}/tests/{target}.rs");
+        assert!(
+            included.contains(&file),
+            "crates/antibody-train/tests/on_wgpu.rs does not include crates/{file}, which \
+             the GPU check builds for CUDA: add it, or the wgpu step never runs it"
+        );
+    }
+    for file in &included {
+        assert!(
+            root.join("crates").join(file).is_file(),
+            "on_wgpu.rs includes crates/{file}, which does not exist"
+        );
+    }
+    assert!(
+        crate::test::WGPU_TESTS.contains(&("antibody-train", "on_wgpu")),
+        "the wgpu step does not run on_wgpu"
+    );
+    Ok(())
+}
+
+#[test]
+fn wgpu_binary_includes_are_read_off_the_path_attributes() {
+    let text = "#[path = \"../../antibody-model/tests/half.rs\"]\nmod a;\n#[path = \"trajectory.rs\"]\nmod b;\n";
+    assert_eq!(
+        wgpu_binary_includes(text),
+        [
+            "antibody-model/tests/half.rs",
+            "antibody-train/tests/trajectory.rs"
+        ]
+    );
+}
