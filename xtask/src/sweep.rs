@@ -69,6 +69,11 @@ struct SweepFile {
     /// The targets the trade-off plot shades (fractions).
     #[serde(default)]
     targets: Option<Targets>,
+    /// A committed record of every run's point on the trade-off plot (relative to the sweep
+    /// file): the table rewrites it, and the plot takes a run's point from it when the run's
+    /// directory is not on this machine (`runs/` is not in the tree).
+    #[serde(default)]
+    archive: Option<PathBuf>,
     /// The runs, in order.
     run: Vec<RunSpec>,
 }
@@ -578,6 +583,24 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
     points.extend(runs.iter().filter_map(|(spec, status, m)| {
         crate::tradeoff::Point::from_model(&spec.name, false, m.as_ref().filter(|_| status.ok)?)
     }));
+    let mut from_archive = 0;
+    if let Some(a) = &sweep.archive {
+        let path = normalize(&base.join(a));
+        let archived: Vec<crate::tradeoff::Point> = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{}: not a list of plot points", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let merged = crate::tradeoff::merge(&points, &archived, |label| {
+            sweep.run.iter().any(|r| r.name == label)
+        });
+        from_archive = merged.iter().filter(|p| !points.contains(p)).count();
+        points = merged;
+        let mut text = serde_json::to_string_pretty(&points)?;
+        text.push('\n');
+        write(&path, text.as_bytes())?;
+    }
     let t = sweep.targets.unwrap_or(Targets {
         hs: 0.0,
         lookalike: 0.0,
@@ -591,6 +614,12 @@ fn table(file: &Path, config: &Path, sweep: &SweepFile, out: &Path) -> anyhow::R
     );
     write(&out.join("results.svg"), svg.as_bytes())?;
     md.push_str("\n![HS against look-alike and harmless refusals, every run](results.svg)\n");
+    if from_archive > 0 {
+        md.push_str(&format!(
+            "\n{from_archive} of the plot's {} points come from the sweep's archive (their runs' directories are not on this machine).\n",
+            points.len()
+        ));
+    }
     md.push_str("\n## Runs\n\n");
     for (spec, status, _) in &runs {
         md.push_str(&format!(

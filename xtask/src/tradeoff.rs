@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 use antibody_base::stats::Rate;
 
 /// One model on the plot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Point {
     pub label: String,
     /// A reference model (drawn grey, square) rather than a run of the sweep.
@@ -19,6 +20,21 @@ pub struct Point {
     pub hs: Rate,
     pub lookalike: Rate,
     pub harmless: Rate,
+    /// Share of its harmful-prompt answers that are degenerate (not words), where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degenerate: Option<Rate>,
+}
+
+/// A model whose answers are degenerate more often than this is drawn hollow, as broken: its
+/// low HS means it cannot answer, not that it refuses (the evaluation's `max_degenerate`
+/// default, which excludes such attacked models from the worst case).
+pub const BROKEN: f64 = 0.2;
+
+impl Point {
+    /// Whether most of what keeps its HS low is degenerate output.
+    pub fn broken(&self) -> bool {
+        self.degenerate.is_some_and(|d| d.rate > BROKEN)
+    }
 }
 
 impl Point {
@@ -31,8 +47,38 @@ impl Point {
             hs: rate(&m["harmful"]["complied"])?,
             lookalike: rate(&m["lookalike"]["refused"])?,
             harmless: rate(&m["harmless"]["refused"])?,
+            degenerate: rate(&m["harmful"]["degenerate"]),
         })
     }
+}
+
+/// The points to plot: `measured` (from the run directories on this machine) in their order,
+/// then every `archived` point whose label none of them has, where `wanted` says the sweep
+/// still declares it. A run measured here replaces its archived point; one whose directory is
+/// gone keeps it. References count as one group: the archived ones are used only when no
+/// reference was measured here.
+pub fn merge(measured: &[Point], archived: &[Point], wanted: impl Fn(&str) -> bool) -> Vec<Point> {
+    let have_references = measured.iter().any(|p| p.reference);
+    let mut out: Vec<Point> = archived
+        .iter()
+        .filter(|a| a.reference && !have_references)
+        .cloned()
+        .collect();
+    out.extend(measured.iter().filter(|p| p.reference).cloned());
+    for a in archived.iter().filter(|a| !a.reference) {
+        match measured.iter().find(|p| !p.reference && p.label == a.label) {
+            Some(p) => out.push(p.clone()),
+            None if wanted(&a.label) => out.push(a.clone()),
+            None => {}
+        }
+    }
+    let new: Vec<Point> = measured
+        .iter()
+        .filter(|p| !p.reference && !out.iter().any(|o| !o.reference && o.label == p.label))
+        .cloned()
+        .collect();
+    out.extend(new);
+    out
 }
 
 /// The targets a panel shades: HS at most `hs`, the refusal rate at most `refusal`.
@@ -169,6 +215,11 @@ pub fn svg(title: &str, points: &[Point], hs_target: f64, targets: [f64; 2]) -> 
                     px - 4.0,
                     py - 4.0
                 );
+            } else if p.broken() {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{px}" cy="{py}" r="4" fill="white" stroke="{color}" stroke-width="1.5"/>"#
+                );
             } else {
                 let _ = writeln!(s, r#"<circle cx="{px}" cy="{py}" r="4" fill="{color}"/>"#);
             }
@@ -196,23 +247,28 @@ pub fn svg(title: &str, points: &[Point], hs_target: f64, targets: [f64; 2]) -> 
         let ly = TOP + 8.0 + 17.0 * i as f64;
         let _ = writeln!(
             s,
-            r#"<text x="{LEGEND_X}" y="{ly}" fill="{color}">{}. {} — {:.0} / {:.0} / {:.0}%</text>"#,
+            r#"<text x="{LEGEND_X}" y="{ly}" fill="{color}">{}. {} — {:.0} / {:.0} / {:.0}%{}</text>"#,
             i + 1,
             esc(&p.label),
             100.0 * p.hs.rate,
             100.0 * p.lookalike.rate,
-            100.0 * p.harmless.rate
+            100.0 * p.harmless.rate,
+            match p.degenerate {
+                Some(d) if p.broken() => format!(", broken: {:.0}% degenerate", 100.0 * d.rate),
+                _ => String::new(),
+            }
         );
     }
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="{}" font-size="11">Bars: Wilson 95% intervals. Shaded: the targets (HS ≤ {:.0}%; look-alike refusals ≤ {:.0}%, harmless refusals ≤ {:.0}%). Squares: reference models.</text>
+        r#"<text x="{}" y="{}" font-size="11">Bars: Wilson 95% intervals. Shaded: the targets (HS ≤ {:.0}%; look-alike refusals ≤ {:.0}%, harmless refusals ≤ {:.0}%). Squares: reference models. Hollow: broken (over {:.0}% of answers degenerate).</text>
 </svg>"#,
         LEFT[0],
         h - 14.0,
         100.0 * hs_target,
         100.0 * targets[0],
-        100.0 * targets[1]
+        100.0 * targets[1],
+        100.0 * BROKEN
     );
     s
 }
@@ -240,6 +296,7 @@ mod tests {
                 hs: rate(0.83),
                 lookalike: rate(0.01),
                 harmless: rate(0.0),
+                degenerate: None,
             },
             Point {
                 label: "a <run> & more".into(),
@@ -247,11 +304,26 @@ mod tests {
                 hs: rate(0.044),
                 lookalike: rate(0.98),
                 harmless: rate(0.58),
+                degenerate: None,
+            },
+            Point {
+                label: "broken".into(),
+                reference: false,
+                hs: rate(0.006),
+                lookalike: rate(0.0),
+                harmless: rate(0.0),
+                degenerate: Some(rate(0.99)),
             },
         ];
         let s = svg("t", &points, 0.05, [0.15, 0.05]);
         // One marker per point and panel: squares for references, circles for runs.
-        assert_eq!(s.matches("<circle").count(), 2);
+        assert_eq!(s.matches("<circle").count(), 4);
+        // A broken model is hollow and says why in the legend.
+        assert_eq!(s.matches(r#"fill="white" stroke="#).count(), 2);
+        assert!(
+            s.contains("3. broken — 1 / 0 / 0%, broken: 99% degenerate"),
+            "{s}"
+        );
         assert_eq!(s.matches(r#"width="8" height="8""#).count(), 2);
         assert!(s.contains("1. base — 83 / 1 / 0%"), "{s}");
         assert!(
@@ -264,6 +336,49 @@ mod tests {
         // Well-formed enough for a parser: balanced tags.
         assert_eq!(s.matches("<svg").count(), 1);
         assert!(s.trim_end().ends_with("</svg>"));
+    }
+
+    fn point(label: &str, reference: bool, hs: f64) -> Point {
+        Point {
+            label: label.into(),
+            reference,
+            hs: rate(hs),
+            lookalike: rate(0.5),
+            harmless: rate(0.5),
+            degenerate: None,
+        }
+    }
+
+    #[test]
+    fn measured_points_replace_archived_ones_and_the_rest_are_kept() {
+        let archived = vec![
+            point("base (reference)", true, 0.8),
+            point("a", false, 0.1),
+            point("b", false, 0.2),
+            point("dropped", false, 0.3),
+        ];
+        // This machine has run b again and a new run c; a's directory is gone; `dropped`
+        // is no longer in the sweep file; no reference report is here.
+        let measured = vec![point("b", false, 0.25), point("c", false, 0.4)];
+        let merged = merge(&measured, &archived, |l| l != "dropped");
+        let got: Vec<(&str, f64)> = merged
+            .iter()
+            .map(|p| (p.label.as_str(), p.hs.rate))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("base (reference)", 0.8),
+                ("a", 0.1),
+                ("b", 0.25),
+                ("c", 0.4)
+            ]
+        );
+        // A reference measured here replaces every archived one.
+        let measured = vec![point("refusal_sft (reference)", true, 0.1)];
+        let merged = merge(&measured, &archived, |_| true);
+        assert_eq!(merged[0].label, "refusal_sft (reference)");
+        assert!(!merged.iter().any(|p| p.label == "base (reference)"));
     }
 
     #[test]
