@@ -26,6 +26,7 @@ fn a_smoke_sweep_tables_every_run_failures_included() {
         r#"config = "../smoke.toml"
 out_dir = "../../runs/smoke-sweep"
 targets = { hs = 0.05, lookalike = 0.15, harmless = 0.05 }
+archive = "../../points.json"
 
 [[run]]
 name = "fast"
@@ -131,4 +132,46 @@ note = "a baseline: the base model evaluated, nothing trained"
         assert!(svg.contains(needle), "{needle} missing from the plot");
     }
     assert!(!svg.contains("bad-layers"));
+
+    // The archive holds every plotted point; a run whose directory is gone keeps its point.
+    let archive = dir.path().join("points.json");
+    let points: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&archive).expect("the archive")).expect("JSON");
+    let labels: Vec<&str> = points
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|p| p["label"].as_str())
+        .collect();
+    for needle in ["base (reference)", "fast", "fast.seed7", "base-only"] {
+        assert!(
+            labels.contains(&needle),
+            "{needle} not archived: {labels:?}"
+        );
+    }
+    std::fs::remove_dir_all(results.join("fast.seed7")).expect("remove a run");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["sweep", "--table-only", "--sweep"])
+        .arg(&sweep)
+        .output()
+        .expect("spawn xtask");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(results.join("results.svg")).expect("results.svg");
+    assert!(
+        svg.contains("fast.seed7"),
+        "the archived point is not plotted"
+    );
+    let md = std::fs::read_to_string(results.join("results.md")).expect("results.md");
+    assert!(
+        md.contains("1 of the plot's") && md.contains("come from the sweep's archive"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("| fast.seed7 |"),
+        "a gone run has no table row"
+    );
 }
