@@ -51,6 +51,8 @@ fn every_sweep_run_parses() {
                     .map(str::to_owned)
                     .collect()
             };
+            antibody_data::Config::load(&base, &section("data"))
+                .unwrap_or_else(|e| panic!("{}: run[{i}]: [data]: {e}", path.display()));
             antibody_teacher::Teachers::load(&base, &section("teacher"))
                 .unwrap_or_else(|e| panic!("{}: run[{i}]: [teacher]: {e}", path.display()));
             antibody_train::config::Train::load(&base, &section("train"))
