@@ -540,7 +540,7 @@ fn eval(args: &Args) -> anyhow::Result<()> {
         args.device
     );
     println!(
-        "wall time: antibody {} s, transformers {} s, speed ratio {} (goal ≥ 3×)",
+        "wall time: antibody {} s, transformers {} s, speed ratio {} (goal ≥ 2×)",
         a.map_or("-".into(), |x| format!("{x:.1}")),
         p.map_or("-".into(), |x| format!("{x:.1}")),
         a.zip(p)

@@ -32,7 +32,9 @@ pub use checkpoint::{Loaded, load, save_hf_dir};
 pub use config::{HfLlamaConfig, LlamaConfig};
 pub use device::{DTypeSpec, DeviceSpec};
 pub use error::{ModelError, Result};
-pub use generate::{Generated, GenerationConfig, Sampling, balanced_batch_size, generate};
+pub use generate::{
+    Generated, GenerationConfig, Sampling, balanced_batch_size, generate, set_generation_shards,
+};
 pub use llama::{KvCache, Llama};
 pub use site::{ForwardOutput, Hooks, Site, SiteKind};
 pub use spec::{ModelSpec, ModelSpecExt};

@@ -97,6 +97,10 @@ enum Command {
         /// New tokens per prompt (exactly: stop tokens are suppressed).
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
+        /// Parts the generation batch is decoded in at once, each on one thread (0: the
+        /// device's own choice, one per core on the CPU; 1: one batch over every thread).
+        #[arg(long, default_value_t = 0)]
+        generation_shards: usize,
         /// Skip the forward measurement.
         #[arg(long)]
         skip_forward: bool,
@@ -229,6 +233,7 @@ fn main() -> Result<()> {
             prompts,
             batch,
             new_tokens,
+            generation_shards,
             skip_forward,
             skip_generate,
         } => {
@@ -244,6 +249,9 @@ fn main() -> Result<()> {
             };
             with_backend!(device, |B, dev| {
                 dtype.use_for_process::<B>(&dev)?;
+                if generation_shards > 0 {
+                    antibody_model::set_generation_shards(generation_shards);
+                }
                 run_bench::<B>(&path, &dev, &prompts, &args)
             })
         }
@@ -403,6 +411,10 @@ fn run_bench<B: Backend>(
         let out = generate(model, &ids, loaded.tokenizer.stop_ids(), &config)?;
         let secs = start.elapsed().as_secs_f64();
         let tokens: usize = out.iter().map(|g| g.tokens.len()).sum();
+        report.insert(
+            "generation_shards".into(),
+            antibody_model::generate::generation_shards().into(),
+        );
         report.insert("generate_wall_s".into(), secs.into());
         report.insert("generate_tokens".into(), tokens.into());
         report.insert("generate_tok_s".into(), (tokens as f64 / secs).into());

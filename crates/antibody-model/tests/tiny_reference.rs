@@ -341,3 +341,33 @@ fn untied_lm_head_matches_transformers_and_survives_a_save() {
     let (reloaded, _) = again.forward(&batch, &Hooks::none()).expect("forward");
     assert_eq!(to_vec(reloaded), ours);
 }
+
+#[test]
+fn greedy_answers_do_not_depend_on_the_generation_shards() {
+    use antibody_model::{GenerationConfig, generate, generate::generation_shards};
+    let device = Default::default();
+    let model =
+        tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    // 26 prompts of 3 to 15 tokens: three shards of 9, 9 and 8 prompts under 3 shards
+    // (a shard holds at least MIN_SHARD_PROMPTS = 8).
+    let prompts: Vec<Vec<u32>> = (0..26u32)
+        .map(|i| {
+            (0..3 + i % 13)
+                .map(|j| 1 + (i * 53 + j * 97) % 500)
+                .collect()
+        })
+        .collect();
+    let greedy = GenerationConfig::greedy(9);
+    antibody_model::set_generation_shards(1);
+    let one = generate(&model, &prompts, &[7], &greedy).expect("one batch");
+    antibody_model::set_generation_shards(3);
+    assert_eq!(generation_shards(), 3);
+    let sharded = generate(&model, &prompts, &[7], &greedy).expect("three shards");
+    antibody_model::set_generation_shards(1);
+    assert_eq!(one.len(), prompts.len());
+    assert_eq!(sharded, one, "three shards and one batch answer alike");
+    assert!(
+        one.iter().any(|g| g.tokens.len() == 9),
+        "some answers run to the limit"
+    );
+}
