@@ -14,6 +14,29 @@ pub fn sequence_logprobs<I: Backend>(
     batch_size: usize,
     chunk: usize,
 ) -> Result<Vec<f32>, ModelError> {
+    // In parts on the CPU (one per core, each part's products on one thread), each part in
+    // batches of its share of `batch_size`, so as many rows are in flight as in one batch.
+    let parts = antibody_model::shards::part_count(
+        seqs.len(),
+        antibody_model::shards::inference_shards(),
+        MIN_PART_ROWS,
+    );
+    let batch = batch_size.max(1).div_ceil(parts);
+    antibody_model::shards::in_parts(seqs, MIN_PART_ROWS, |part| {
+        logprobs_in_batches(model, part, batch, chunk)
+    })
+}
+
+/// The fewest sequences a part of [`sequence_logprobs`] reads.
+const MIN_PART_ROWS: usize = 8;
+
+/// [`sequence_logprobs`] on the calling thread, `batch_size` sequences at a time.
+fn logprobs_in_batches<I: Backend>(
+    model: &Llama<I>,
+    seqs: &[Example],
+    batch_size: usize,
+    chunk: usize,
+) -> Result<Vec<f32>, ModelError> {
     let pad = model.config.pad_token_id;
     let device = model.device();
     let head = model.head_weight();

@@ -317,3 +317,30 @@ fn a_loss_scale_is_undone_before_the_step_and_f16_training_follows_f32() {
     eprintln!("f16 update's cosine with f32's: {cosine}");
     assert!(cosine > 0.99, "f16 update's cosine with f32's {cosine}");
 }
+
+#[test]
+fn sequence_logprobs_do_not_depend_on_the_inference_shards() {
+    use antibody_model::device::Cpu;
+    use antibody_model::{set_inference_shards, shards::inference_shards};
+    let device = Default::default();
+    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    // 24 examples (three copies of the eight, one id shifted per copy): three parts of 8.
+    let seqs: Vec<Example> = (0..3u32)
+        .flat_map(|c| {
+            tiny_examples().into_iter().map(move |mut e| {
+                e.ids[1] += c;
+                e
+            })
+        })
+        .collect();
+    set_inference_shards(1);
+    let one = antibody_finetune::sequence_logprobs(&model, &seqs, 6, 64).expect("one part");
+    set_inference_shards(3);
+    assert_eq!(inference_shards(), 3);
+    let parts = antibody_finetune::sequence_logprobs(&model, &seqs, 6, 64).expect("three parts");
+    set_inference_shards(1);
+    assert_eq!(one.len(), seqs.len());
+    assert!(one.iter().all(|v| v.is_finite() && *v < 0.0));
+    let diff = max_abs_diff(&one, &parts);
+    assert!(diff < 1e-4, "three parts differ from one batch by {diff}");
+}

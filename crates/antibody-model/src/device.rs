@@ -244,8 +244,8 @@ pub fn wgpu_device(kind: WgpuKind) -> burn::backend::wgpu::WgpuDevice {
 /// bound to its device, so binaries are written once, generic over the backend.
 /// `autodiff` picks the training backends (`CpuAutodiff`, `GpuAutodiff`, `WgpuAutodiff`),
 /// its absence the inference ones (`Cpu`, `Gpu`, `Wgpu`). On the CPU it also sets the
-/// process's generation shards ([`crate::generate::set_generation_shards`]: greedy batches
-/// decoded in parts, one per core, each part's products on one thread).
+/// process's inference shards ([`crate::shards`]: greedy generation and forward-only
+/// log-probabilities in parts, one per core, each part's products on one thread).
 #[macro_export]
 macro_rules! with_backend {
     ($spec:expr, autodiff, |$B:ident, $device:ident| $body:expr) => {
@@ -259,7 +259,7 @@ macro_rules! with_backend {
             $crate::device::DeviceSpec::Cpu => {
                 type $B = $cpu;
                 let $device = Default::default();
-                $crate::generate::set_generation_shards($crate::generate::cpu_generation_shards());
+                $crate::shards::set_inference_shards($crate::shards::cpu_shards());
                 $body
             }
             #[cfg(feature = "cuda")]

@@ -1,8 +1,6 @@
 //! Batched generation with a KV cache: left padding, greedy or sampled decoding
 //! (temperature, top-p, seed), stopping at EOS / `<|im_end|>` or after `max_new_tokens`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
@@ -63,44 +61,14 @@ pub struct Generated {
     pub stopped: bool,
 }
 
-/// The process's generation shards ([`set_generation_shards`]); 1 = one batch.
-static GENERATION_SHARDS: AtomicUsize = AtomicUsize::new(1);
-
-/// The fewest prompts a shard decodes: below it, a shard's products are too thin to keep a
-/// core busy, and one batch on every thread is faster.
-pub const MIN_SHARD_PROMPTS: usize = 8;
-
-/// Makes [`generate`] split each later greedy batch into up to `shards` parts of at least
-/// [`MIN_SHARD_PROMPTS`] prompts, decoded at once, each on its own thread with its own
-/// one-thread rayon pool, so each part's matrix products run single-threaded. On the CPU
-/// backend this is faster than one batch whose every product is split over the threads:
-/// `cargo xtask bench eval` and docs/PERFORMANCE.md measure both. A process-wide setting,
-/// like the compute dtype: [`crate::with_backend!`] sets [`cpu_generation_shards`] when it
-/// picks the CPU (1, one batch, elsewhere); sampled decoding is never split (one seeded
-/// stream serves the batch). Greedy answers do not depend on the split.
-pub fn set_generation_shards(shards: usize) {
-    GENERATION_SHARDS.store(shards.max(1), Ordering::Relaxed);
-}
-
-/// The shards the CPU backend generates with: one per thread of rayon's pool (every core,
-/// or `RAYON_NUM_THREADS`). [`crate::with_backend!`] sets it on the CPU.
-pub fn cpu_generation_shards() -> usize {
-    rayon::current_num_threads()
-}
-
-/// The process's generation shards.
-pub fn generation_shards() -> usize {
-    GENERATION_SHARDS.load(Ordering::Relaxed)
-}
-
-/// How many parts a batch of `prompts` is split into under `shards`.
-fn shard_count(prompts: usize, shards: usize) -> usize {
-    shards.min(prompts / MIN_SHARD_PROMPTS).max(1)
-}
+/// The fewest prompts a part of a sharded batch decodes ([`crate::shards`]): below it, a
+/// part's products are too thin to keep a core busy, and one batch on every thread is faster.
+pub const MIN_PART_PROMPTS: usize = 8;
 
 /// Generates continuations of `prompts` (token ids, e.g. from
-/// [`crate::Tokenizer::chat_ids`]) in one left-padded batch, or in parallel parts under
-/// [`set_generation_shards`] (greedy decoding only).
+/// [`crate::Tokenizer::chat_ids`]) in one left-padded batch; greedy decoding in parts under
+/// [`crate::shards`] (one per core on the CPU; the answers do not depend on the split), never
+/// sampled decoding (one seeded stream serves the batch).
 pub fn generate<B: Backend>(
     model: &Llama<B>,
     prompts: &[Vec<u32>],
@@ -139,34 +107,12 @@ pub fn generate<B: Backend>(
             )));
         }
     }
-    let parts = shard_count(prompts.len(), generation_shards());
-    if parts == 1 || config.sampling != Sampling::Greedy {
+    if config.sampling != Sampling::Greedy {
         return generate_batch(model, prompts, stop_ids, config);
     }
-    let size = prompts.len().div_ceil(parts);
-    let outs: Vec<Result<Vec<Generated>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = prompts
-            .chunks(size)
-            .map(|part| {
-                scope.spawn(move || {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(1)
-                        .build()
-                        .map_err(|e| ModelError::Invalid(format!("a generation thread: {e}")))?;
-                    pool.install(|| generate_batch(model, part, stop_ids, config))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    let mut out = Vec::with_capacity(prompts.len());
-    for part in outs {
-        out.extend(part?);
-    }
-    Ok(out)
+    crate::shards::in_parts(prompts, MIN_PART_PROMPTS, |part| {
+        generate_batch(model, part, stop_ids, config)
+    })
 }
 
 /// [`generate`] in one left-padded batch on the calling thread's rayon pool.

@@ -22,6 +22,7 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod names;
+pub mod shards;
 pub mod site;
 pub mod spec;
 pub mod tiny;
@@ -32,10 +33,9 @@ pub use checkpoint::{Loaded, load, save_hf_dir};
 pub use config::{HfLlamaConfig, LlamaConfig};
 pub use device::{DTypeSpec, DeviceSpec};
 pub use error::{ModelError, Result};
-pub use generate::{
-    Generated, GenerationConfig, Sampling, balanced_batch_size, generate, set_generation_shards,
-};
+pub use generate::{Generated, GenerationConfig, Sampling, balanced_batch_size, generate};
 pub use llama::{KvCache, Llama};
+pub use shards::set_inference_shards;
 pub use site::{ForwardOutput, Hooks, Site, SiteKind};
 pub use spec::{ModelSpec, ModelSpecExt};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -100,7 +100,7 @@ enum Command {
         /// Parts the generation batch is decoded in at once, each on one thread (0: the
         /// device's own choice, one per core on the CPU; 1: one batch over every thread).
         #[arg(long, default_value_t = 0)]
-        generation_shards: usize,
+        shards: usize,
         /// Skip the forward measurement.
         #[arg(long)]
         skip_forward: bool,
@@ -233,7 +233,7 @@ fn main() -> Result<()> {
             prompts,
             batch,
             new_tokens,
-            generation_shards,
+            shards,
             skip_forward,
             skip_generate,
         } => {
@@ -249,8 +249,8 @@ fn main() -> Result<()> {
             };
             with_backend!(device, |B, dev| {
                 dtype.use_for_process::<B>(&dev)?;
-                if generation_shards > 0 {
-                    antibody_model::set_generation_shards(generation_shards);
+                if shards > 0 {
+                    antibody_model::set_inference_shards(shards);
                 }
                 run_bench::<B>(&path, &dev, &prompts, &args)
             })
@@ -412,8 +412,8 @@ fn run_bench<B: Backend>(
         let secs = start.elapsed().as_secs_f64();
         let tokens: usize = out.iter().map(|g| g.tokens.len()).sum();
         report.insert(
-            "generation_shards".into(),
-            antibody_model::generate::generation_shards().into(),
+            "shards".into(),
+            antibody_model::shards::inference_shards().into(),
         );
         report.insert("generate_wall_s".into(), secs.into());
         report.insert("generate_tokens".into(), tokens.into());

@@ -343,13 +343,15 @@ fn untied_lm_head_matches_transformers_and_survives_a_save() {
 }
 
 #[test]
-fn greedy_answers_do_not_depend_on_the_generation_shards() {
-    use antibody_model::{GenerationConfig, generate, generate::generation_shards};
+fn greedy_answers_do_not_depend_on_the_inference_shards() {
+    use antibody_model::{
+        GenerationConfig, generate, set_inference_shards, shards::inference_shards,
+    };
     let device = Default::default();
     let model =
         tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     // 26 prompts of 3 to 15 tokens: three shards of 9, 9 and 8 prompts under 3 shards
-    // (a shard holds at least MIN_SHARD_PROMPTS = 8).
+    // (a part holds at least MIN_PART_PROMPTS = 8).
     let prompts: Vec<Vec<u32>> = (0..26u32)
         .map(|i| {
             (0..3 + i % 13)
@@ -358,12 +360,12 @@ fn greedy_answers_do_not_depend_on_the_generation_shards() {
         })
         .collect();
     let greedy = GenerationConfig::greedy(9);
-    antibody_model::set_generation_shards(1);
+    set_inference_shards(1);
     let one = generate(&model, &prompts, &[7], &greedy).expect("one batch");
-    antibody_model::set_generation_shards(3);
-    assert_eq!(generation_shards(), 3);
+    set_inference_shards(3);
+    assert_eq!(inference_shards(), 3);
     let sharded = generate(&model, &prompts, &[7], &greedy).expect("three shards");
-    antibody_model::set_generation_shards(1);
+    set_inference_shards(1);
     assert_eq!(one.len(), prompts.len());
     assert_eq!(sharded, one, "three shards and one batch answer alike");
     assert!(
