@@ -344,13 +344,15 @@ fn untied_lm_head_matches_transformers_and_survives_a_save() {
 
 #[test]
 fn greedy_answers_do_not_depend_on_the_inference_shards() {
+    use antibody_model::device::Cpu;
     use antibody_model::{
         GenerationConfig, generate, set_inference_shards, shards::inference_shards,
     };
+    // The CPU backend whatever TestBackend is: only `with_backend!`'s CPU arm shards (the
+    // wgpu binary runs this file too).
     let device = Default::default();
-    let model =
-        tiny::random_model::<TestBackend>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
-    // 26 prompts of 3 to 15 tokens: three shards of 9, 9 and 8 prompts under 3 shards
+    let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
+    // 26 prompts of 3 to 15 tokens: three parts of 9, 9 and 8 prompts under 3 shards
     // (a part holds at least MIN_PART_PROMPTS = 8).
     let prompts: Vec<Vec<u32>> = (0..26u32)
         .map(|i| {
