@@ -16,14 +16,8 @@ pub fn sequence_logprobs<I: Backend>(
 ) -> Result<Vec<f32>, ModelError> {
     // In parts on the CPU (one per core, each part's products on one thread), each part in
     // batches of its share of `batch_size`, so as many rows are in flight as in one batch.
-    let parts = antibody_model::shards::part_count(
-        seqs.len(),
-        antibody_model::shards::inference_shards(),
-        MIN_PART_ROWS,
-    );
-    let batch = batch_size.max(1).div_ceil(parts);
-    antibody_model::shards::in_parts(seqs, MIN_PART_ROWS, |part| {
-        logprobs_in_batches(model, part, batch, chunk)
+    antibody_model::shards::in_parts(seqs, MIN_PART_ROWS, |part, parts| {
+        logprobs_in_batches(model, part, batch_size.max(1).div_ceil(parts), chunk)
     })
 }
 

@@ -110,21 +110,19 @@ pub fn generate<B: Backend>(
     if config.sampling != Sampling::Greedy {
         return generate_batch(model, prompts, stop_ids, config);
     }
-    crate::shards::in_parts(prompts, MIN_PART_PROMPTS, |part| {
+    crate::shards::in_parts(prompts, MIN_PART_PROMPTS, |part, _| {
         generate_batch(model, part, stop_ids, config)
     })
 }
 
-/// [`generate`] in one left-padded batch on the calling thread's rayon pool.
+/// [`generate`] in one left-padded batch on the calling thread's rayon pool (`prompts` is
+/// not empty and checked by `generate`).
 fn generate_batch<B: Backend>(
     model: &Llama<B>,
     prompts: &[Vec<u32>],
     stop_ids: &[u32],
     config: &GenerationConfig,
 ) -> Result<Vec<Generated>> {
-    if prompts.is_empty() {
-        return Ok(Vec::new());
-    }
     let c = &model.config;
     let device = model.device();
     let batch = TokenBatch::left_padded(prompts, c.pad_token_id);

@@ -35,17 +35,17 @@ pub fn part_count(items: usize, shards: usize, min_part: usize) -> usize {
 
 /// `f` over `items` in up to [`inference_shards`] contiguous parts of at least `min_part`
 /// rows, computed at once on scoped threads with one-thread rayon pools, the results
-/// concatenated in order; `f(items)` on the calling thread when there is one part. `f` must
-/// return one result per row it is given.
+/// concatenated in order; `f(items, 1)` on the calling thread when there is one part. `f`
+/// is given a part and the number of parts, and must return one result per row of the part.
 pub fn in_parts<T, R, F>(items: &[T], min_part: usize, f: F) -> Result<Vec<R>>
 where
     T: Sync,
     R: Send,
-    F: Fn(&[T]) -> Result<Vec<R>> + Sync,
+    F: Fn(&[T], usize) -> Result<Vec<R>> + Sync,
 {
     let parts = part_count(items.len(), inference_shards(), min_part);
     if parts == 1 {
-        return f(items);
+        return f(items, 1);
     }
     let size = items.len().div_ceil(parts);
     let f = &f;
@@ -58,7 +58,7 @@ where
                         .num_threads(1)
                         .build()
                         .map_err(|e| ModelError::Invalid(format!("an inference thread: {e}")))?;
-                    pool.install(|| f(part))
+                    pool.install(|| f(part, parts))
                 })
             })
             .collect();
