@@ -321,7 +321,7 @@ fn a_loss_scale_is_undone_before_the_step_and_f16_training_follows_f32() {
 #[test]
 fn sequence_logprobs_do_not_depend_on_the_inference_shards() {
     use antibody_model::device::Cpu;
-    use antibody_model::{set_inference_shards, shards::inference_shards};
+    use antibody_model::shards::{inference_shards, with_shards};
     let device = Default::default();
     let model = tiny::random_model::<Cpu>(&LlamaConfig::tiny_test(), 0, &device).expect("model");
     // 24 examples (three copies of the eight, one id shifted per copy): three parts of 8.
@@ -333,12 +333,15 @@ fn sequence_logprobs_do_not_depend_on_the_inference_shards() {
             })
         })
         .collect();
-    set_inference_shards(1);
-    let one = antibody_finetune::sequence_logprobs(&model, &seqs, 6, 64).expect("one part");
-    set_inference_shards(3);
-    assert_eq!(inference_shards(), 3);
-    let parts = antibody_finetune::sequence_logprobs(&model, &seqs, 6, 64).expect("three parts");
-    set_inference_shards(1);
+    let one = with_shards(1, || {
+        antibody_finetune::sequence_logprobs(&model, &seqs, 6, 64)
+    })
+    .expect("one part");
+    let parts = with_shards(3, || {
+        assert_eq!(inference_shards(), 3);
+        antibody_finetune::sequence_logprobs(&model, &seqs, 6, 64)
+    })
+    .expect("three parts");
     assert_eq!(one.len(), seqs.len());
     assert!(one.iter().all(|v| v.is_finite() && *v < 0.0));
     let diff = max_abs_diff(&one, &parts);

@@ -244,8 +244,9 @@ pub fn wgpu_device(kind: WgpuKind) -> burn::backend::wgpu::WgpuDevice {
 /// bound to its device, so binaries are written once, generic over the backend.
 /// `autodiff` picks the training backends (`CpuAutodiff`, `GpuAutodiff`, `WgpuAutodiff`),
 /// its absence the inference ones (`Cpu`, `Gpu`, `Wgpu`). On the CPU it also sets the
-/// process's inference shards ([`crate::shards`]: greedy generation and forward-only
-/// log-probabilities in parts, one per core, each part's products on one thread).
+/// process's inference shards ([`crate::shards::cpu_shards`]: greedy generation and
+/// forward-only log-probabilities in parts, one per core, each part's products on one
+/// thread); an invalid `ANTIBODY_CPU_SHARDS` is an error naming it.
 #[macro_export]
 macro_rules! with_backend {
     ($spec:expr, autodiff, |$B:ident, $device:ident| $body:expr) => {
@@ -259,8 +260,13 @@ macro_rules! with_backend {
             $crate::device::DeviceSpec::Cpu => {
                 type $B = $cpu;
                 let $device = Default::default();
-                $crate::shards::set_inference_shards($crate::shards::cpu_shards());
-                $body
+                match $crate::shards::cpu_shards() {
+                    Ok(shards) => {
+                        $crate::shards::set_inference_shards(shards);
+                        $body
+                    }
+                    Err(e) => Err(anyhow::Error::from(e)),
+                }
             }
             #[cfg(feature = "cuda")]
             $crate::device::DeviceSpec::Cuda(n) => {

@@ -4,7 +4,14 @@
 //! is split over the cores (docs/PERFORMANCE.md: two single-thread halves reach 1.5-1.7x
 //! one two-thread whole). A process-wide setting, like the compute dtype:
 //! [`crate::with_backend!`] sets [`cpu_shards`] when it picks the CPU; elsewhere it stays 1.
+//! A thread can hold its own ([`with_shards`]): a part's thread never splits again, and tests
+//! that compare splits do not change each other's.
+//!
+//! Training steps are not split: two parts of a step's batch on two threads, each through its
+//! own copy of the parameters' autodiff leaves, measured no faster than one batch
+//! (docs/PERFORMANCE.md, 2026-12-01).
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{ModelError, Result};
@@ -17,15 +24,50 @@ pub fn set_inference_shards(shards: usize) {
     SHARDS.store(shards.max(1), Ordering::Relaxed);
 }
 
-/// The process's inference shards.
-pub fn inference_shards() -> usize {
-    SHARDS.load(Ordering::Relaxed)
+thread_local! {
+    /// This thread's own setting ([`with_shards`]; a part's thread never splits again).
+    static OVERRIDE: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// The shards the CPU backend computes with: one per thread of rayon's pool (every core, or
-/// `RAYON_NUM_THREADS`).
-pub fn cpu_shards() -> usize {
-    rayon::current_num_threads()
+/// The inference shards on this thread: its own setting ([`with_shards`], or 1 on a part's
+/// thread), else the process's.
+pub fn inference_shards() -> usize {
+    OVERRIDE
+        .with(Cell::get)
+        .unwrap_or_else(|| SHARDS.load(Ordering::Relaxed))
+}
+
+/// `f` with this thread's inference shards set to `shards` (other threads keep theirs): tests
+/// that compare splits run beside each other without changing each other's.
+pub fn with_shards<R>(shards: usize, f: impl FnOnce() -> R) -> R {
+    let before = OVERRIDE.with(|o| o.replace(Some(shards.max(1))));
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
+/// The shards the CPU backend computes with: `ANTIBODY_CPU_SHARDS` when set (1 turns the
+/// parts off: the A side of a benchmark), else one per thread of rayon's pool (every core,
+/// or `RAYON_NUM_THREADS`).
+pub fn cpu_shards() -> Result<usize> {
+    shards_from(std::env::var("ANTIBODY_CPU_SHARDS").ok())
+}
+
+fn shards_from(var: Option<String>) -> Result<usize> {
+    match var {
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(ModelError::Invalid(format!(
+                "ANTIBODY_CPU_SHARDS={v:?}: expected a whole number of parts, at least 1"
+            ))),
+        },
+        None => Ok(rayon::current_num_threads()),
+    }
 }
 
 /// How many parts `items` rows are split into under `shards`, each of at least `min_part`.
@@ -58,7 +100,8 @@ where
                         .num_threads(1)
                         .build()
                         .map_err(|e| ModelError::Invalid(format!("an inference thread: {e}")))?;
-                    pool.install(|| f(part, parts))
+                    // A part's thread never splits again.
+                    pool.install(|| with_shards(1, || f(part, parts)))
                 })
             })
             .collect();
@@ -86,5 +129,39 @@ mod tests {
         assert_eq!(part_count(100, 16, 8), 12);
         assert_eq!(part_count(5, 1, 8), 1);
         assert_eq!(part_count(0, 4, 0), 1);
+    }
+
+    #[test]
+    fn a_thread_setting_holds_on_its_thread_only_and_is_restored() {
+        let process = inference_shards();
+        let seen = with_shards(3, || {
+            let inner = with_shards(1, inference_shards);
+            let other = std::thread::spawn(inference_shards).join().expect("thread");
+            (inference_shards(), inner, other)
+        });
+        assert_eq!(seen, (3, 1, process));
+        assert_eq!(inference_shards(), process);
+        // A part's thread never splits again.
+        let parts = with_shards(2, || {
+            in_parts(&[0u8; 4], 1, |part, parts| {
+                Ok(vec![(inference_shards(), parts); part.len()])
+            })
+        })
+        .expect("parts");
+        assert_eq!(parts, vec![(1, 2); 4]);
+    }
+
+    #[test]
+    fn the_shards_variable_is_checked() {
+        assert_eq!(shards_from(Some("3".into())).expect("3"), 3);
+        assert_eq!(shards_from(Some(" 1 ".into())).expect("1"), 1);
+        assert_eq!(
+            shards_from(None).expect("default"),
+            rayon::current_num_threads()
+        );
+        for bad in ["0", "two", "-1", ""] {
+            let e = shards_from(Some(bad.into())).expect_err(bad).to_string();
+            assert!(e.contains("ANTIBODY_CPU_SHARDS"), "{e}");
+        }
     }
 }

@@ -344,10 +344,10 @@ fn untied_lm_head_matches_transformers_and_survives_a_save() {
 
 #[test]
 fn greedy_answers_do_not_depend_on_the_inference_shards() {
+    use antibody_model::GenerationConfig;
     use antibody_model::device::Cpu;
-    use antibody_model::{
-        GenerationConfig, generate, set_inference_shards, shards::inference_shards,
-    };
+    use antibody_model::generate;
+    use antibody_model::shards::{inference_shards, with_shards};
     // The CPU backend whatever TestBackend is: only `with_backend!`'s CPU arm shards (the
     // wgpu binary runs this file too).
     let device = Default::default();
@@ -362,12 +362,12 @@ fn greedy_answers_do_not_depend_on_the_inference_shards() {
         })
         .collect();
     let greedy = GenerationConfig::greedy(9);
-    set_inference_shards(1);
-    let one = generate(&model, &prompts, &[7], &greedy).expect("one batch");
-    set_inference_shards(3);
-    assert_eq!(inference_shards(), 3);
-    let sharded = generate(&model, &prompts, &[7], &greedy).expect("three shards");
-    set_inference_shards(1);
+    let one = with_shards(1, || generate(&model, &prompts, &[7], &greedy)).expect("one batch");
+    let sharded = with_shards(3, || {
+        assert_eq!(inference_shards(), 3);
+        generate(&model, &prompts, &[7], &greedy)
+    })
+    .expect("three shards");
     assert_eq!(one.len(), prompts.len());
     assert_eq!(sharded, one, "three shards and one batch answer alike");
     assert!(
