@@ -23,11 +23,15 @@
 //! the model's identity, the data build and the settings) and skips models whose result is
 //! current, so an interrupted evaluation resumes. The report (`report.md`, `report.json`,
 //! the plots, paired differences between models) is `antibody-report`'s.
+//!
+//! [`probe`] (`antibody-eval probe`) asks how far a model's own residual stream separates
+//! harmful prompts from benign look-alikes: the best case of a refusal rule that reads it.
 
 pub mod answers;
 pub mod config;
 pub mod judge;
 mod model;
+pub mod probe;
 pub mod result;
 
 use std::path::Path;

@@ -75,6 +75,68 @@ enum Command {
     /// GCG's keyword verdict beside it, and a summary with intervals — and, where rows carry
     /// labels, each judge's agreement with them.
     Judge(JudgeArgs),
+    /// How far a model's residual stream separates held-out harmful prompts from benign
+    /// look-alikes, per layer (logistic regression and the mean-difference direction fit on
+    /// the training sets): the best case of a refusal rule that reads it. Writes
+    /// `probe.json` and `probe.md`.
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// `--config FILE` (its `[data] out_dir` and `[eval]` sampling), `--set`.
+    #[command(flatten)]
+    cfg: antibody_base::config::ConfigArgs,
+    /// The model (`patient`, `tiny[:SEED]`, a checkpoint path).
+    #[arg(long, default_value = "patient")]
+    model: String,
+    /// The data build (default: the configuration's `[data] out_dir`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Where `probe.json` and `probe.md` go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+/// `antibody-eval probe`; the Markdown goes to standard output too.
+#[allow(clippy::print_stdout)]
+fn probe(args: &ProbeArgs) -> Result<()> {
+    let eval = Eval::load(&args.cfg.config, &args.cfg.overrides)?;
+    let data = match &args.data {
+        Some(d) => d.clone(),
+        None => antibody_data::Config::load(&args.cfg.config, &[])?.out_dir,
+    };
+    let spec: antibody_model::ModelSpec = args
+        .model
+        .parse()
+        .map_err(|e| anyhow::anyhow!("`--model {}`: {e}", args.model))?;
+    let report = with_backend!(args.device, |B, device| {
+        let loaded = antibody_model::ModelSpecExt::load::<B>(&spec, &device)?;
+        Ok::<_, anyhow::Error>(antibody_eval::probe::probe(
+            &loaded.model,
+            &args.model,
+            &data,
+            &eval.config,
+        )?)
+    })?;
+    let write = |p: &Path, bytes: &[u8]| {
+        antibody_base::atomic::write_bytes(p, bytes).map_err(|e| {
+            anyhow::anyhow!("{}: {}", p.display(), antibody_base::atomic::describe(&e))
+        })
+    };
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.out.display()))?;
+    let md = report.markdown();
+    write(
+        &args.out.join("probe.json"),
+        &serde_json::to_vec_pretty(&report)?,
+    )?;
+    write(&args.out.join("probe.md"), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
 }
 
 fn load(args: &Args) -> Result<Eval> {
@@ -209,6 +271,7 @@ fn main() -> Result<()> {
     antibody_base::logging::init();
     match Cli::parse().command {
         Command::Judge(args) => judge(&args),
+        Command::Probe(args) => probe(&args),
         Command::Run(args) => {
             let eval = load(&args)?;
             let data = match &args.data {
