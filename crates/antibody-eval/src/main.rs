@@ -122,11 +122,6 @@ fn probe(args: &ProbeArgs) -> Result<()> {
             &eval.config,
         )?)
     })?;
-    let write = |p: &Path, bytes: &[u8]| {
-        antibody_base::atomic::write_bytes(p, bytes).map_err(|e| {
-            anyhow::anyhow!("{}: {}", p.display(), antibody_base::atomic::describe(&e))
-        })
-    };
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.out.display()))?;
     let md = report.markdown();
@@ -137,6 +132,12 @@ fn probe(args: &ProbeArgs) -> Result<()> {
     write(&args.out.join("probe.md"), md.as_bytes())?;
     println!("{md}");
     Ok(())
+}
+
+/// Writes `bytes` to `p` atomically; the error names the file.
+fn write(p: &Path, bytes: &[u8]) -> Result<()> {
+    antibody_base::atomic::write_bytes(p, bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), antibody_base::atomic::describe(&e)))
 }
 
 fn load(args: &Args) -> Result<Eval> {
@@ -186,11 +187,6 @@ fn judge(args: &JudgeArgs) -> Result<()> {
         serde_json::to_writer(&mut lines, j)?;
         lines.push(b'\n');
     }
-    let write = |p: &Path, bytes: &[u8]| {
-        antibody_base::atomic::write_bytes(p, bytes).map_err(|e| {
-            anyhow::anyhow!("{}: {}", p.display(), antibody_base::atomic::describe(&e))
-        })
-    };
     write(&out, &lines)?;
     let mut summary_path = out.clone().into_os_string();
     summary_path.push(".summary.json");
