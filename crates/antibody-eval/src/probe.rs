@@ -75,6 +75,23 @@ pub fn last_token_residuals<B: Backend>(
     Ok(out)
 }
 
+/// Per-feature means of `rows`.
+fn column_means(rows: &[Vec<f32>]) -> Vec<f64> {
+    let n = rows.len().max(1) as f64;
+    let mut mean = vec![0.0; rows.first().map_or(0, Vec::len)];
+    for r in rows {
+        for (m, &x) in mean.iter_mut().zip(r) {
+            *m += f64::from(x) / n;
+        }
+    }
+    mean
+}
+
+/// `a · b`.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 /// Per-feature mean and standard deviation of the training rows (a constant feature gets 1).
 #[derive(Debug, Clone)]
 pub struct Standardizer {
@@ -87,12 +104,7 @@ impl Standardizer {
     pub fn fit(rows: &[Vec<f32>]) -> Self {
         let d = rows.first().map_or(0, Vec::len);
         let n = rows.len().max(1) as f64;
-        let mut mean = vec![0.0; d];
-        for r in rows {
-            for (m, &x) in mean.iter_mut().zip(r) {
-                *m += f64::from(x) / n;
-            }
-        }
+        let mean = column_means(rows);
         let mut var = vec![0.0; d];
         for r in rows {
             for ((v, &x), m) in var.iter_mut().zip(r).zip(&mean) {
@@ -129,7 +141,7 @@ pub fn fit_logistic(x: &[Vec<f64>], y: &[bool], l2: f64, iterations: usize) -> (
         let mut gw: Vec<f64> = w.iter().map(|wi| l2 * wi).collect();
         let mut gb = 0.0;
         for (row, &label) in x.iter().zip(y) {
-            let z = b + row.iter().zip(&w).map(|(a, c)| a * c).sum::<f64>();
+            let z = b + dot(row, &w);
             let p = 1.0 / (1.0 + (-z).exp());
             let r = (p - if label { 1.0 } else { 0.0 }) / n;
             for (g, a) in gw.iter_mut().zip(row) {
@@ -152,7 +164,7 @@ pub fn logistic_loss(x: &[Vec<f64>], y: &[bool], l2: f64, w: &[f64], b: f64) -> 
         .iter()
         .zip(y)
         .map(|(row, &label)| {
-            let z = b + row.iter().zip(w).map(|(a, c)| a * c).sum::<f64>();
+            let z = b + dot(row, w);
             let s = if label { z } else { -z };
             // log(1 + e^(−s)), stable for either sign.
             (-s).max(0.0) + (-s.abs()).exp().ln_1p()
@@ -171,11 +183,11 @@ fn largest_eigenvalue(x: &[Vec<f64>]) -> f64 {
     for _ in 0..200 {
         let mut next = vec![0.0; d];
         for row in x {
-            let dot = row.iter().zip(&v).map(|(a, c)| a * c).sum::<f64>() + v[d - 1];
+            let z = dot(row, &v) + v[d - 1];
             for (o, a) in next.iter_mut().zip(row) {
-                *o += dot * a / n;
+                *o += z * a / n;
             }
-            next[d - 1] += dot / n;
+            next[d - 1] += z / n;
         }
         let norm = next.iter().map(|a| a * a).sum::<f64>().sqrt();
         if norm == 0.0 {
@@ -262,25 +274,11 @@ pub fn read_layer(
     let s = Standardizer::fit(&train);
     let x: Vec<Vec<f64>> = train.iter().map(|r| s.apply(r)).collect();
     let (w, b) = fit_logistic(&x, &labels, L2, ITERATIONS);
-    let logit = |rows: &[Vec<f32>]| -> Vec<f64> {
-        rows.iter()
-            .map(|r| b + s.apply(r).iter().zip(&w).map(|(a, c)| a * c).sum::<f64>())
-            .collect()
-    };
-    let mean = |rows: &[Vec<f32>]| -> Vec<f64> {
-        let n = rows.len().max(1) as f64;
-        let d = rows.first().map_or(0, Vec::len);
-        let mut m = vec![0.0; d];
-        for r in rows {
-            for (a, &v) in m.iter_mut().zip(r) {
-                *a += f64::from(v) / n;
-            }
-        }
-        m
-    };
-    let direction: Vec<f64> = mean(positive)
+    let logit =
+        |rows: &[Vec<f32>]| -> Vec<f64> { rows.iter().map(|r| b + dot(&s.apply(r), &w)).collect() };
+    let direction: Vec<f64> = column_means(positive)
         .iter()
-        .zip(mean(negative))
+        .zip(column_means(negative))
         .map(|(p, q)| p - q)
         .collect();
     let project = |rows: &[Vec<f32>]| -> Vec<f64> {
@@ -568,7 +566,7 @@ mod tests {
         let correct = rows
             .iter()
             .zip(&labels)
-            .filter(|(r, l)| ((b + r.iter().zip(&w).map(|(a, c)| a * c).sum::<f64>()) > 0.0) == **l)
+            .filter(|(r, l)| ((b + dot(r, &w)) > 0.0) == **l)
             .count();
         assert_eq!(correct, 30);
         let eig = largest_eigenvalue(&rows);
