@@ -32,14 +32,20 @@ root mean square of its A_pre; ``method_retain.json`` adds a retain term (0.5 KL
 the harmless answers, unperturbed) to every harmful step and runs DPO on per-token means;
 ``method_relative_eps.json`` measures epsilon (and the step size) as a fraction of each token's
 residual norm at the site; ``method_away.json`` runs the refusal term under the prompt's delta
-plus a second PGD attack on the refusal's own positions that makes y_ref unlikely.
+plus a second PGD attack on the refusal's own positions that makes y_ref unlikely;
+``method_contrast.json`` adds to every harmful step a contrast term beside a retain term
+(0.25), both on the harmless rows, unperturbed, from one forward of x ++ y_c: DPO of y_c
+over the refusal the step teaches (row j of the step's harmless batch is paired with row j
+of its harmful batch, whose y_ref response follows the harmless prompt), reference pi_B,
+weight 1, with DPO's beta at 1 so the term leaves log 2 within a step and a wrong pairing
+shows; the pairing follows the Rust side's seeded batch orders (``order``).
 
 Every batch is the whole set (batch size 4 = examples), so the order of rows does not matter
 (every loss is a mean over rows or counted tokens).
 
 How to run (from the repository root, venv from requirements.txt)
 ----------------------------------------------------------------
-    HF_HUB_OFFLINE=1 python tests/reference/method.py
+    HF_HUB_OFFLINE=1 python tests/reference/method.py [FIXTURE.json ...]
 
 Tolerances the Rust test uses: step 0 terms relative 1e-4; later steps relative 2e-3
 (float differences compound through AdamW updates); canary counts exact.
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +93,7 @@ SETTINGS = dict(
     canary_target="post",
     canary_drift="absolute",
     retain=0.0,
+    contrast=0.0,
     dpo_length_normalized=False,
     lat_epsilon_scale="absolute",
 )
@@ -101,7 +109,35 @@ VARIANTS = {
     "method_retain.json": dict(retain=0.5, dpo_length_normalized=True),
     "method_relative_eps.json": dict(lat_epsilon_scale="relative", lat_epsilon=0.05),
     "method_away.json": dict(lat_refusal="away"),
+    "method_contrast.json": dict(retain=0.25, contrast=1.0, dpo_beta=1.0),
 }
+
+
+HARMFUL_SALT = 0x4841_524D  # crates/antibody-train/src/data.rs
+RETAIN_SALT = 0x5245_5441
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x):
+    z = (x + 0x9E37_79B9_7F4A_7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def order(n, seed, length):
+    """antibody_finetune::order: seeded passes of Fisher-Yates permutations, cut to length."""
+    out, p = [], 0
+    while len(out) < length and n > 0:
+        perm = list(range(n))
+        state = splitmix64(seed ^ ((p * 0x9E37_79B9_7F4A_7C15) & MASK64))
+        for i in range(n - 1, 0, -1):
+            state = splitmix64(state)
+            j = state % (i + 1)
+            perm[i], perm[j] = perm[j], perm[i]
+        out.extend(perm)
+        p += 1
+    return out[:length]
 
 
 def make_data():
@@ -226,8 +262,10 @@ def lr_at(step, total, s):
 
 def main():
     torch.set_num_threads(2)
-    for name, overrides in VARIANTS.items():
-        run(name, dict(SETTINGS, **overrides))
+    # Fixture names on the command line regenerate those only.
+    names = sys.argv[1:] or list(VARIANTS)
+    for name in names:
+        run(name, dict(SETTINGS, **VARIANTS[name]))
 
 
 def prompt_shared(deltas, harmful, t):
@@ -264,7 +302,19 @@ def run(name, s):
         th_logits = logits_of(harmful_teacher, H[0], H[1])
         tb_logits = logits_of(benign_teacher, C[0], C[1])
 
+    def dpo_margin(s_c, s_r, cm, rm):
+        """DPO's margin against pi_B, on per-token means under dpo_length_normalized."""
+        if s["dpo_length_normalized"]:
+            return (s_c - sb_C) / cm.sum(-1) - (s_r - sb_R) / rm.sum(-1)
+        return (s_c - sb_C) - (s_r - sb_R)
+
     params = list(student.parameters())
+    # The Rust side's seeded batch orders (seed 0): the harmful batches, and the harmless rows
+    # the harmful steps' retain and contrast terms read.
+    n_harmful_steps = s["cycles"] * s["harmful_steps"]
+    harmful_order = order(len(harmful), HARMFUL_SALT, n_harmful_steps * s["batch_size"])
+    retain_order = order(len(harmless), RETAIN_SALT, n_harmful_steps * s["batch_size"])
+    hk = 0  # the run's harmful step
 
     def adamw():
         return torch.optim.AdamW(params, lr=s["lr"], betas=tuple(s["betas"]),
@@ -409,18 +459,46 @@ def run(name, s):
             ref = -s_ref.sum() / rm.sum()
             loss = (1 - s["gamma"]) * npo + s["gamma"] * kl_imm + s["rho"] * ref
             extra = {}
-            if s["retain"] > 0:
-                # retain: KL(pi_B || pi) on the harmless answers y_c, unperturbed
+            if s["retain"] > 0 or s["contrast"] > 0:
                 cids, catt, ctgt, cm = C
                 lg_c = logits_of(student, cids, catt)
+            if s["retain"] > 0:
+                # retain: KL(pi_B || pi) on the harmless answers y_c, unperturbed
                 retain = (kl_forward(tb_logits, lg_c) * cm).sum() / cm.sum()
                 loss = loss + s["retain"] * retain
                 extra["retain"] = float(retain)
+            if s["contrast"] > 0:
+                # contrast: DPO of y_c over the refusal this step teaches, after the harmless
+                # prompt (reference pi_B), so the same refusal is raised after the harmful
+                # prompt and lowered after the harmless one in one update
+                bs = s["batch_size"]
+                hrows = harmful_order[hk * bs:(hk + 1) * bs]
+                lrows = retain_order[hk * bs:(hk + 1) * bs]
+                pair = {i: hrows[j] for j, i in enumerate(lrows)}
+                seqs, masks = [], []
+                for i, e in enumerate(harmless):
+                    h = harmful[pair[i]]
+                    p = len(h["prompt"])
+                    seqs.append(e["prompt"] + h["y_ref"][p:])
+                    masks.append([False] * len(e["prompt"]) + h["y_ref_mask"][p:])
+                jids, jatt, jtgt, jm = batch(seqs, masks)
+                s_c = seq_logprob(lg_c, ctgt, cm)
+                s_r = seq_logprob(logits_of(student, jids, jatt), jtgt, jm)
+                with torch.no_grad():
+                    sb_r = seq_logprob(logits_of(benign_teacher, jids, jatt), jtgt, jm)
+                if s["dpo_length_normalized"]:
+                    margin = (s_c - sb_C) / cm.sum(-1) - (s_r - sb_r) / jm.sum(-1)
+                else:
+                    margin = (s_c - sb_C) - (s_r - sb_r)
+                contrast = -F.logsigmoid(s["dpo_beta"] * margin).mean()
+                loss = loss + s["contrast"] * contrast
+                extra["contrast"] = float(contrast)
             finish(loss, dict(phase="harmful", cycle=cycle, forget=float(npo), **extra,
                               kl_imm=float(kl_imm), kl_cap_rate=cap_rate, refusal=float(ref),
                               harmful_logp=float(s_h.sum() / m.sum()),
                               lat_loss_start=lat_losses[0], lat_loss_end=lat_losses[-1],
                               lat_residual_norm=resid_norm), k)
+            hk += 1
         post = activations_mean(student, sites, [e["prompt"] for e in harmful])
         keys = sorted(pre, key=order_key)
         drift = {k: (post[k] - pre[k]).abs() for k in keys}
@@ -446,10 +524,7 @@ def run(name, s):
             s_c = seq_logprob(lg, tgt, m)
             rids, ratt, rtgt, rm = Rj
             s_r = seq_logprob(logits_of(student, rids, ratt), rtgt, rm)
-            if s["dpo_length_normalized"]:
-                margin = (s_c - sb_C) / m.sum(-1) - (s_r - sb_R) / rm.sum(-1)
-            else:
-                margin = (s_c - sb_C) - (s_r - sb_R)
+            margin = dpo_margin(s_c, s_r, m, rm)
             dpo = -F.logsigmoid(s["dpo_beta"] * margin).mean()
             kl_align = (kl_forward(tb_logits, lg) * m).sum() / m.sum()
             w = att.unsqueeze(-1).float()

@@ -93,6 +93,12 @@ pub struct AdvConfig {
     /// teacher on the helpful answers `y_c` of a harmless batch (0 = off).
     #[serde(default)]
     pub retain: f64,
+    /// κ: the weight of a contrast term inside the harmful step, the harmless phase's
+    /// preference term (DPO of `y_c` over `y_r` against the benign teacher, with `[align]`'s β
+    /// and length normalization) on a harmless batch, so the refusal the step teaches is
+    /// learned against prompts that must not trigger it (0 = off).
+    #[serde(default)]
+    pub contrast: f64,
 }
 
 /// The harmless phase's preference term.
@@ -177,6 +183,7 @@ impl Default for AdvConfig {
             rho: 0.0,
             refusal: default_refusal(),
             retain: 0.0,
+            contrast: 0.0,
         }
     }
 }
@@ -213,6 +220,11 @@ impl AdvConfig {
             kl: self.gamma > 0.0,
             third: self.rho > 0.0,
         }
+    }
+
+    /// Whether the harmful step also reads a harmless batch (the retain or contrast term).
+    pub fn reads_harmless(&self) -> bool {
+        self.retain > 0.0 || self.contrast > 0.0
     }
 
     /// `L_adv = (1 − γ)·forget + γ·kl + ρ·refusal`; absent terms count as zero.

@@ -346,6 +346,9 @@ impl Train {
         if config.adv.rho < 0.0 || config.align.lambda_stab < 0.0 {
             return Err(bad("adv.rho", "weights must be >= 0".into()));
         }
+        if config.adv.contrast.is_nan() || config.adv.contrast < 0.0 {
+            return Err(bad("adv.contrast", "weights must be >= 0".into()));
+        }
         let run_dir = dir.join(&config.run_dir);
         Ok(Self {
             file: file.to_path_buf(),

@@ -19,7 +19,7 @@ use crate::plan::{counts, plan};
 pub(crate) const HARMFUL_SALT: u64 = 0x4841_524D;
 pub(crate) const HARMLESS_SALT: u64 = 0x4F4B_4159;
 pub(crate) const PROBE_SALT: u64 = 0x5052_4F42;
-/// The harmless batches of the harmful steps' retain term.
+/// The harmless batches of the harmful steps' retain and contrast terms.
 pub(crate) const RETAIN_SALT: u64 = 0x5245_5441;
 
 /// A harmful training example.

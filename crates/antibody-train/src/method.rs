@@ -92,7 +92,8 @@ pub struct Method<B: AutodiffBackend> {
     pub(crate) plan: Vec<Event>,
     pub(crate) harmful_order: Vec<usize>,
     pub(crate) harmless_order: Vec<usize>,
-    /// Harmless rows of the harmful steps' retain term (`adv.retain > 0`), a batch per step.
+    /// Harmless rows of the harmful steps' retain and contrast terms (`adv.retain > 0` or
+    /// `adv.contrast > 0`), a batch per step.
     pub(crate) retain_order: Vec<usize>,
     harmful_probe: Vec<TokenBatch>,
     harmless_probe: Vec<TokenBatch>,
@@ -115,13 +116,21 @@ impl<B: AutodiffBackend> Method<B> {
         if data.harmful.is_empty() && config.harmful_steps > 0 {
             return Err(TrainError::NoExamples { phase: "harmful" });
         }
-        if data.harmless.is_empty() && (config.harmless_steps > 0 || config.adv.retain > 0.0) {
+        if data.harmless.is_empty() && (config.harmless_steps > 0 || config.adv.reads_harmless()) {
             return Err(TrainError::NoExamples { phase: "harmless" });
         }
         if config.adv.rho > 0.0 && data.harmful.iter().any(|e| e.refusal.is_none()) {
             return Err(TrainError::Setting {
                 key: "adv.rho",
                 reason: "rho > 0 needs a refusal y_ref for every harmful example".into(),
+            });
+        }
+        if config.adv.contrast > 0.0 && data.harmful.iter().any(|e| e.refusal.is_none()) {
+            return Err(TrainError::Setting {
+                key: "adv.contrast",
+                reason: "contrast > 0 needs a refusal y_ref for every harmful example (the \
+                         answer it lowers after the harmless prompts)"
+                    .into(),
             });
         }
         let plan = plan(&config);
@@ -182,7 +191,7 @@ impl<B: AutodiffBackend> Method<B> {
             optim_harmless,
             harmful_order: order(examples[0], config.seed ^ HARMFUL_SALT, nh * bs),
             harmless_order: order(examples[1], config.seed ^ HARMLESS_SALT, nl * bs),
-            retain_order: if config.adv.retain > 0.0 {
+            retain_order: if config.adv.reads_harmless() {
                 order(examples[1], config.seed ^ RETAIN_SALT, nh * bs)
             } else {
                 Vec::new()

@@ -31,6 +31,10 @@ pub struct StepMetrics {
     /// The retain term of a harmful step (`adv.retain > 0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retain: Option<f64>,
+    /// The contrast term of a harmful step (`adv.contrast > 0`): DPO of `y_c` over `y_r` on
+    /// its harmless batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contrast: Option<f64>,
     /// The preference term (DPO, or SFT on `y_c`).
     pub pref: Option<f64>,
     /// The alignment KL.
@@ -95,6 +99,7 @@ pub fn metrics_frame(rows: &[StepMetrics]) -> PolarsResult<DataFrame> {
         f("kl_cap_rate", &|r| r.kl_cap_rate),
         f("refusal", &|r| r.refusal),
         f("retain", &|r| r.retain),
+        f("contrast", &|r| r.contrast),
         f("pref", &|r| r.pref),
         f("kl_align", &|r| r.kl_align),
         f("stab", &|r| r.stab),

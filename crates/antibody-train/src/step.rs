@@ -51,6 +51,7 @@ struct Sums {
     cap_bound: f64,
     refusal: Option<f64>,
     retain: Option<f64>,
+    contrast: Option<f64>,
     pref: Option<f64>,
     kl_align: Option<f64>,
     stab: Option<f64>,
@@ -125,9 +126,9 @@ impl<B: AutodiffBackend> Method<B> {
         if totals[0] == 0.0 {
             return Err(antibody_finetune::FinetuneError::EmptyBatch { step }.into());
         }
-        // The retain term's harmless rows (harmful steps with `adv.retain > 0`), split into
-        // the same micro-batches.
-        let retain_rows: Vec<usize> = if harmful && self.config.adv.retain > 0.0 {
+        // The harmless rows of the retain and contrast terms (harmful steps with
+        // `adv.retain > 0` or `adv.contrast > 0`), split into the same micro-batches.
+        let retain_rows: Vec<usize> = if harmful && self.config.adv.reads_harmless() {
             self.retain_order[k * bs..(k + 1) * bs].to_vec()
         } else {
             Vec::new()
@@ -142,8 +143,17 @@ impl<B: AutodiffBackend> Method<B> {
             let retain_part = retain_rows.chunks(micro).nth(i).unwrap_or(&[]);
             let loss = if harmful {
                 let loss = self.harmful_micro(part, share, totals, &mut sums, step)?;
-                match self.retain_micro(retain_part, retain_total, &mut sums, step)? {
-                    Some(retain) => loss + retain * self.config.adv.retain,
+                let rows_share = retain_part.len() as f64 / retain_rows.len().max(1) as f64;
+                let benign = self.benign_micro(
+                    retain_part,
+                    part,
+                    retain_total,
+                    rows_share,
+                    &mut sums,
+                    step,
+                )?;
+                match benign {
+                    Some(terms) => loss + terms,
                     None => loss,
                 }
             } else {
@@ -191,6 +201,7 @@ impl<B: AutodiffBackend> Method<B> {
             kl_cap_rate: sums.kl.map(|_| sums.cap_bound / tokens_total),
             refusal: sums.refusal,
             retain: sums.retain,
+            contrast: sums.contrast,
             pref: sums.pref,
             kl_align: sums.kl_align,
             stab: sums.stab,
@@ -235,16 +246,25 @@ impl<B: AutodiffBackend> Method<B> {
         NextTokenTargets::new(&chosen, pad).mask.iter().sum()
     }
 
-    /// The retain term of a harmful micro-step: `KL(π_B ‖ π_θ)` on the helpful answers of
-    /// `part` (harmless rows), unperturbed, as its share of the step's `total` counted tokens.
-    fn retain_micro(
+    /// The harmless terms of a harmful micro-step on `part` (harmless rows), unperturbed, from
+    /// one forward of `x ++ y_c`: `η·retain + κ·contrast`. Retain is `KL(π_B ‖ π_θ)` on the
+    /// helpful answers, as their share of the step's `total` counted tokens. Contrast is DPO
+    /// of `y_c` over the refusal this step teaches: row `j`'s rejected answer is the `y_ref`
+    /// of the step's harmful row `harmful[j]` after the harmless prompt, so the same refusal
+    /// is raised after the harmful prompt and lowered after the harmless one in one update;
+    /// the reference is the benign teacher, β and length normalization are `[align]`'s, and
+    /// the term is the rows' `share` of the step's batch.
+    fn benign_micro(
         &self,
         part: &[usize],
+        harmful: &[usize],
         total: f32,
+        share: f64,
         sums: &mut Sums,
         step: usize,
     ) -> Result<Option<Tensor<B, 1>>, TrainError> {
-        if part.is_empty() || total == 0.0 {
+        let adv = &self.config.adv;
+        if part.is_empty() || !adv.reads_harmless() {
             return Ok(None);
         }
         let chosen: Vec<Example> = part
@@ -261,9 +281,111 @@ impl<B: AutodiffBackend> Method<B> {
         );
         sums.tokens += scratch.tokens;
         let hidden = self.model.forward_hidden(&m.batch, &Hooks::none())?.hidden;
-        let kl = self.benign_kl(&m, hidden, self.model.head_weight(), KlDirection::Forward)?;
-        let t = kl * f64::from(m.tokens / total);
-        Ok(Some(term(step, "retain", &mut sums.retain, t)?))
+        let head = self.model.head_weight();
+        let mut out: Option<Tensor<B, 1>> = None;
+        if adv.contrast > 0.0 {
+            let rejected: Vec<Example> = part
+                .iter()
+                .enumerate()
+                .map(|(j, &i)| self.refusal_after(i, harmful[j % harmful.len()]))
+                .collect();
+            let both: Vec<Example> = chosen.iter().chain(&rejected).cloned().collect();
+            let reference = antibody_finetune::sequence_logprobs(
+                &self.benign_teacher,
+                &both,
+                both.len(),
+                self.config.vocab_chunk,
+            )?;
+            let (bc, br) = reference.split_at(part.len());
+            let s_c = self.score(hidden.clone(), head.clone(), &m);
+            let c_values = host(s_c.values());
+            let (t, _) = self.preference(
+                (&chosen, &s_c, &c_values),
+                &rejected,
+                [bc, br],
+                head.clone(),
+                sums,
+            )?;
+            let t = term(step, "contrast", &mut sums.contrast, t * share)? * adv.contrast;
+            out = Some(t);
+        }
+        if adv.retain > 0.0 && total > 0.0 {
+            let kl = self.benign_kl(&m, hidden, head, KlDirection::Forward)?;
+            let t = kl * f64::from(m.tokens / total);
+            let t = term(step, "retain", &mut sums.retain, t)? * adv.retain;
+            out = Some(match out {
+                Some(o) => o + t,
+                None => t,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Harmless row `i`'s prompt followed by harmful row `h`'s refusal (the response tokens
+    /// of its `x ++ y_ref`).
+    fn refusal_after(&self, i: usize, h: usize) -> Example {
+        let prompt = &self.data.harmless[i].prompt;
+        let harmful = &self.data.harmful[h];
+        let refusal = harmful
+            .refusal
+            .as_ref()
+            .expect("Method::new checks that every harmful row has a refusal");
+        let start = harmful.prompt.len();
+        let mut ids = prompt.clone();
+        ids.extend_from_slice(&refusal.ids[start..]);
+        let mut response_mask = vec![false; prompt.len()];
+        response_mask.extend_from_slice(&refusal.response_mask[start..]);
+        Example { ids, response_mask }
+    }
+
+    /// DPO of the chosen answers (`chosen`: the sequences, their fused `ŝ` and its values)
+    /// over `rejected` (scored here, unperturbed), against the benign teacher's per-row values
+    /// `reference` (`[chosen, rejected]`), with `[align]`'s β and length normalization: the
+    /// mean over the rows, and the rows' summed margin.
+    fn preference(
+        &self,
+        chosen: (&[Example], &HeadLogprob<B>, &[f32]),
+        rejected: &[Example],
+        reference: [&[f32]; 2],
+        head: Tensor<B, 2>,
+        sums: &mut Sums,
+    ) -> Result<(Tensor<B, 1>, f64), TrainError> {
+        let (chosen, s_c, c_values) = chosen;
+        let align = &self.config.align;
+        let device = self.model.device();
+        let s_r = self.score_side(rejected, head, &Hooks::none(), sums)?;
+        let r_values = host(s_r.values());
+        // Per-token means under `align.length_normalized`: every sequence log-probability
+        // over its counted tokens.
+        let lengths = |seqs: &[Example]| -> Vec<f32> {
+            seqs.iter()
+                .map(|e| {
+                    if align.length_normalized {
+                        let n = e.response_mask.iter().skip(1).filter(|&&m| m).count();
+                        n.max(1) as f32
+                    } else {
+                        1.0
+                    }
+                })
+                .collect()
+        };
+        let (len_c, len_r) = (lengths(chosen), lengths(rejected));
+        let [bc, br] = reference;
+        let margin: f64 = (0..chosen.len())
+            .map(|j| f64::from((c_values[j] - bc[j]) / len_c[j] - (r_values[j] - br[j]) / len_r[j]))
+            .sum();
+        let tensor = |vals: Vec<f32>| -> Tensor<B, 1> {
+            let n = vals.len();
+            Tensor::from_data(TensorData::new(vals, [n]), &device)
+        };
+        let per_row =
+            |v: &[f32], lens: &[f32]| tensor(v.iter().zip(lens).map(|(x, l)| x / l).collect());
+        let (bc, br) = (per_row(bc, &len_c), per_row(br, &len_r));
+        let (lc, lr) = (tensor(len_c), tensor(len_r));
+        let loss = fused_sequence_loss(&[s_c, &s_r], |v| {
+            dpo(v[0].clone() / lc, bc, v[1].clone() / lr, br, align.beta)
+        });
+        Ok((loss, margin))
     }
 
     /// The KL between the benign teacher and the student on `m`'s counted tokens (mean over
@@ -578,50 +700,17 @@ impl<B: AutodiffBackend> Method<B> {
                         .iter()
                         .map(|&i| self.data.harmless[i].rejected.clone())
                         .collect();
-                    let s_r = self.score_side(&rejected, head.clone(), &Hooks::none(), sums)?;
-                    let r_values = host(s_r.values());
-                    // Per-token means under `align.length_normalized`: every sequence
-                    // log-probability over its counted tokens.
-                    let lengths = |seqs: &[Example]| -> Vec<f32> {
-                        seqs.iter()
-                            .map(|e| {
-                                if align.length_normalized {
-                                    let n = e.response_mask.iter().skip(1).filter(|&&m| m).count();
-                                    n.max(1) as f32
-                                } else {
-                                    1.0
-                                }
-                            })
-                            .collect()
-                    };
-                    let (len_c, len_r) = (lengths(&chosen), lengths(&rejected));
-                    let (bc, br) = (&self.cache.benign_c, &self.cache.benign_r);
-                    let margin: f64 = part
-                        .iter()
-                        .enumerate()
-                        .map(|(j, &i)| {
-                            f64::from(
-                                (c_values[j] - bc[i]) / len_c[j] - (r_values[j] - br[i]) / len_r[j],
-                            )
-                        })
-                        .sum();
+                    let pick = |v: &[f32]| -> Vec<f32> { part.iter().map(|&i| v[i]).collect() };
+                    let (bc, br) = (pick(&self.cache.benign_c), pick(&self.cache.benign_r));
+                    let (loss, margin) = self.preference(
+                        (&chosen, &s_c, &c_values),
+                        &rejected,
+                        [&bc, &br],
+                        head.clone(),
+                        sums,
+                    )?;
                     add(&mut sums.margin, margin);
-                    let per_row = |v: &[f32], lens: &[f32]| -> Tensor<B, 1> {
-                        let vals: Vec<f32> = part
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &i)| v[i] / lens[j])
-                            .collect();
-                        Tensor::from_data(TensorData::new(vals, [part.len()]), &device)
-                    };
-                    let (bc, br) = (per_row(bc, &len_c), per_row(br, &len_r));
-                    let row_tensor = |lens: &[f32]| -> Tensor<B, 1> {
-                        Tensor::from_data(TensorData::new(lens.to_vec(), [lens.len()]), &device)
-                    };
-                    let (lc, lr) = (row_tensor(&len_c), row_tensor(&len_r));
-                    fused_sequence_loss(&[&s_c, &s_r], |v| {
-                        dpo(v[0].clone() / lc, bc, v[1].clone() / lr, br, align.beta)
-                    }) * share
+                    loss * share
                 }
                 PrefLoss::Sft => {
                     fused_sequence_loss(&[&s_c], |v| v[0].clone().sum().neg() / total_tokens)

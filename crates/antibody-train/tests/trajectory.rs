@@ -69,9 +69,9 @@ fn close_abs(what: &str, step: usize, ours: Option<f64>, theirs: &Value, rel: f6
 /// default — LAT's attack loss per PGD step (2) and its residual norms (1), the forgetting,
 /// KL and refusal terms' checks (3), the cap rate's values and mask (2), the logged
 /// log-likelihood (1), the step's loss (1), the gradient norm (1); the retain term adds 1, the
-/// refusal-suppressing attack 3) and a harmless one (7: both sides' log-likelihoods, three
+/// refusal-suppressing attack 3, the contrast term 3) and a harmless one (7: both sides' log-likelihoods, three
 /// terms, the loss, the gradient norm). docs/PERFORMANCE.md states them.
-const HARMFUL_STEP_READS: u64 = 15;
+const HARMFUL_STEP_READS: u64 = 18;
 const HARMLESS_STEP_READS: u64 = 7;
 
 #[test]
@@ -104,6 +104,13 @@ fn pre_phase_canary_targets_and_normalized_drift_follow_pytorchs_trajectory() {
 #[test]
 fn a_retain_term_and_length_normalized_dpo_follow_pytorchs_trajectory() {
     follows("method_retain.json");
+}
+
+/// A contrast term (the harmless phase's DPO on a harmless batch) beside a retain term in every
+/// harmful step, both from one forward of `x ++ y_c`.
+#[test]
+fn a_contrast_term_follows_pytorchs_trajectory() {
+    follows("method_contrast.json");
 }
 
 /// `ε` and the step size as fractions of each token's residual norm at the site.
@@ -205,6 +212,7 @@ fn follows_in(name: &str, dtype: FloatDType, tol: Tol) {
         rho = {rho}
         refusal = "sft"
         retain = {retain}
+        contrast = {contrast}
         [align]
         pref = "dpo"
         beta = {dpo_beta}
@@ -252,6 +260,7 @@ fn follows_in(name: &str, dtype: FloatDType, tol: Tol) {
         canary_target = text("canary_target"),
         canary_drift = text("canary_drift"),
         retain = f("retain"),
+        contrast = s["contrast"].as_f64().unwrap_or(0.0),
         lat_epsilon_scale = text("lat_epsilon_scale"),
         dpo_length_normalized = s["dpo_length_normalized"].as_bool().expect("a bool"),
     ))
@@ -397,6 +406,7 @@ fn follows_in(name: &str, dtype: FloatDType, tol: Tol) {
         );
         close("refusal", k, ours.refusal, &theirs["refusal"], rel);
         close("retain", k, ours.retain, &theirs["retain"], rel);
+        close("contrast", k, ours.contrast, &theirs["contrast"], rel);
         close(
             "harmful_logp",
             k,
