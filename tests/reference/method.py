@@ -38,7 +38,10 @@ plus a second PGD attack on the refusal's own positions that makes y_ref unlikel
 over the refusal the step teaches (row j of the step's harmless batch is paired with row j
 of its harmful batch, whose y_ref response follows the harmless prompt), reference pi_B,
 weight 1, with DPO's beta at 1 so the term leaves log 2 within a step and a wrong pairing
-shows; the pairing follows the Rust side's seeded batch orders (``order``).
+shows; the pairing follows the Rust side's seeded batch orders (``order``);
+``method_contrast_rank.json`` has the contrast's rank form instead, -log sigmoid(beta (s(y_ref |
+x_h) - s(y_ref | x_l))) over the same pairs, the x_h side under the refusal term's delta, the
+x_l side unperturbed (beta 0.5, weight 1, no retain term).
 
 Every batch is the whole set (batch size 4 = examples), so the order of rows does not matter
 (every loss is a mean over rows or counted tokens).
@@ -94,6 +97,7 @@ SETTINGS = dict(
     canary_drift="absolute",
     retain=0.0,
     contrast=0.0,
+    contrast_loss="dpo",
     dpo_length_normalized=False,
     lat_epsilon_scale="absolute",
 )
@@ -110,6 +114,7 @@ VARIANTS = {
     "method_relative_eps.json": dict(lat_epsilon_scale="relative", lat_epsilon=0.05),
     "method_away.json": dict(lat_refusal="away"),
     "method_contrast.json": dict(retain=0.25, contrast=1.0, dpo_beta=1.0),
+    "method_contrast_rank.json": dict(contrast=1.0, contrast_loss="rank", dpo_beta=0.5),
 }
 
 
@@ -459,7 +464,7 @@ def run(name, s):
             ref = -s_ref.sum() / rm.sum()
             loss = (1 - s["gamma"]) * npo + s["gamma"] * kl_imm + s["rho"] * ref
             extra = {}
-            if s["retain"] > 0 or s["contrast"] > 0:
+            if s["retain"] > 0 or (s["contrast"] > 0 and s["contrast_loss"] == "dpo"):
                 cids, catt, ctgt, cm = C
                 lg_c = logits_of(student, cids, catt)
             if s["retain"] > 0:
@@ -467,7 +472,25 @@ def run(name, s):
                 retain = (kl_forward(tb_logits, lg_c) * cm).sum() / cm.sum()
                 loss = loss + s["retain"] * retain
                 extra["retain"] = float(retain)
-            if s["contrast"] > 0:
+            if s["contrast"] > 0 and s["contrast_loss"] == "rank":
+                # the rank contrast: the same refusal likelier after the harmful prompt than
+                # after the paired harmless one
+                bs = s["batch_size"]
+                hrows = harmful_order[hk * bs:(hk + 1) * bs]
+                lrows = retain_order[hk * bs:(hk + 1) * bs]
+                pair = {h: lrows[j] for j, h in enumerate(hrows)}
+                seqs, masks = [], []
+                for h, e in enumerate(harmful):
+                    x_l = harmless[pair[h]]["prompt"]
+                    p = len(e["prompt"])
+                    seqs.append(x_l + e["y_ref"][p:])
+                    masks.append([False] * len(x_l) + e["y_ref_mask"][p:])
+                aids, aatt, atgt, am = batch(seqs, masks)
+                s_after = seq_logprob(logits_of(student, aids, aatt), atgt, am)
+                contrast = -F.logsigmoid(s["dpo_beta"] * (s_ref - s_after)).mean()
+                loss = loss + s["contrast"] * contrast
+                extra["contrast"] = float(contrast)
+            if s["contrast"] > 0 and s["contrast_loss"] == "dpo":
                 # contrast: DPO of y_c over the refusal this step teaches, after the harmless
                 # prompt (reference pi_B), so the same refusal is raised after the harmful
                 # prompt and lowered after the harmless one in one update

@@ -93,12 +93,29 @@ pub struct AdvConfig {
     /// teacher on the helpful answers `y_c` of a harmless batch (0 = off).
     #[serde(default)]
     pub retain: f64,
-    /// κ: the weight of a contrast term inside the harmful step, the harmless phase's
-    /// preference term (DPO of `y_c` over `y_r` against the benign teacher, with `[align]`'s β
-    /// and length normalization) on a harmless batch, so the refusal the step teaches is
-    /// learned against prompts that must not trigger it (0 = off).
+    /// κ: the weight of a contrast term inside the harmful step, on a harmless batch paired row
+    /// by row with the step's harmful batch: the refusal the step teaches, said after the
+    /// harmless prompt, is the answer to lower (0 = off). Its form is `contrast_loss`.
     #[serde(default)]
     pub contrast: f64,
+    /// The contrast term's form.
+    #[serde(default = "default_contrast_loss")]
+    pub contrast_loss: ContrastLoss,
+}
+
+/// The form of the harmful step's contrast term (`AdvConfig::contrast`). Both use `[align]`'s
+/// β; `x_h`, `x_l`: the paired harmful and harmless prompts, `y_ref` the harmful row's refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContrastLoss {
+    /// DPO of `x_l ++ y_c` over `x_l ++ y_ref` against the benign teacher (with `[align]`'s
+    /// length normalization): lowers the refusal after the harmless prompt below the benign
+    /// teacher's, whatever it does after the harmful one.
+    Dpo,
+    /// `−log σ(β (ŝ(y_ref | x_h) − ŝ(y_ref | x_l)))`: only asks that the same refusal be
+    /// likelier after the harmful prompt than after the harmless one; what the two share has
+    /// no gradient, and the term saturates once they are apart.
+    Rank,
 }
 
 /// The harmless phase's preference term.
@@ -157,6 +174,9 @@ fn default_cap() -> f64 {
 fn default_refusal() -> RefusalLoss {
     RefusalLoss::Sft
 }
+fn default_contrast_loss() -> ContrastLoss {
+    ContrastLoss::Dpo
+}
 fn default_pref() -> PrefLoss {
     PrefLoss::Dpo
 }
@@ -184,6 +204,7 @@ impl Default for AdvConfig {
             refusal: default_refusal(),
             retain: 0.0,
             contrast: 0.0,
+            contrast_loss: default_contrast_loss(),
         }
     }
 }
@@ -225,6 +246,11 @@ impl AdvConfig {
     /// Whether the harmful step also reads a harmless batch (the retain or contrast term).
     pub fn reads_harmless(&self) -> bool {
         self.retain > 0.0 || self.contrast > 0.0
+    }
+
+    /// The contrast term's form when it is on.
+    pub fn contrast(&self) -> Option<ContrastLoss> {
+        (self.contrast > 0.0).then_some(self.contrast_loss)
     }
 
     /// `L_adv = (1 − γ)·forget + γ·kl + ρ·refusal`; absent terms count as zero.

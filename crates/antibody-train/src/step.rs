@@ -26,7 +26,9 @@ use antibody_base::Example;
 use antibody_canary::{CanarySet, canary_means, stab_loss};
 use antibody_finetune::optim::{apply_step, scaled};
 use antibody_lat::{Positions, RefusalDelta};
-use antibody_losses::combine::{AdvKl, ForgetLoss, NpoReference, PrefLoss, RefusalLoss};
+use antibody_losses::combine::{
+    AdvKl, ContrastLoss, ForgetLoss, NpoReference, PrefLoss, RefusalLoss,
+};
 use antibody_losses::{
     HeadKl, HeadLogprob, KlDirection, NextTokenTargets, dpo, fused_sequence_loss,
     head_immunization, head_kl_loss, npo,
@@ -142,7 +144,7 @@ impl<B: AutodiffBackend> Method<B> {
             let share = part.len() as f64 / bs as f64;
             let retain_part = retain_rows.chunks(micro).nth(i).unwrap_or(&[]);
             let loss = if harmful {
-                let loss = self.harmful_micro(part, share, totals, &mut sums, step)?;
+                let loss = self.harmful_micro(part, retain_part, share, totals, &mut sums, step)?;
                 let rows_share = retain_part.len() as f64 / retain_rows.len().max(1) as f64;
                 let benign = self.benign_micro(
                     retain_part,
@@ -247,13 +249,14 @@ impl<B: AutodiffBackend> Method<B> {
     }
 
     /// The harmless terms of a harmful micro-step on `part` (harmless rows), unperturbed, from
-    /// one forward of `x ++ y_c`: `η·retain + κ·contrast`. Retain is `KL(π_B ‖ π_θ)` on the
-    /// helpful answers, as their share of the step's `total` counted tokens. Contrast is DPO
-    /// of `y_c` over the refusal this step teaches: row `j`'s rejected answer is the `y_ref`
-    /// of the step's harmful row `harmful[j]` after the harmless prompt, so the same refusal
-    /// is raised after the harmful prompt and lowered after the harmless one in one update;
-    /// the reference is the benign teacher, β and length normalization are `[align]`'s, and
-    /// the term is the rows' `share` of the step's batch.
+    /// one forward of `x ++ y_c`: `η·retain + κ·contrast` (the contrast's DPO form; the rank
+    /// form is in [`Self::harmful_micro`]). Retain is `KL(π_B ‖ π_θ)` on the helpful answers,
+    /// as their share of the step's `total` counted tokens. Contrast is DPO of `y_c` over the
+    /// refusal this step teaches: row `j`'s rejected answer is the `y_ref` of the step's
+    /// harmful row `harmful[j]` after the harmless prompt, so the same refusal is raised after
+    /// the harmful prompt and lowered after the harmless one in one update; the reference is
+    /// the benign teacher, β and length normalization are `[align]`'s, and the term is the
+    /// rows' `share` of the step's batch.
     fn benign_micro(
         &self,
         part: &[usize],
@@ -264,7 +267,8 @@ impl<B: AutodiffBackend> Method<B> {
         step: usize,
     ) -> Result<Option<Tensor<B, 1>>, TrainError> {
         let adv = &self.config.adv;
-        if part.is_empty() || !adv.reads_harmless() {
+        let dpo_contrast = adv.contrast() == Some(ContrastLoss::Dpo);
+        if part.is_empty() || !(adv.retain > 0.0 || dpo_contrast) {
             return Ok(None);
         }
         let chosen: Vec<Example> = part
@@ -283,7 +287,7 @@ impl<B: AutodiffBackend> Method<B> {
         let hidden = self.model.forward_hidden(&m.batch, &Hooks::none())?.hidden;
         let head = self.model.head_weight();
         let mut out: Option<Tensor<B, 1>> = None;
-        if adv.contrast > 0.0 {
+        if dpo_contrast {
             let rejected: Vec<Example> = part
                 .iter()
                 .enumerate()
@@ -557,9 +561,13 @@ impl<B: AutodiffBackend> Method<B> {
         Ok(away.hooks())
     }
 
+    /// The harmful terms of a micro-step on `part` (harmful rows); `paired`: the harmless rows
+    /// of the retain and contrast terms, row `j` with `part[j]` (the rank contrast reads them
+    /// here).
     fn harmful_micro(
         &self,
         part: &[usize],
+        paired: &[usize],
         share: f64,
         totals: [f32; 2],
         sums: &mut Sums,
@@ -637,31 +645,60 @@ impl<B: AutodiffBackend> Method<B> {
         } else {
             None
         };
-        let refusal = if needs.third {
+        let rank = adv.contrast() == Some(ContrastLoss::Rank) && !paired.is_empty();
+        let (refusal, contrast) = if needs.third || rank {
             let refs: Vec<Example> = part
                 .iter()
                 .filter_map(|&i| self.data.harmful[i].refusal.clone())
                 .collect();
             let ref_hooks = self.refusal_hooks(attack.as_ref(), part, &refs)?;
-            let s_ref = self.score_side(&refs, head, &ref_hooks, sums)?;
-            let t = match adv.refusal {
-                RefusalLoss::Sft => {
-                    fused_sequence_loss(&[&s_ref], |v| v[0].clone().sum().neg() / totals[1])
-                }
-                RefusalLoss::Dpo => {
-                    let b_ref = self.pick(part, &self.cache.benign_ref);
-                    let b_h = self.pick(part, &self.cache.benign_h);
-                    fused_sequence_loss(&[&s_ref, &s_h], |v| {
-                        dpo(v[0].clone(), b_ref, v[1].clone(), b_h, adv.beta)
-                    }) * share
-                }
+            let s_ref = self.score_side(&refs, head.clone(), &ref_hooks, sums)?;
+            let refusal = if needs.third {
+                let t = match adv.refusal {
+                    RefusalLoss::Sft => {
+                        fused_sequence_loss(&[&s_ref], |v| v[0].clone().sum().neg() / totals[1])
+                    }
+                    RefusalLoss::Dpo => {
+                        let b_ref = self.pick(part, &self.cache.benign_ref);
+                        let b_h = self.pick(part, &self.cache.benign_h);
+                        fused_sequence_loss(&[&s_ref, &s_h], |v| {
+                            dpo(v[0].clone(), b_ref, v[1].clone(), b_h, adv.beta)
+                        }) * share
+                    }
+                };
+                Some(term(step, "refusal", &mut sums.refusal, t)?)
+            } else {
+                None
             };
-            Some(term(step, "refusal", &mut sums.refusal, t)?)
+            // The rank contrast: the same refusal after the paired harmless prompt (every
+            // harmful row has a refusal when the contrast is on, so `refs` is `part`'s rows).
+            let contrast = if rank {
+                let after: Vec<Example> = part
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &h)| self.refusal_after(paired[j % paired.len()], h))
+                    .collect();
+                let s_after = self.score_side(&after, head, &Hooks::none(), sums)?;
+                let zeros = || Tensor::<B, 1>::zeros([part.len()], &self.model.device());
+                let beta = self.config.align.beta;
+                let t = fused_sequence_loss(&[&s_ref, &s_after], |v| {
+                    dpo(v[0].clone(), zeros(), v[1].clone(), zeros(), beta)
+                }) * share;
+                Some(term(step, "contrast", &mut sums.contrast, t)? * adv.contrast)
+            } else {
+                None
+            };
+            (refusal, contrast)
         } else {
-            None
+            (None, None)
         };
-        adv.combine(forget, kl, refusal)
-            .ok_or(TrainError::NoTerms { section: "adv" })
+        let loss = adv
+            .combine(forget, kl, refusal)
+            .ok_or(TrainError::NoTerms { section: "adv" })?;
+        Ok(match contrast {
+            Some(c) => loss + c,
+            None => loss,
+        })
     }
 
     fn harmless_micro(

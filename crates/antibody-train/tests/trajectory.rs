@@ -69,7 +69,7 @@ fn close_abs(what: &str, step: usize, ours: Option<f64>, theirs: &Value, rel: f6
 /// default — LAT's attack loss per PGD step (2) and its residual norms (1), the forgetting,
 /// KL and refusal terms' checks (3), the cap rate's values and mask (2), the logged
 /// log-likelihood (1), the step's loss (1), the gradient norm (1); the retain term adds 1, the
-/// refusal-suppressing attack 3, the contrast term 3) and a harmless one (7: both sides' log-likelihoods, three
+/// refusal-suppressing attack 3, the contrast term 3 in its DPO form, 1 in its rank form) and a harmless one (7: both sides' log-likelihoods, three
 /// terms, the loss, the gradient norm). docs/PERFORMANCE.md states them.
 const HARMFUL_STEP_READS: u64 = 18;
 const HARMLESS_STEP_READS: u64 = 7;
@@ -111,6 +111,13 @@ fn a_retain_term_and_length_normalized_dpo_follow_pytorchs_trajectory() {
 #[test]
 fn a_contrast_term_follows_pytorchs_trajectory() {
     follows("method_contrast.json");
+}
+
+/// The contrast term's rank form: the step's refusal likelier after its harmful prompt than
+/// after the paired harmless one.
+#[test]
+fn the_rank_contrast_follows_pytorchs_trajectory() {
+    follows("method_contrast_rank.json");
 }
 
 /// `ε` and the step size as fractions of each token's residual norm at the site.
@@ -213,6 +220,7 @@ fn follows_in(name: &str, dtype: FloatDType, tol: Tol) {
         refusal = "sft"
         retain = {retain}
         contrast = {contrast}
+        contrast_loss = "{contrast_loss}"
         [align]
         pref = "dpo"
         beta = {dpo_beta}
@@ -261,6 +269,7 @@ fn follows_in(name: &str, dtype: FloatDType, tol: Tol) {
         canary_drift = text("canary_drift"),
         retain = f("retain"),
         contrast = s["contrast"].as_f64().unwrap_or(0.0),
+        contrast_loss = s["contrast_loss"].as_str().unwrap_or("dpo"),
         lat_epsilon_scale = text("lat_epsilon_scale"),
         dpo_length_normalized = s["dpo_length_normalized"].as_bool().expect("a bool"),
     ))
