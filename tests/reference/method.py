@@ -321,6 +321,22 @@ def run(name, s):
     retain_order = order(len(harmless), RETAIN_SALT, n_harmful_steps * s["batch_size"])
     hk = 0  # the run's harmful step
 
+    def paired_refusals(by_harmless):
+        """x_l ++ y_ref of the harmful step hk's pairs (row j of its harmless batch with row j
+        of its harmful batch), batched in the order of the harmless (by_harmless) or the
+        harmful examples."""
+        bs = s["batch_size"]
+        pairs = list(zip(retain_order[hk * bs:(hk + 1) * bs],
+                         harmful_order[hk * bs:(hk + 1) * bs]))
+        pairs.sort(key=lambda lh: lh[0] if by_harmless else lh[1])
+        seqs, masks = [], []
+        for l, h in pairs:
+            x_l, e = harmless[l]["prompt"], harmful[h]
+            p = len(e["prompt"])
+            seqs.append(x_l + e["y_ref"][p:])
+            masks.append([False] * len(x_l) + e["y_ref_mask"][p:])
+        return batch(seqs, masks)
+
     def adamw():
         return torch.optim.AdamW(params, lr=s["lr"], betas=tuple(s["betas"]),
                                  eps=s["eps_adam"], weight_decay=s["weight_decay"])
@@ -475,17 +491,7 @@ def run(name, s):
             if s["contrast"] > 0 and s["contrast_loss"] == "rank":
                 # the rank contrast: the same refusal likelier after the harmful prompt than
                 # after the paired harmless one
-                bs = s["batch_size"]
-                hrows = harmful_order[hk * bs:(hk + 1) * bs]
-                lrows = retain_order[hk * bs:(hk + 1) * bs]
-                pair = {h: lrows[j] for j, h in enumerate(hrows)}
-                seqs, masks = [], []
-                for h, e in enumerate(harmful):
-                    x_l = harmless[pair[h]]["prompt"]
-                    p = len(e["prompt"])
-                    seqs.append(x_l + e["y_ref"][p:])
-                    masks.append([False] * len(x_l) + e["y_ref_mask"][p:])
-                aids, aatt, atgt, am = batch(seqs, masks)
+                aids, aatt, atgt, am = paired_refusals(by_harmless=False)
                 s_after = seq_logprob(logits_of(student, aids, aatt), atgt, am)
                 contrast = -F.logsigmoid(s["dpo_beta"] * (s_ref - s_after)).mean()
                 loss = loss + s["contrast"] * contrast
@@ -494,17 +500,7 @@ def run(name, s):
                 # contrast: DPO of y_c over the refusal this step teaches, after the harmless
                 # prompt (reference pi_B), so the same refusal is raised after the harmful
                 # prompt and lowered after the harmless one in one update
-                bs = s["batch_size"]
-                hrows = harmful_order[hk * bs:(hk + 1) * bs]
-                lrows = retain_order[hk * bs:(hk + 1) * bs]
-                pair = {i: hrows[j] for j, i in enumerate(lrows)}
-                seqs, masks = [], []
-                for i, e in enumerate(harmless):
-                    h = harmful[pair[i]]
-                    p = len(h["prompt"])
-                    seqs.append(e["prompt"] + h["y_ref"][p:])
-                    masks.append([False] * len(e["prompt"]) + h["y_ref_mask"][p:])
-                jids, jatt, jtgt, jm = batch(seqs, masks)
+                jids, jatt, jtgt, jm = paired_refusals(by_harmless=True)
                 s_c = seq_logprob(lg_c, ctgt, cm)
                 s_r = seq_logprob(logits_of(student, jids, jatt), jtgt, jm)
                 with torch.no_grad():
