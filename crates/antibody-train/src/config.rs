@@ -343,11 +343,19 @@ impl Train {
                 format!("must be finite and >= 0, got {}", config.lat.epsilon),
             ));
         }
-        if config.adv.rho < 0.0 || config.align.lambda_stab < 0.0 {
-            return Err(bad("adv.rho", "weights must be >= 0".into()));
-        }
-        if config.adv.contrast.is_nan() || config.adv.contrast < 0.0 {
-            return Err(bad("adv.contrast", "weights must be >= 0".into()));
+        // Every term weight, named by its own key.
+        for (key, w) in [
+            ("adv.rho", config.adv.rho),
+            ("adv.retain", config.adv.retain),
+            ("adv.contrast", config.adv.contrast),
+            ("align.lambda_stab", config.align.lambda_stab),
+        ] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(bad(
+                    key,
+                    format!("weights must be finite and >= 0, got {w}"),
+                ));
+            }
         }
         let run_dir = dir.join(&config.run_dir);
         Ok(Self {
@@ -363,5 +371,30 @@ impl Train {
     /// An error about `key` (relative to `[train]`) of this file.
     pub fn error(&self, key: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError::new(&self.file, format!("train.{key}"), reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A negative or non-finite term weight is refused, naming its own key and value.
+    #[test]
+    fn each_term_weight_is_checked_under_its_own_key() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/default.toml");
+        assert!(Train::load(&file, &[]).is_ok(), "the default config loads");
+        for key in ["adv.rho", "adv.retain", "adv.contrast", "align.lambda_stab"] {
+            for value in ["-1.0", "nan"] {
+                let err = Train::load(&file, &[format!("{key}={value}")])
+                    .err()
+                    .unwrap_or_else(|| panic!("{key}={value} was accepted"))
+                    .to_string();
+                assert!(
+                    err.contains(&format!("train.{key}")),
+                    "{key}={value}: {err}"
+                );
+                assert!(err.contains("finite and >= 0"), "{key}={value}: {err}");
+            }
+        }
     }
 }
