@@ -119,19 +119,27 @@ impl<B: AutodiffBackend> Method<B> {
         if data.harmless.is_empty() && (config.harmless_steps > 0 || config.adv.reads_harmless()) {
             return Err(TrainError::NoExamples { phase: "harmless" });
         }
-        if config.adv.rho > 0.0 && data.harmful.iter().any(|e| e.refusal.is_none()) {
-            return Err(TrainError::Setting {
-                key: "adv.rho",
-                reason: "rho > 0 needs a refusal y_ref for every harmful example".into(),
-            });
-        }
-        if config.adv.contrast > 0.0 && data.harmful.iter().any(|e| e.refusal.is_none()) {
-            return Err(TrainError::Setting {
-                key: "adv.contrast",
-                reason: "contrast > 0 needs a refusal y_ref for every harmful example (the \
-                         answer it lowers after the harmless prompts)"
-                    .into(),
-            });
+        // The terms that read every harmful row's refusal y_ref.
+        let missing = data.harmful.iter().any(|e| e.refusal.is_none());
+        for (key, weight, reason) in [
+            (
+                "adv.rho",
+                config.adv.rho,
+                "rho > 0 needs a refusal y_ref for every harmful example",
+            ),
+            (
+                "adv.contrast",
+                config.adv.contrast,
+                "contrast > 0 needs a refusal y_ref for every harmful example (the answer it \
+                 lowers after the harmless prompts)",
+            ),
+        ] {
+            if weight > 0.0 && missing {
+                return Err(TrainError::Setting {
+                    key,
+                    reason: reason.into(),
+                });
+            }
         }
         let plan = plan(&config);
         let (nh, nl) = counts(&plan);
